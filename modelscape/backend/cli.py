@@ -1,0 +1,86 @@
+"""``parse_args`` for scripts and ``base_args`` for notebooks, both generated from ``modelscape.config.SCHEMA``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from modelscape.config import ALIASES, BY_NAME, SCHEMA, ConfigError, close_matches, defaults, parse_bool, parse_int
+
+
+def _converter(hp):
+    if hp.type is bool:
+        return _named(parse_bool, "bool")
+    if hp.type is int:
+        return _named(parse_int, "int")
+    if hp.type is dict:
+        return _named(json.loads, "JSON")
+    return hp.type
+
+
+def _named(fn, name):
+    def conv(s):
+        try:
+            return fn(s)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"invalid {name} value: {s!r} ({e})")
+    conv.__name__ = name
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser: one ``--NAME`` flag per schema entry, grouped, defaults shown in ``--help``."""
+    parser = argparse.ArgumentParser(
+        description="modelscape sweep hyperparameters",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for hp in SCHEMA:
+        if not hp.cli:
+            continue
+        group = groups.setdefault(hp.group, parser.add_argument_group(hp.group))
+        flags = [f"--{hp.name}"] + [f"--{a}" for a in hp.aliases if a.upper() != hp.name]
+        kwargs = dict(dest=hp.name, type=_converter(hp), default=argparse.SUPPRESS, help=hp.help
+                      + f" (default: {hp.default!r})")
+        if hp.is_list or hp.sweepable:
+            kwargs["nargs"] = "+"
+        if hp.choices:
+            kwargs["choices"] = hp.choices
+        group.add_argument(*flags, **kwargs)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse command-line flags into a Namespace holding every hyperparameter (defaults filled in).
+
+    Lists take several values (``--LOSS_CHECKPOINTS 0.1 0.05``); sweepable keys given several values come back
+    as a list to sweep over (``--WIDTH 64 128 256``), one value as a scalar. Ints accept ``1e5``; bools accept
+    true/false. An unknown flag is an error that suggests the closest known names.
+    """
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
+    if unknown:
+        bad = flags[0] if flags else unknown[0]
+        close = close_matches(bad.lstrip("-"))
+        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list"
+        parser.error(f"unknown argument {bad!r}{hint}")
+    out = defaults()
+    for key, value in vars(ns).items():
+        hp = BY_NAME[key]
+        if hp.sweepable and not hp.is_list and isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        out[key] = value
+    for a, name in ALIASES.items():
+        if a.upper() != name and any(arg == f"--{a}" or arg.startswith(f"--{a}=") for arg in argv):
+            warnings.warn(f"flag --{a} is read as --{name}; please rename it", stacklevel=2)
+    return argparse.Namespace(**out)
+
+
+def base_args() -> argparse.Namespace:
+    """Every hyperparameter at its default, as a Namespace (for notebooks; same keys as ``parse_args``)."""
+    return argparse.Namespace(**defaults())
+
+
+__all__ = ["parse_args", "base_args", "build_parser", "ConfigError"]

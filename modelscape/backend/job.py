@@ -1,0 +1,235 @@
+"""One job: seeds, data, model, parameterization, trainloop, result record."""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelscape import mup
+from modelscape.config import BY_NAME, canonicalize, check_job_config, signature_names
+from modelscape.models import BUILTIN_MODELS, Centered
+from modelscape.backend.trainloop import train_model
+from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
+
+BFN_KEYS = ("base_bfn", "bfn_file", "bfn_name")
+_LOSSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss, "ce": nn.CrossEntropyLoss,
+           "crossentropy": nn.CrossEntropyLoss}
+# What a grab's own arguments are called: config keys of the same name would collide with them.
+_GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
+
+
+def get_base_bfn(bfn_config: dict):
+    """The base batch function: ``bfn_config['base_bfn']``, or ``bfn_name`` loaded from ``bfn_file``."""
+    if bfn_config.get("base_bfn") is not None:
+        return bfn_config["base_bfn"]
+    if "bfn_file" in bfn_config and "bfn_name" in bfn_config:
+        return load_from_file(bfn_config["bfn_file"], bfn_config["bfn_name"])
+    raise ValueError("bfn_config names no batch function: give 'base_bfn' (a function) or 'bfn_file' and "
+                     f"'bfn_name'; its keys are {sorted(bfn_config)}")
+
+
+def get_model_class(cfg: dict):
+    """MODEL as a class, a built-in name (MLP, CNN, Transformer), or MODEL_FILE + MODEL_NAME."""
+    if cfg.get("MODEL_FILE"):
+        if not cfg.get("MODEL_NAME"):
+            raise ValueError(f"MODEL_FILE={cfg['MODEL_FILE']!r} is set but MODEL_NAME is not")
+        return load_from_file(cfg["MODEL_FILE"], cfg["MODEL_NAME"])
+    model = cfg["MODEL"]
+    if isinstance(model, str):
+        try:
+            return BUILTIN_MODELS[model]
+        except KeyError:
+            raise ValueError(f"MODEL={model!r} is not a built-in model ({sorted(BUILTIN_MODELS)}); pass the "
+                             "class itself, or MODEL_FILE and MODEL_NAME") from None
+    if not callable(model):
+        raise TypeError(f"MODEL must be a class or a name, got {model!r}")
+    return model
+
+
+def resolve_optimizer(spec):
+    """'SGD', 'adam', 'AdamW' ... (any torch.optim name, any case) or an optimizer class -> class."""
+    if not isinstance(spec, str):
+        return spec
+    for name in dir(torch.optim):
+        if name.lower() == spec.lower() and isinstance(getattr(torch.optim, name), type):
+            return getattr(torch.optim, name)
+    raise ValueError(f"OPTIMIZER={spec!r} is not in torch.optim; pass the class itself for another optimizer")
+
+
+def resolve_loss(spec):
+    """'mse', 'cross_entropy', any torch.nn loss name, a loss class, or a callable ``loss(out, y)``."""
+    if isinstance(spec, str):
+        cls = _LOSSES.get(spec.lower()) or getattr(nn, spec, None)
+        if cls is None:
+            raise ValueError(f"LOSS={spec!r} is unknown; use mse, cross_entropy, a torch.nn loss name, or a "
+                             "callable")
+        return cls()
+    if isinstance(spec, type):
+        return spec()
+    return spec
+
+
+def consumers(cfg: dict, bfn_config: dict) -> list:
+    """The callables whose signatures decide which non-schema config keys are user data."""
+    fns = [fn for fn in (cfg.get("otherreturns") or {}).values()]
+    try:
+        fns.append(get_base_bfn(bfn_config))
+    except (ValueError, FileNotFoundError, AttributeError):
+        pass
+    try:
+        fns.append(get_model_class(canonicalize_quiet(cfg)))
+    except Exception:
+        pass
+    if cfg.get("post_init_fn") is not None:
+        fns.append(cfg["post_init_fn"])
+    return fns
+
+
+def canonicalize_quiet(cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return canonicalize({k: v for k, v in cfg.items() if k in BY_NAME or k in ("MODEL_CLASS", "model_class")})
+
+
+def _model_kwargs(model_cls, cfg, X, y, loss_fn):
+    names = signature_names(model_cls)
+    hints = {}
+    if X.ndim == 4:
+        hints.update(in_channels=X.shape[1], img_size=X.shape[-1])
+    hints["d_in"] = X.shape[-1] if X.ndim in (2, 3) else int(np.prod(X.shape[1:]))
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and not y.is_floating_point():
+        hints["d_out"] = int(y.max()) + 1
+    else:
+        hints["d_out"] = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+    kwargs = {}
+    for p in names:
+        if p in cfg:
+            kwargs[p] = cfg[p]
+        elif p.upper() in BY_NAME and p.upper() in cfg:
+            kwargs[p] = cfg[p.upper()]
+        elif p in hints:
+            kwargs[p] = hints[p]
+    return kwargs
+
+
+def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None, quiet: bool = False) -> dict:
+    """Train one configuration end to end on ``device`` and return its result record (a plain dict).
+
+    ``config`` holds hyperparameters and user keys (axis values already merged in); ``axes`` the sweep-axis
+    values of this job (``trial`` among them). Seeds derive from SEED and the trial index only: the test set,
+    the offline training set and the initial weights are the same for every job of a trial where shapes allow.
+    Exceptions propagate; ``run_job_safe`` turns them into a ``failed`` record.
+    """
+    t0 = time.perf_counter()
+    axes = dict(axes or {})
+    bfn_config = dict(bfn_config or {})
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        cfg = canonicalize(config, consumers(config, bfn_config), where="config")
+    check_job_config(cfg)
+    device = resolve_device(device)
+    trial = int(axes.get("trial", cfg.get("trial", 0)))
+    base_seed = cfg["SEED"] if cfg["DETERMINISTIC"] else int.from_bytes(os.urandom(8), "little") >> 1
+    if cfg["DETERMINISTIC"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    data_seed, init_seed = derive_seed(base_seed, trial, "data"), derive_seed(base_seed, trial, "init")
+    torch.manual_seed(init_seed)
+    np.random.seed(init_seed % 2**32)
+    gen = torch.Generator(device=device).manual_seed(data_seed)
+
+    base_bfn = get_base_bfn(bfn_config)
+    bfn_kwargs = {k: v for k, v in bfn_config.items() if k not in BFN_KEYS}
+    named = signature_names(base_bfn) - {"bsz", "gen", "X", "y"} - set(bfn_kwargs)
+    bfn_kwargs.update({k: cfg[k] for k in named if k in cfg})
+    bfn_kwargs.update({k: v for k, v in axes.items() if k in named})
+
+    def make_bfn(n, X=None, y=None):
+        return base_bfn(bsz=n, gen=gen, X=X, y=y, **bfn_kwargs)
+
+    if cfg.get("X_te") is not None and cfg.get("y_te") is not None:
+        X_te, y_te = ensure_torch(cfg["X_te"], device), ensure_torch(cfg["y_te"], device)
+    else:
+        X_te, y_te = make_bfn(cfg["N_TEST"])(0)
+    n = cfg["N_SAMPLES"]
+    if cfg["ONLINE"]:
+        X_tr = y_tr = None
+        batch_fn = make_bfn(n)
+    else:
+        X_tr, y_tr = make_bfn(n)(0)
+        batch_fn = make_bfn(n, X_tr, y_tr)
+
+    loss_fn = resolve_loss(cfg["LOSS"])
+    model_cls = get_model_class(cfg)
+    torch.manual_seed(init_seed)
+    model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn)).to(device)
+
+    opt_cls = resolve_optimizer(cfg["OPTIMIZER"])
+    opt_kwargs = dict(cfg["OPTIMIZER_KWARGS"])
+    opt_names = signature_names(opt_cls)
+    for key, arg in (("MOMENTUM", "momentum"), ("WEIGHT_DECAY", "weight_decay")):
+        if cfg[key]:
+            if arg not in opt_names:
+                raise ValueError(f"{key}={cfg[key]} but optimizer {qualname(opt_cls)} takes no {arg!r}")
+            opt_kwargs.setdefault(arg, cfg[key])
+    gamma = cfg["GAMMA"]
+    opt = mup.parameterize(model, cfg["PARAMETERIZATION"], opt_cls, mup.gamma_lr(cfg["LR"], gamma),
+                           relu_gain=cfg["RELU_GAIN"], **opt_kwargs)
+    mup.rescale(model, gamma)
+    if cfg.get("post_init_fn") is not None:
+        model, opt = _post_init(cfg, model, opt)
+
+    net = model
+    if cfg["CENTER"]:
+        net = Centered(model)
+        for t in (X_tr, X_te):
+            if t is not None:
+                net.remember(t)
+
+    sync = cfg["SYNC_EVERY"] or (16 if device.type == "cuda" else 1)
+    grab_kwargs = {k: v for k, v in cfg.items() if k not in _GRAB_ARGS and k != "otherreturns"}
+    out = train_model(net, batch_fn, opt, loss_fn, max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
+                      relative=cfg["RELATIVE_THRESHOLDS"], ema_smoother=cfg["EMA_SMOOTHER"], X_te=X_te, y_te=y_te,
+                      only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
+                      grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
+                      verbose=cfg["VERBOSE"])
+    out.update(axes=axes, error=None, device=str(device), seed=base_seed, trial=trial,
+               wall_time=time.perf_counter() - t0)
+    return out
+
+
+def _post_init(cfg, model, opt):
+    hook = cfg["post_init_fn"]
+    if cfg["PARAMETERIZATION"] != "sp":
+        warnings.warn(f"post_init_fn runs after PARAMETERIZATION={cfg['PARAMETERIZATION']!r}; set "
+                      "PARAMETERIZATION='sp' if your hook parameterizes the model itself", stacklevel=3)
+    names = signature_names(hook)
+    inputs = dict(model=model, opt=opt, lr=cfg["LR"], gamma=cfg["GAMMA"])
+    kwargs = {k: v for k, v in {**cfg, **inputs}.items() if k in names}
+    ret = hook(**kwargs)
+    if isinstance(ret, tuple) and len(ret) == 2:
+        return ret
+    return model, opt
+
+
+def failed_record(axes: dict | None, exc: BaseException, device="cpu", wall_time=0.0, error=None) -> dict:
+    """The record of a job that raised: status ``failed``, the traceback in ``error``."""
+    return dict(status="failed", error=error or "".join(traceback.format_exception(exc)), axes=dict(axes or {}),
+                device=str(device), wall_time=wall_time, steps=0, timekeys=None, thresholds=None,
+                train_loss=float("nan"), test_loss=float("nan"), grabs={},
+                oom=isinstance(exc, torch.cuda.OutOfMemoryError))
+
+
+def run_job_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
+                 quiet: bool = True) -> dict:
+    """``run_job`` that never raises: an exception becomes a ``failed`` record with its traceback."""
+    t0 = time.perf_counter()
+    try:
+        return run_job(config, bfn_config, device, axes, quiet=quiet)
+    except Exception as e:  # one bad job must not sink a sweep
+        return failed_record(axes, e, device, time.perf_counter() - t0)

@@ -1,0 +1,306 @@
+"""The one hyperparameter schema.
+
+Every fact about a hyperparameter (name, type, default, help, aliases, whether it may be swept) lives in
+``SCHEMA`` below. ``parse_args``/``base_args`` (backend/cli.py), config validation, the job identity and the
+README table are all generated from it, so they cannot drift apart.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+
+@dataclass(frozen=True)
+class HP:
+    """One hyperparameter: ``type`` is the scalar type; ``is_list`` means the value is a list of ``type``;
+    ``sweepable`` means the CLI accepts several values (the script then sweeps over them)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    is_list: bool = False
+    sweepable: bool = False
+    choices: tuple | None = None
+    aliases: tuple = ()
+    cli: bool = True
+    group: str = "training"
+
+
+PARAMETERIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
+
+SCHEMA: tuple[HP, ...] = (
+    # --- the seed README's hyperparameters -----------------------------------------------------------
+    HP("ONLINE", bool, True, "Fresh batch every step (True) or one fixed training set per trial (False)."),
+    HP("N_SAMPLES", int, 1024, "Samples per step (ONLINE) or size of the fixed training set (offline).",
+       sweepable=True),
+    HP("N_TRAIN", int, 4000, "Size of the training pool a batch function may draw from (with N_TEST).",
+       aliases=("N_TRIAN",)),
+    HP("N_TEST", int, 10_000, "Test-set size; the test set is drawn once per trial from the batch function "
+       "unless X_te/y_te are given in the config."),
+    HP("ONLYTHRESHOLDS", bool, True, "Record only final values (True) or loss curves and grabs along "
+       "training (False)."),
+    HP("NUM_TRIALS", int, 1, "Number of trials (independent seeds)."),
+    HP("MAX_ITER", int, 100_000, "Maximum number of gradient steps."),
+    HP("LR", float, 1e-2, "Base learning rate (rescaled per layer by the parameterization and by GAMMA).",
+       sweepable=True),
+    HP("DEPTH", int, 2, "Number of hidden layers (> 0).", sweepable=True, aliases=("depth",)),
+    HP("WIDTH", int, 8192, "Width of the hidden layers.", sweepable=True, aliases=("width",)),
+    HP("GAMMA", float, 1.0, "Richness: outputs / gamma; lr * gamma (gamma >= 1) or lr * gamma**2 (gamma < 1).",
+       sweepable=True),
+    HP("DEVICES", int, [0], "GPU ids to spread jobs over (ignored without CUDA; then CPU cores are used).",
+       is_list=True, group="execution"),
+    HP("SEED", int, 42, "Base seed; a job's seeds derive from SEED and its trial index only."),
+    HP("LOSS_CHECKPOINTS", float, [0.15, 0.1], "Loss thresholds; a job stops once the EMA train loss is below "
+       "all of them.", is_list=True),
+    HP("EMA_SMOOTHER", float, 0.9, "EMA constant for the train loss: ema = s * ema + (1 - s) * loss."),
+    HP("DETERMINISTIC", bool, True, "Seed every RNG from SEED and use torch's deterministic algorithms; False "
+       "draws fresh seeds.", aliases=("DETERMINSITIC",)),
+    HP("VERBOSE", bool, False, "Print the loss every step."),
+    # --- what modelscape adds ------------------------------------------------------------------------
+    HP("PARAMETERIZATION", str, "mup", "Layerwise parameterization.", choices=PARAMETERIZATIONS,
+       group="model"),
+    HP("MODEL", str, "MLP", "Model: MLP, CNN, Transformer, or a class given in the config.", group="model"),
+    HP("MODEL_FILE", str, None, "Python file holding the model class (with MODEL_NAME).", group="model"),
+    HP("MODEL_NAME", str, None, "Name of the model class inside MODEL_FILE.", group="model"),
+    HP("CENTER", bool, True, "Train f(x) - f0(x), with f0 a frozen copy of the initial model.", group="model"),
+    HP("RELU_GAIN", bool, True, "Under muP-family parameterizations, multiply ReLU outputs by sqrt(2).",
+       group="model"),
+    HP("OPTIMIZER", str, "SGD", "Optimizer: SGD, Adam, AdamW (any torch.optim name), or a class.",
+       group="optimizer"),
+    HP("MOMENTUM", float, 0.0, "SGD momentum.", group="optimizer"),
+    HP("WEIGHT_DECAY", float, 0.0, "Weight decay.", group="optimizer"),
+    HP("OPTIMIZER_KWARGS", dict, {}, "Extra optimizer keyword arguments (JSON on the command line).",
+       group="optimizer"),
+    HP("LOSS", str, "mse", "Loss: mse, cross_entropy (any torch.nn loss name), or a class/callable.",
+       group="optimizer"),
+    HP("RELATIVE_THRESHOLDS", bool, False, "LOSS_CHECKPOINTS are fractions of the initial loss.",
+       group="training"),
+    HP("EVAL_EVERY", int, 100, "Evaluate the test loss (and grabs, with ONLYTHRESHOLDS False) every N steps; "
+       "0 = only at the end. The final test loss is always that of the final model.", group="training"),
+    HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
+       "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training"),
+    HP("EXECUTOR", str, "auto", "Where jobs run: auto, inprocess or pool.", choices=("auto", "inprocess", "pool"),
+       group="execution"),
+    HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
+       group="execution"),
+    HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
+    HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
+       group="results"),
+    HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
+)
+
+BY_NAME: dict[str, HP] = {hp.name: hp for hp in SCHEMA}
+ALIASES: dict[str, str] = {a: hp.name for hp in SCHEMA for a in hp.aliases}
+# The seed's code and scripts use these spellings on purpose; mapping them needs no warning.
+SILENT_ALIASES: dict[str, str] = {"MODEL_CLASS": "MODEL", "model_class": "MODEL"}
+
+# Keys the package reads from a config that are not hyperparameters (callables, arrays): never "unknown".
+RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial"})
+
+
+def defaults() -> dict:
+    """A fresh dict of every hyperparameter's default (lists and dicts copied)."""
+    return {hp.name: _copy(hp.default) for hp in SCHEMA}
+
+
+def _copy(v):
+    return list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+
+
+class ConfigError(ValueError):
+    """A config key or value that would make a sweep wrong; raised before anything runs."""
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: a transposition (WIDHT) costs one edit."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        d[i][0] = i
+    for j in range(len(b) + 1):
+        d[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def close_matches(key: str, candidates: Iterable[str] | None = None) -> list[str]:
+    """Schema names a misspelt ``key`` probably meant, best first (case-insensitive, edit distance)."""
+    candidates = list(candidates if candidates is not None else list(BY_NAME) + list(ALIASES))
+    up = key.upper()
+    scored = []
+    for c in candidates:
+        cu = c.upper()
+        if up == cu:
+            scored.append((0, c))
+            continue
+        limit = 1 if len(up) <= 5 else 2
+        dist = _edit_distance(up, cu)
+        if dist <= limit:
+            scored.append((dist, c))
+        elif len(up) >= 6 and (cu.startswith(up) or up.startswith(cu)) and min(len(up), len(cu)) >= 6:
+            scored.append((3, c))  # EMA_SMOOTH for EMA_SMOOTHER
+    return [ALIASES.get(c, c) for _, c in sorted(scored)]
+
+
+def signature_names(fn: Callable | None) -> set[str]:
+    """Parameter names that ``fn`` names explicitly (``**kwargs`` does not count)."""
+    if fn is None:
+        return set()
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in sig.parameters.values()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+
+
+def canonicalize(config: dict, consumers: Iterable[Callable] = (), where: str = "config",
+                 extra_known: Iterable[str] = ()) -> dict:
+    """Return a copy of ``config`` with aliases mapped to schema names, defaults filled in, values coerced.
+
+    ``consumers`` are the callables that receive config keys (model class, base batch function, grabs): a key
+    one of them names is user data. Raises ConfigError for a key close to a schema name and named by nothing,
+    or for a bad value; warns once, listing them, for keys that are neither.
+    """
+    consumer_names = set(extra_known)
+    for fn in consumers:
+        consumer_names |= signature_names(fn)
+    merged = {SILENT_ALIASES.get(k, k): v for k, v in config.items() if k not in ALIASES}
+    for key, value in config.items():
+        if key not in ALIASES:
+            continue
+        name = ALIASES[key]
+        warnings.warn(f"{where}: key {key!r} is read as {name!r}; please rename it", stacklevel=3)
+        # base_args() fills every canonical key with its default, so a default there means "not set"
+        if name in merged and merged[name] != BY_NAME[name].default and merged[name] != value:
+            raise ConfigError(f"{where}: both {key!r} (an alias of {name}) and {name!r} are set, "
+                              f"to {value!r} and {merged[name]!r}; keep one")
+        merged[name] = value
+    out = defaults()
+    unknown = []
+    for key, value in merged.items():
+        name = key
+        if name in BY_NAME:
+            out[name] = coerce(name, value)
+        elif key in RESERVED or key in consumer_names:
+            out[key] = value
+        else:
+            close = close_matches(key)
+            if close:
+                raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}"
+                                  + (f" (or {', '.join(map(repr, close[1:3]))})" if len(close) > 1 else "")
+                                  + "? No model, batch function or grab names it either.")
+            unknown.append(key)
+            out[key] = value
+    if unknown:
+        warnings.warn(f"{where}: keys {sorted(unknown)} are not hyperparameters and no model, batch function "
+                      "or grab names them; they are passed on to grabs' **kwargs as they are", stacklevel=3)
+    return out
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert one value against the schema; ConfigError names the key and the value."""
+    hp = BY_NAME[name]
+    if hp.type is str and not isinstance(value, str) and value is not None:
+        return value  # a class or callable given directly (MODEL, OPTIMIZER, LOSS)
+    if hp.type is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a dict, got {value!r}")
+        return dict(value)
+    if hp.is_list:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [_scalar(hp, v) for v in values]
+    if hp.sweepable and isinstance(value, (list, tuple)):
+        return [_scalar(hp, v) for v in value]  # a list of values to sweep, as the seed's scripts keep them
+    return _scalar(hp, value)
+
+
+def _scalar(hp: HP, v: Any) -> Any:
+    try:
+        if v is None and hp.default is None:
+            return None
+        if hp.type is bool:
+            return parse_bool(v)
+        if hp.type is int:
+            return parse_int(v)
+        if hp.type is float:
+            if isinstance(v, bool):
+                raise ValueError("a bool is not a number")
+            return float(v)
+        if hp.type is str:
+            v = str(v)
+            if hp.choices and v not in hp.choices:
+                raise ValueError(f"choose one of {list(hp.choices)}")
+            return v
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value for {hp.name}: {v!r} ({e})") from None
+    return v
+
+
+def parse_bool(v: Any) -> bool:
+    """True/False from a bool, 0/1, or the strings true/false/yes/no/1/0 (any case)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    s = str(v).strip().lower()
+    if s in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if s in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_int(v: Any) -> int:
+    """An int from an int, an integral float, or a string such as '1e5' or '10_000'."""
+    if isinstance(v, bool):
+        raise ValueError("a bool is not an integer")
+    if isinstance(v, int):
+        return v
+    if hasattr(v, "__index__"):
+        return int(v)
+    f = float(str(v).replace("_", "")) if isinstance(v, str) else float(v)
+    if not f.is_integer():
+        raise ValueError("expected an integer")
+    return int(f)
+
+
+def check_job_config(cfg: dict) -> None:
+    """Checks that need the whole resolved config of one job (scalars where a job needs scalars)."""
+    for name in ("N_SAMPLES", "LR", "DEPTH", "WIDTH", "GAMMA"):
+        if isinstance(cfg.get(name), list):
+            raise ConfigError(f"{name} is a list ({cfg[name]!r}) in a single job's config; make it a sweep axis "
+                              f"(iterators=[...{cfg[name]!r}...], iterator_names=[...'{name}'...])")
+    if cfg["DEPTH"] < 1:
+        raise ConfigError(f"DEPTH must be >= 1, got {cfg['DEPTH']}")
+    if cfg["GAMMA"] <= 0:
+        raise ConfigError(f"GAMMA must be > 0, got {cfg['GAMMA']}")
+    if not 0 <= cfg["EMA_SMOOTHER"] < 1:
+        raise ConfigError(f"EMA_SMOOTHER must be in [0, 1), got {cfg['EMA_SMOOTHER']}")
+    if cfg["MAX_ITER"] < 1:
+        raise ConfigError(f"MAX_ITER must be >= 1, got {cfg['MAX_ITER']}")
+    if not cfg["LOSS_CHECKPOINTS"]:
+        raise ConfigError("LOSS_CHECKPOINTS is empty; give at least one threshold")
+
+
+def readme_table() -> str:
+    """The hyperparameter table of the README, as markdown (the README embeds exactly this text)."""
+    rows = ["| name | type | default | description |", "|---|---|---|---|"]
+    for hp in SCHEMA:
+        t = f"list[{hp.type.__name__}]" if hp.is_list else hp.type.__name__
+        if hp.sweepable:
+            t += " (sweepable)"
+        extra = ""
+        if hp.choices:
+            extra += " One of " + ", ".join(f"`{c}`" for c in hp.choices) + "."
+        if hp.aliases:
+            extra += " Also read from " + ", ".join(f"`{a}`" for a in hp.aliases) + " (with a warning)."
+        rows.append(f"| `{hp.name}` | {t} | `{hp.default!r}` | {hp.help}{extra} |")
+    return "\n".join(rows)

@@ -1,0 +1,4 @@
+"""Ready batch functions: ``base_bfn(bsz, gen, X, y, **kwargs) -> batch_fn(step) -> (X, y)``."""
+from modelscape.data.synthetic import fixed_bfn, powerlaw_bfn, powerlaw_target
+
+__all__ = ["powerlaw_bfn", "powerlaw_target", "fixed_bfn"]

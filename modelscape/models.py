@@ -1,0 +1,162 @@
+"""Ready models (MLP, CNN, Transformer), each built from WIDTH and DEPTH, and the centering wrapper.
+
+Every weight lives in an ``nn.Linear`` or ``nn.Conv2d`` and every ReLU is an ``nn.ReLU`` module, so the
+parameterizations in ``modelscape.mup`` can find and classify them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+_NONLINS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity,
+            "linear": nn.Identity, "sigmoid": nn.Sigmoid}
+
+
+def make_nonlinearity(nonlinearity) -> nn.Module:
+    """A name (relu, tanh, gelu, silu, identity), an nn.Module instance or class -> nn.Module."""
+    if nonlinearity is None:
+        return nn.ReLU()
+    if isinstance(nonlinearity, nn.Module):
+        return nonlinearity
+    if isinstance(nonlinearity, type) and issubclass(nonlinearity, nn.Module):
+        return nonlinearity()
+    try:
+        return _NONLINS[str(nonlinearity).lower()]()
+    except KeyError:
+        raise ValueError(f"unknown nonlinearity {nonlinearity!r}; use one of {sorted(_NONLINS)} "
+                         "or pass an nn.Module") from None
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``width`` units: d_in -> width (x depth) -> d_out."""
+
+    def __init__(self, d_in=1, width=4096, depth=2, d_out=1, bias=True, nonlinearity=None):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"MLP depth must be >= 1, got {depth}")
+        self.d_in, self.width, self.depth, self.d_out = d_in, width, depth, d_out
+        self.input_layer = nn.Linear(d_in, width, bias)
+        self.hidden_layers = nn.ModuleList([nn.Linear(width, width, bias) for _ in range(depth - 1)])
+        self.output_layer = nn.Linear(width, d_out, bias)
+        self.nonlin = make_nonlinearity(nonlinearity)
+
+    def forward(self, x):
+        h = self.nonlin(self.input_layer(x.flatten(1)))
+        for layer in self.hidden_layers:
+            h = self.nonlin(layer(h))
+        return self.output_layer(h)
+
+
+class CNN(nn.Module):
+    """``depth`` 3x3 conv layers of ``width`` channels on (N, C, H, W) images, global average pool, linear out."""
+
+    def __init__(self, in_channels=1, width=16, depth=2, d_out=1, bias=True, nonlinearity=None):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"CNN depth must be >= 1, got {depth}")
+        self.width, self.depth, self.d_out = width, depth, d_out
+        self.input_layer = nn.Conv2d(in_channels, width, 3, padding=1, bias=bias)
+        self.hidden_layers = nn.ModuleList([nn.Conv2d(width, width, 3, padding=1, bias=bias)
+                                            for _ in range(depth - 1)])
+        self.output_layer = nn.Linear(width, d_out, bias)
+        self.nonlin = make_nonlinearity(nonlinearity)
+
+    def forward(self, x):
+        h = self.nonlin(self.input_layer(x))
+        for layer in self.hidden_layers:
+            h = self.nonlin(layer(h))
+        return self.output_layer(h.mean(dim=(2, 3)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention from Linear layers. ``attn_mult`` multiplies q.k: 1/sqrt(d_head) by default;
+    muP sets it to 1/d_head (``modelscape.mup``)."""
+
+    def __init__(self, width, n_heads=1, bias=True):
+        super().__init__()
+        if width % n_heads:
+            raise ValueError(f"width {width} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.d_head = n_heads, width // n_heads
+        self.q = nn.Linear(width, width, bias)
+        self.k = nn.Linear(width, width, bias)
+        self.v = nn.Linear(width, width, bias)
+        self.proj = nn.Linear(width, width, bias)
+        self.attn_mult = 1.0 / math.sqrt(self.d_head)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, self.n_heads, self.d_head).transpose(1, 2) for m in (self.q, self.k, self.v))
+        att = torch.softmax((q @ k.transpose(-2, -1)) * self.attn_mult, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-residual attention then MLP, no LayerNorm (its weights would be one more layer type to classify)."""
+
+    def __init__(self, width, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
+        super().__init__()
+        self.attn = SelfAttention(width, n_heads, bias)
+        self.fc1 = nn.Linear(width, mlp_mult * width, bias)
+        self.fc2 = nn.Linear(mlp_mult * width, width, bias)
+        self.nonlin = make_nonlinearity(nonlinearity)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.fc2(self.nonlin(self.fc1(x)))
+
+
+class Transformer(nn.Module):
+    """A small transformer on (N, T, d_in) sequences: embed, ``depth`` blocks, mean-pool over T, read out."""
+
+    def __init__(self, d_in=8, width=32, depth=2, d_out=1, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
+        super().__init__()
+        self.width, self.depth, self.d_out = width, depth, d_out
+        self.input_layer = nn.Linear(d_in, width, bias)
+        self.blocks = nn.ModuleList([TransformerBlock(width, n_heads, mlp_mult, bias, nonlinearity)
+                                     for _ in range(depth)])
+        self.output_layer = nn.Linear(width, d_out, bias)
+
+    def forward(self, x):
+        h = self.input_layer(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.output_layer(h.mean(dim=1))
+
+
+BUILTIN_MODELS = {"MLP": MLP, "CNN": CNN, "Transformer": Transformer}
+
+
+class Centered(nn.Module):
+    """``f(x) - f0(x)`` where ``f0`` is a frozen copy of ``model`` taken now (so the output is 0 at init).
+
+    ``f0`` is deterministic, so its output on a tensor that is passed again (offline: the fixed training and
+    test sets) is computed once and cached; the cache holds the tensor itself so its identity stays valid.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.baseline = copy.deepcopy(model)
+        for p in self.baseline.parameters():
+            p.requires_grad_(False)
+        self.baseline.eval()
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def remember(self, x: torch.Tensor) -> None:
+        """Cache ``f0(x)`` for a tensor that will be passed again and again."""
+        if not any(x is cx for cx, _ in self._cache):
+            with torch.no_grad():
+                self._cache.append((x, self.baseline(x)))
+
+    def offset(self, x):
+        for cx, y0 in self._cache:
+            if x is cx:
+                return y0
+        with torch.no_grad():
+            return self.baseline(x)
+
+    def forward(self, x):
+        return self.model(x) - self.offset(x)

@@ -1,0 +1,68 @@
+"""Small helpers shared by the job, the executors and the store."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts; stable across processes and machines (unlike ``hash``)."""
+    h = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def to_numpy(x):
+    """Tensor, array, number or nested list -> numpy array (on the CPU, detached)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def ensure_torch(x, device=None, dtype=None):
+    """Array-like -> tensor on ``device``; floating numpy arrays become float32 unless ``dtype`` says."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+        if dtype is None and x.is_floating_point():
+            dtype = torch.float32
+    return x.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else x
+
+
+def load_from_file(path: str, name: str):
+    """Load ``name`` (a function or class) from the Python file at ``path``; errors name both."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cannot load {name!r}: file {path!r} does not exist")
+    mod_name = "_modelscape_user_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    mod = sys.modules.get(mod_name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        spec.loader.exec_module(mod)
+    try:
+        return getattr(mod, name)
+    except AttributeError:
+        raise AttributeError(f"file {path!r} defines no {name!r}") from None
+
+
+def resolve_device(device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1', an int GPU id or a torch.device -> torch.device."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, int):
+        return torch.device(f"cuda:{device}")
+    return torch.device(device or "cpu")
+
+
+def qualname(obj) -> str | None:
+    """``module.qualname`` of a function or class, for job identities and messages."""
+    if obj is None:
+        return None
+    if isinstance(obj, str):
+        return obj
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
