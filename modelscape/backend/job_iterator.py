@@ -1,0 +1,194 @@
+"""The sweep: expand the cartesian product, skip what is stored, dispatch, collect, store, report."""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+import warnings
+
+from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
+    signature_names
+from modelscape.backend.executors import JobSpec, make_executor
+from modelscape.backend.job import consumers
+from modelscape.results import SweepResults
+
+# Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
+AXIS_ALIASES = {"ntrain": "N_SAMPLES", "n_train": "N_SAMPLES", "bsz": "N_SAMPLES", "n_samples": "N_SAMPLES",
+                "lr": "LR", "gamma": "GAMMA", **ALIASES}
+TRIAL = "trial"
+_INTERNAL = ("oom",)
+
+
+def axis_target(name: str, known: set) -> str:
+    """The config key an axis writes: a schema name, ``trial``, or a user key some consumer names."""
+    if name == TRIAL or name in BY_NAME:
+        return name
+    if name in AXIS_ALIASES:
+        return AXIS_ALIASES[name]
+    if name in known:
+        return name
+    close = close_matches(name)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown axis name {name!r}: it is not a hyperparameter, not 'trial', and no model class, "
+                      f"batch function or grab has a parameter of that name{hint}")
+
+
+def _materialize(iterators, iterator_names):
+    if iterator_names is None:
+        iterator_names = [f"iter_{i}" for i in range(len(iterators))]
+    iterators = list(iterators)
+    if len(iterator_names) != len(iterators):
+        raise ValueError(f"{len(iterators)} iterators but {len(iterator_names)} iterator_names "
+                         f"({list(iterator_names)}); give one name per iterator")
+    if len(set(iterator_names)) != len(iterator_names):
+        raise ValueError(f"iterator_names repeat a name: {list(iterator_names)}")
+    values = []
+    for name, it in zip(iterator_names, iterators):
+        if isinstance(it, (str, bytes)) or not hasattr(it, "__iter__"):
+            raise TypeError(f"iterator {name!r} is {it!r}, not a list, range or generator of values")
+        vals = list(it)
+        if not vals:
+            raise ValueError(f"iterator {name!r} is empty: the sweep would run no job")
+        values.append(vals)
+    return list(iterator_names), values
+
+
+def main(iterators, iterator_names=None, global_config=None, bfn_config=None, use_mp=None, *,
+         executor=None, store=None, resume=None, progress=True):
+    """Run every combination of the iterators and return the labelled results (``SweepResults``).
+
+    Args:
+        iterators: lists, ranges or generators of axis values, e.g. ``[widths, lrs, range(NUM_TRIALS)]``.
+        iterator_names: one name per iterator. A name is a hyperparameter (``WIDTH``, ``LR``, ``GAMMA`` ...),
+            the sample-size axis (``N_SAMPLES``; aliases ``ntrain``, ``bsz``), the trial axis (``trial``), or
+            a parameter of the model class, base batch function or a grab.
+        global_config: the hyperparameters (``vars(parse_args())``), ``otherreturns`` grabs and user keys.
+        bfn_config: ``base_bfn`` (or ``bfn_file`` + ``bfn_name``) and the batch function's arguments.
+        use_mp: the seed's switch: True = worker pool, False = in-process, None = EXECUTOR from the config.
+        executor: an ``Executor`` instance, or ``'auto' | 'inprocess' | 'pool'``.
+        store: a path, a ``Store``, None (RESULTS_DIR/EXPT_NAME from the config) or False (keep nothing).
+        resume: skip jobs already stored as done (default: RESUME from the config).
+        progress: show a progress bar and the closing summary.
+
+    Each job's config is a copy of ``global_config`` updated with its axis values. Its seeds derive from
+    SEED and its trial only, so results do not depend on the executor or the number of workers.
+    """
+    global_config = dict(global_config or {})
+    bfn_config = dict(bfn_config or {})
+    names, values = _materialize(iterators, iterator_names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fns = consumers(global_config, bfn_config)
+        known = set().union(*(signature_names(f) for f in fns)) if fns else set()
+        targets = {n: axis_target(n, known) for n in names}
+        # Validate the global config and every job's config before anything runs: a typo costs seconds.
+        base = canonicalize(global_config, fns, where="global_config", extra_known=targets.values())
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    jobs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once above for the global config
+        for combo in itertools.product(*values):
+            axes = dict(zip(names, combo))
+            overrides = {targets[n]: v for n, v in axes.items() if targets[n] != TRIAL}
+            cfg = canonicalize({**base, **overrides}, fns, where=f"job {axes}", extra_known=targets.values())
+            check_job_config(cfg)
+            jobs.append((axes, overrides, cfg))
+
+    if resume is None:
+        resume = base["RESUME"]
+    st = _open_store(store, base)
+    ids = [None] * len(jobs)
+    if st is not None:
+        from modelscape.backend.store import job_identity
+        ids = [job_identity(cfg, bfn_config, axes) for axes, _, cfg in jobs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("two jobs of this sweep have the same identity: an axis repeats a value, or an "
+                              "axis changes nothing the job sees")
+        labels = [[_label(v) for v in vals] for vals in values]
+        sweep_id = st.begin_sweep(names, labels, ids, meta={"argv": sys.argv, "time": time.time()})
+    done_ids = st.done_ids() if (st is not None and resume) else set()
+
+    if use_mp is not None and executor is None:
+        executor = "pool" if use_mp else "inprocess"
+    executor = executor or base["EXECUTOR"]
+    own_executor = isinstance(executor, str)
+    if own_executor:
+        executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"])
+
+    context = (global_config, bfn_config)
+    todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in done_ids]
+    records = {}
+    if st is not None and len(todo) < len(jobs):
+        skipped = [ids[i] for i in range(len(jobs)) if i not in set(todo)]
+        for r in st.records(skipped):
+            records[r["job_id"]] = r
+    bar = _progress(len(jobs), len(jobs) - len(todo), progress)
+    counts = {}
+    try:
+        futures = [executor.submit(JobSpec(i, jobs[i][0], jobs[i][1], id(context), context)) for i in todo]
+        for fut in executor.as_completed(futures):
+            i = fut.spec.index
+            record = fut.result()
+            for k in _INTERNAL:
+                record.pop(k, None)
+            record["job_id"] = ids[i]
+            record["axes"] = jobs[i][0]
+            if st is not None:
+                from modelscape.backend.store import jsonable
+                record["config"] = jsonable(jobs[i][2])
+                st.write(record)
+            records[ids[i] if ids[i] is not None else i] = record
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+            if bar is not None:
+                bar.set_postfix_str(_postfix(counts, record), refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if own_executor:
+            executor.shutdown()
+    order = ids if st is not None else list(range(len(jobs)))
+    result = SweepResults(names, values, [records[k] for k in order if k in records])
+    if progress:
+        print(summary(result), file=sys.stderr)
+    return result
+
+
+def _label(v):
+    from modelscape.results import axis_label
+    return axis_label(v)
+
+
+def _open_store(store, cfg):
+    if store is False:
+        return None
+    from modelscape.backend.store import Store
+    if store is None:
+        store = os.path.join(cfg["RESULTS_DIR"], cfg["EXPT_NAME"])
+    return store if isinstance(store, Store) else Store(store)
+
+
+def _progress(total, initial, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="jobs", dynamic_ncols=True)
+
+
+def _postfix(counts, r):
+    c = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    axes = " ".join(f"{k}={v}" for k, v in r["axes"].items())
+    return f"{c} | last: {axes} train {r['train_loss']:.3g} test {r['test_loss']:.3g}"
+
+
+def summary(result: SweepResults) -> str:
+    """A few lines: jobs by status, and the first line of each failed job's error."""
+    counts = result.status_counts()
+    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "not_reached", "diverged", "failed"))
+             + " (done = every threshold reached; not_reached = stopped at MAX_ITER)"]
+    for r in result.failed():
+        err = (r.get("error") or "").strip().splitlines()
+        lines.append(f"  failed {r['axes']}: {err[-1] if err else 'unknown error'}")
+    return "\n".join(lines)

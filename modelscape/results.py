@@ -1,0 +1,289 @@
+"""Sweep results addressed by axis names: an ExptTrace-style view and an ``xarray.Dataset``.
+
+A sweep's records (one plain dict per job, see ``modelscape.backend.job.run_job``) become
+``SweepResults``: ``res["timekeys"].get(WIDTH=256)`` returns an array over the remaining axes, and
+``res.to_xarray()`` a Dataset with one dimension per sweep axis. Jobs that failed or never ran are NaN there.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+import numpy as np
+
+SCALAR_FIELDS = ("train_loss", "test_loss", "steps", "wall_time")
+
+
+def axis_label(v):
+    """The coordinate label of an axis value: numbers, strings and bools as they are, anything else as str."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if isinstance(v, str):
+        return v
+    return str(v)
+
+
+class ExptTrace:
+    """Values keyed by one value per axis (the seed's ``ExptTrace``), read back as arrays by axis name.
+
+    ``trace[(256, 0)]`` is one job's value; ``trace.get(WIDTH=256)`` stacks the values over the axes not named
+    (in axis order, values sorted), NaN-padding ragged curves and masking missing jobs (``np.ma``).
+    """
+
+    def __init__(self, var_names):
+        if "val" in var_names:
+            raise ValueError("an axis may not be called 'val'")
+        self.var_names = list(var_names)
+        self.vals: dict[tuple, object] = {}
+        self.valshape = None
+
+    def _key(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) != len(self.var_names):
+            raise KeyError(f"key {key} has {len(key)} values but the axes are {self.var_names}")
+        return tuple(k if isinstance(k, slice) else axis_label(k) for k in key)
+
+    def __setitem__(self, key, val):
+        key = self._key(key)
+        if self.valshape is None:
+            self.valshape = np.shape(val)
+        self.vals[key] = val
+
+    def __getitem__(self, key):
+        key = self._key(key)
+        extents = [self.get_axis(n) if isinstance(k, slice) else [k] for n, k in zip(self.var_names, key)]
+        if all(len(e) == 1 for e in extents) and not any(isinstance(k, slice) for k in key):
+            if key not in self.vals:
+                raise KeyError(f"no value for {dict(zip(self.var_names, key))}")
+            return self.vals[key]
+        return self._stack(extents, squeeze=[not isinstance(k, slice) for k in key])
+
+    def _stack(self, extents, squeeze):
+        present = [np.asarray(v, dtype=float) for v in self.vals.values() if v is not None]
+        inner = _common_shape([np.shape(v) for v in present])
+        out = np.full([len(e) for e in extents] + list(inner), np.nan)
+        mask = np.ones(out.shape, dtype=bool)
+        for idx in itertools.product(*[range(len(e)) for e in extents]):
+            key = tuple(e[i] for e, i in zip(extents, idx))
+            v = self.vals.get(key)
+            if v is None:
+                continue
+            v = np.asarray(v, dtype=float)
+            sl = idx + tuple(slice(0, s) for s in np.shape(v))
+            out[sl] = v
+            mask[idx] = False
+        out = np.ma.masked_array(out, mask=mask | np.isnan(out))
+        drop = tuple(i for i, s in enumerate(squeeze) if s)
+        return out.reshape([s for i, s in enumerate(out.shape) if i not in drop])
+
+    def get_axis(self, var_name):
+        """The sorted values that axis ``var_name`` takes among the stored keys."""
+        if var_name not in self.var_names:
+            raise KeyError(f"no axis {var_name!r}; the axes are {self.var_names}")
+        i = self.var_names.index(var_name)
+        return sorted({k[i] for k in self.vals}, key=_sort_key)
+
+    def get(self, **kwargs):
+        """Values with the named axes fixed, as an array over the other axes (missing entries masked)."""
+        unknown = set(kwargs) - set(self.var_names)
+        if unknown:
+            raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.var_names}")
+        return self[tuple(kwargs.get(n, slice(None)) for n in self.var_names)]
+
+    def is_written(self, **kwargs):
+        """Whether a value is stored for this full set of axis values."""
+        return self._key(tuple(kwargs[n] for n in self.var_names)) in self.vals
+
+    def serialize(self):
+        """Plain dict, as the seed's ExptTrace.serialize."""
+        return {"var_names": self.var_names, "vals": dict(self.vals), "valshape": self.valshape}
+
+    @classmethod
+    def deserialize(cls, data):
+        """Inverse of ``serialize`` (an ExptTrace is passed through)."""
+        if isinstance(data, ExptTrace):
+            return data
+        obj = cls(data["var_names"])
+        obj.vals = dict(data["vals"])
+        obj.valshape = data["valshape"]
+        return obj
+
+
+def _sort_key(v):
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def _common_shape(shapes):
+    if not shapes:
+        return ()
+    nd = {len(s) for s in shapes}
+    if len(nd) > 1:
+        raise ValueError(f"values have different numbers of dimensions: {sorted(set(shapes))}")
+    return tuple(max(s[i] for s in shapes) for i in range(nd.pop()))
+
+
+class SweepResults(Mapping):
+    """The results of a sweep: its axes, one record per job, and labelled views of them.
+
+    As a mapping it offers the seed's keys: ``jobs``, ``var_axes``, ``losses`` (test loss: final, or the
+    test curve), ``train_losses``, ``timekeys`` and ``extras`` ({grab: trace}); each trace is an ExptTrace.
+    """
+
+    KEYS = ("jobs", "var_axes", "losses", "train_losses", "timekeys", "extras")
+
+    def __init__(self, axis_names, axis_values, records):
+        self.axis_names = list(axis_names)
+        self.axis_values = [list(v) for v in axis_values]
+        self.records = list(records)
+        self._xr = None
+
+    # --- the seed's dict ---------------------------------------------------------------------------
+    def __getitem__(self, key):
+        if key == "jobs":
+            return list(itertools.product(*self.axis_values))
+        if key == "var_axes":
+            return list(self.axis_names)
+        if key == "losses":
+            return self.trace(lambda r: r.get("test_curve", r["test_loss"]))
+        if key == "train_losses":
+            return self.trace(lambda r: r.get("train_curve", r["train_loss"]))
+        if key == "timekeys":
+            return self.trace(lambda r: r["timekeys"])
+        if key == "extras":
+            return {name: self.trace(lambda r, n=name: r["grabs"].get(n)) for name in self.grab_names}
+        raise KeyError(f"{key!r}; the keys are {list(self.KEYS)}")
+
+    def __iter__(self):
+        return iter(self.KEYS)
+
+    def __len__(self):
+        return len(self.KEYS)
+
+    def key(self, record) -> tuple:
+        """The tuple of axis labels of a record."""
+        return tuple(axis_label(record["axes"][n]) for n in self.axis_names)
+
+    def trace(self, fn) -> ExptTrace:
+        """An ExptTrace of ``fn(record)`` over the jobs that did not fail."""
+        t = ExptTrace(self.axis_names)
+        for r in self.records:
+            if r["status"] != "failed":
+                t[self.key(r)] = fn(r)
+        return t
+
+    @property
+    def grab_names(self):
+        names = []
+        for r in self.records:
+            for n in (r.get("grabs") or {}):
+                if n not in names:
+                    names.append(n)
+        return names
+
+    def status_counts(self) -> dict:
+        """``{status: number of jobs}``."""
+        counts = {}
+        for r in self.records:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        return counts
+
+    def failed(self) -> list:
+        """Records of failed jobs (their ``error`` holds the traceback)."""
+        return [r for r in self.records if r["status"] == "failed"]
+
+    def get(self, var="test_loss", **sel):
+        """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256)``)."""
+        ds = self.to_xarray()
+        if var not in ds:
+            raise KeyError(f"no variable {var!r}; there are {sorted(ds.data_vars)}")
+        unknown = set(sel) - set(self.axis_names)
+        if unknown:
+            raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.axis_names}")
+        return ds[var].sel(**{k: axis_label(v) for k, v in sel.items()})
+
+    # --- xarray --------------------------------------------------------------------------------------
+    def to_xarray(self):
+        """An ``xarray.Dataset`` with one dimension per sweep axis (coordinates = axis labels).
+
+        Variables: status, steps, wall_time, train_loss, test_loss, timekeys/thresholds (dim ``threshold``);
+        with curves, train_curve (dim ``step``) and test_curve (dim ``eval_step``, the union of all jobs'
+        evaluation steps, NaN where a job did not evaluate); one ``grab_<name>`` per grab. Missing jobs are NaN.
+        """
+        if self._xr is not None:
+            return self._xr
+        import xarray as xr
+
+        coords = {n: [axis_label(v) for v in vals] for n, vals in zip(self.axis_names, self.axis_values)}
+        for n, labels in coords.items():
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"axis {n!r} has repeated values {labels}")
+        index = {n: {lab: i for i, lab in enumerate(labels)} for n, labels in coords.items()}
+        shape = [len(coords[n]) for n in self.axis_names]
+        recs = [(tuple(index[n][k] for n, k in zip(self.axis_names, self.key(r))), r) for r in self.records]
+        ok = [(i, r) for i, r in recs if r["status"] != "failed"]
+        dims = list(self.axis_names)
+        data = {}
+
+        status = np.full(shape, "missing", dtype=object)
+        for i, r in recs:
+            status[i] = r["status"]
+        data["status"] = (dims, status.astype(str))
+        for f in SCALAR_FIELDS:
+            arr = np.full(shape, np.nan)
+            for i, r in recs:
+                arr[i] = r.get(f, np.nan)
+            data[f] = (dims, arr)
+
+        n_thr = max((len(r["timekeys"]) for _, r in ok if r.get("timekeys") is not None), default=0)
+        if n_thr:
+            for f in ("timekeys", "thresholds"):
+                arr = np.full(shape + [n_thr], np.nan)
+                for i, r in ok:
+                    arr[i][: len(r[f])] = r[f]
+                data[f] = (dims + ["threshold"], arr)
+
+        extra_coords = {}
+        curves = [(i, r) for i, r in ok if r.get("train_curve") is not None]
+        if curves:
+            n_steps = max(len(r["train_curve"]) for _, r in curves)
+            for f in ("train_curve", "train_raw"):
+                arr = np.full(shape + [n_steps], np.nan)
+                for i, r in curves:
+                    arr[i][: len(r[f])] = r[f]
+                data[f] = (dims + ["step"], arr)
+            eval_steps = sorted({int(s) for _, r in curves for s in r["eval_steps"]})
+            pos = {s: k for k, s in enumerate(eval_steps)}
+            arr = np.full(shape + [len(eval_steps)], np.nan)
+            for i, r in curves:
+                arr[i][[pos[int(s)] for s in r["eval_steps"]]] = r["test_curve"]
+            data["test_curve"] = (dims + ["eval_step"], arr)
+            extra_coords = {"step": np.arange(n_steps), "eval_step": np.asarray(eval_steps)}
+
+        for name in self.grab_names:
+            vals = [(i, r, np.asarray(r["grabs"][name], dtype=float)) for i, r in ok if name in (r.get("grabs") or {})]
+            along = curves and all(r.get("eval_steps") is not None for _, r, _ in vals)
+            inner_shapes = [v.shape[1:] if along else v.shape for _, _, v in vals]
+            inner = _common_shape(inner_shapes)
+            gdims = [f"{name}_dim{k}" for k in range(len(inner))]
+            if along:
+                arr = np.full(shape + [len(extra_coords["eval_step"])] + list(inner), np.nan)
+                for i, r, v in vals:
+                    rows = [pos[int(s)] for s in r["eval_steps"]]
+                    arr[i][rows] = v
+                data[f"grab_{name}"] = (dims + ["eval_step"] + gdims, arr)
+            else:
+                arr = np.full(shape + list(inner), np.nan)
+                for i, r, v in vals:
+                    arr[i + tuple(slice(0, s) for s in v.shape)] = v
+                data[f"grab_{name}"] = (dims + gdims, arr)
+
+        self._xr = xr.Dataset(data, coords={**coords, **extra_coords})
+        return self._xr
+
+    def __repr__(self):
+        return (f"SweepResults(axes={dict(zip(self.axis_names, self.axis_values))}, "
+                f"jobs={len(self.records)}, status={self.status_counts()})")
