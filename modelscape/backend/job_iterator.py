@@ -5,6 +5,7 @@ import itertools
 import os
 import sys
 import time
+import uuid
 import warnings
 
 from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
@@ -50,6 +51,11 @@ def _materialize(iterators, iterator_names):
         vals = list(it)
         if not vals:
             raise ValueError(f"iterator {name!r} is empty: the sweep would run no job")
+        labels = [_label(v) for v in vals]
+        repeated = [lab for k, lab in enumerate(labels) if lab in labels[:k]]
+        if repeated:
+            raise ValueError(f"iterator {name!r} repeats the value(s) {repeated} (as coordinate labels): every job "
+                             "of a sweep must be a different combination")
         values.append(vals)
     return list(iterator_names), values
 
@@ -91,7 +97,8 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         warnings.simplefilter("ignore")  # said once above for the global config
         for combo in itertools.product(*values):
             axes = dict(zip(names, combo))
-            overrides = {targets[n]: v for n, v in axes.items() if targets[n] != TRIAL}
+            # trial too, so that a model, batch function or grab that names ``trial`` receives it
+            overrides = {targets[n]: v for n, v in axes.items()}
             cfg = canonicalize({**base, **overrides}, fns, where=f"job {axes}", extra_known=targets.values())
             check_job_config(cfg)
             jobs.append((axes, overrides, cfg))
@@ -99,15 +106,17 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if resume is None:
         resume = base["RESUME"]
     st = _open_store(store, base)
+    own_store = st is not None and not _is_store(store)
     ids = [None] * len(jobs)
     if st is not None:
-        from modelscape.backend.store import job_identity
-        ids = [job_identity(cfg, bfn_config, axes) for axes, _, cfg in jobs]
+        from modelscape.backend.store import identity_cache, job_identity
+        with identity_cache():  # a dataset in bfn_config is hashed once, not once per job
+            ids = [job_identity(cfg, bfn_config, axes) for axes, _, cfg in jobs]
         if len(set(ids)) != len(ids):
             raise ConfigError("two jobs of this sweep have the same identity: an axis repeats a value, or an "
                               "axis changes nothing the job sees")
         labels = [[_label(v) for v in vals] for vals in values]
-        sweep_id = st.begin_sweep(names, labels, ids, meta={"argv": sys.argv, "time": time.time()})
+        st.begin_sweep(names, labels, ids, meta={"argv": sys.argv, "time": time.time()})
     done_ids = st.done_ids() if (st is not None and resume) else set()
 
     if use_mp is not None and executor is None:
@@ -127,7 +136,10 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     bar = _progress(len(jobs), len(jobs) - len(todo), progress)
     counts = {}
     try:
-        futures = [executor.submit(JobSpec(i, jobs[i][0], jobs[i][1], id(context), context)) for i in todo]
+        # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
+        # a reused executor's workers would then run that sweep with this sweep's (stale) config.
+        context_id = uuid.uuid4().hex
+        futures = [executor.submit(JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)) for i in todo]
         for fut in executor.as_completed(futures):
             i = fut.spec.index
             record = fut.result()
@@ -136,9 +148,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
             record["job_id"] = ids[i]
             record["axes"] = jobs[i][0]
             if st is not None:
-                from modelscape.backend.store import jsonable
-                record["config"] = jsonable(jobs[i][2])
-                st.write(record)
+                record = _store_record(st, record, jobs[i][2])
             records[ids[i] if ids[i] is not None else i] = record
             counts[record["status"]] = counts.get(record["status"], 0) + 1
             if bar is not None:
@@ -149,6 +159,8 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
             bar.close()
         if own_executor:
             executor.shutdown()
+        if own_store:
+            st.close()
     order = ids if st is not None else list(range(len(jobs)))
     result = SweepResults(names, values, [records[k] for k in order if k in records])
     if progress:
@@ -161,6 +173,11 @@ def _label(v):
     return axis_label(v)
 
 
+def _is_store(store):
+    from modelscape.backend.store import Store
+    return isinstance(store, Store)
+
+
 def _open_store(store, cfg):
     if store is False:
         return None
@@ -168,6 +185,28 @@ def _open_store(store, cfg):
     if store is None:
         store = os.path.join(cfg["RESULTS_DIR"], cfg["EXPT_NAME"])
     return store if isinstance(store, Store) else Store(store)
+
+
+def _store_record(st, record, cfg):
+    """Write one record; a record the store refuses (an object-dtype grab, a full disk) becomes a failed
+    job in memory and, where possible, on disk, and the sweep goes on."""
+    from modelscape.backend.store import jsonable
+    record["config"] = jsonable(cfg)
+    try:
+        st.write(record)
+        return record
+    except Exception as e:
+        from modelscape.backend.job import failed_record
+        failed = failed_record(record["axes"], e, record.get("device", "cpu"), record.get("wall_time", 0.0),
+                               error=f"the result could not be stored: {type(e).__name__}: {e}")
+        failed.pop("oom", None)
+        failed.update(job_id=record["job_id"], config=record["config"])
+        warnings.warn(f"job {record['axes']}: {failed['error']}", stacklevel=3)
+        try:
+            st.write(failed)
+        except Exception:
+            pass  # the store itself is broken: the sweep's results still come back in memory
+        return failed
 
 
 def _progress(total, initial, enabled):

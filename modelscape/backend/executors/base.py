@@ -14,7 +14,7 @@ class JobSpec:
     index: int
     axes: dict
     overrides: dict
-    context_id: int
+    context_id: object  # unique per sweep (hashable)
     context: tuple = field(repr=False)  # (global_config, bfn_config)
     retries: int = 0
 

@@ -1,0 +1,737 @@
+"""The persistent results store: one SQLite file per experiment, one row per finished job.
+
+A sweep's driver opens ``Store(RESULTS_DIR/EXPT_NAME)`` and calls ``write(record)`` the moment each job's
+record arrives; every write is its own transaction, so a sweep killed at any point leaves every job finished
+before it on disk. Readers in other processes (``load``, the ``modelscape`` command) see a consistent snapshot
+while the driver keeps writing (SQLite's WAL mode).
+
+Layout (schema version ``SCHEMA_VERSION``, kept in ``PRAGMA user_version``; ``PRAGMA application_id`` marks
+the file as ours):
+
+- ``jobs``: one row per job identity (``job_identity``): status, axes (labels, JSON), the resolved config
+  (``jsonable``, JSON), error, steps, wall_time, device, seed, trial, train_loss, test_loss, created time,
+  ``layout`` (JSON: which record keys exist and where each lives) and ``arrays``, one ``np.savez`` blob holding
+  every array of the record (timekeys, curves, grabs). Arrays are read back with ``allow_pickle=False``.
+- ``sweeps``: one row per distinct sweep (axis names, axis values as labels, meta); re-running the same sweep
+  reuses its row and bumps ``last_run``.
+- ``sweep_jobs``: which job ids, in product order, make up a sweep.
+
+A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from modelscape.results import SweepResults, axis_label
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite files
+DB_NAME = "results.db"
+PAGE_SIZE = 32768
+DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+IDENTITY_VERSION = 1  # bump when the identity recipe changes, so old and new ids never collide
+
+# Hyperparameters that cannot change a job's numbers: where it runs, how loudly, where results go, whether
+# to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
+# VERBOSE on still finds the jobs already stored.
+NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVICE", "RESULTS_DIR", "EXPT_NAME",
+                             "RESUME"})
+
+STATUSES = ("done", "not_reached", "diverged", "failed")
+
+# Record keys that live in their own column, with the Python type the column gives back.
+_COLUMNS = {"status": str, "error": str, "steps": int, "wall_time": float, "device": str, "seed": int,
+            "trial": int, "train_loss": float, "test_loss": float}
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+_SCHEMA_SQL = """
+CREATE TABLE jobs (
+    job_id     TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    axes       TEXT NOT NULL,
+    config     TEXT,
+    error      TEXT,
+    steps      INTEGER,
+    wall_time  REAL,
+    device     TEXT,
+    seed       INTEGER,
+    trial      INTEGER,
+    train_loss REAL,
+    test_loss  REAL,
+    created    REAL NOT NULL,
+    layout     TEXT NOT NULL,
+    arrays     BLOB
+);
+CREATE INDEX jobs_status ON jobs(status);
+CREATE TABLE sweeps (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    created     REAL NOT NULL,
+    last_run    REAL NOT NULL,
+    runs        INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    axis_names  TEXT NOT NULL,
+    axis_values TEXT NOT NULL,
+    meta        TEXT
+);
+CREATE INDEX sweeps_fingerprint ON sweeps(fingerprint);
+CREATE TABLE sweep_jobs (
+    sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
+    position INTEGER NOT NULL,
+    job_id   TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, position)
+);
+CREATE INDEX sweep_jobs_job ON sweep_jobs(job_id);
+"""
+_OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}
+
+
+class StoreError(Exception):
+    """A results store that cannot be used: missing, corrupt, foreign, or written by a newer version."""
+
+
+# --- identity and JSON ----------------------------------------------------------------------------------
+
+def _qualname(obj) -> str:
+    """``module.qualname`` (as ``modelscape.utils.qualname``, without importing torch)."""
+    if isinstance(obj, functools.partial):
+        return _qualname(obj.func)
+    mod = getattr(obj, "__module__", None) or "?"
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{mod}.{name}"
+
+
+def _torch_tensor(obj):
+    """``obj`` if it is a torch tensor; checked via sys.modules so the store never imports torch itself."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    t = t.detach().cpu()
+    try:
+        return t.numpy()
+    except TypeError:  # bfloat16 and friends have no numpy dtype: hash/store their float32 values
+        return t.float().numpy()
+
+
+_digest_cache: dict | None = None
+
+
+@contextlib.contextmanager
+def identity_cache():
+    """Within this block, each array object is hashed once however many ``job_identity`` calls see it.
+
+    For computing the ids of a whole sweep whose ``bfn_config`` holds a large dataset. Arrays are keyed by
+    object identity, so nothing may modify them in place inside the block.
+    """
+    global _digest_cache
+    outer = _digest_cache
+    if outer is None:
+        _digest_cache = {}
+    try:
+        yield
+    finally:
+        _digest_cache = outer
+
+
+def array_digest(a) -> str:
+    """sha256 of an array's dtype, shape and bytes; numpy and torch arrays with equal contents agree."""
+    cache = _digest_cache
+    if cache is not None and id(a) in cache:
+        return cache[id(a)][1]
+    arr = _tensor_to_numpy(a) if _torch_tensor(a) else np.asarray(a)
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}|{arr.shape}|".encode())
+    if arr.dtype.hasobject:
+        h.update(_dumps(_canon(arr.tolist())).encode())
+    else:
+        h.update(np.ascontiguousarray(arr).data)
+    digest = h.hexdigest()
+    if cache is not None:
+        cache[id(a)] = (a, digest)  # holding ``a`` keeps its id from being reused by another object
+    return digest
+
+
+def _key_str(k) -> str:
+    # a non-string key is tagged so that {1: x} and {"1": x} stay distinct
+    return k if isinstance(k, str) else "\x00" + _dumps(_canon(k))
+
+
+def _canon(obj, depth=0):
+    """A deterministic JSON-able structure standing for ``obj`` in a job identity."""
+    if depth > 50:
+        raise ValueError("config nests deeper than 50 levels (a cycle?); cannot compute a job identity")
+    d = depth + 1
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.generic) and not isinstance(obj, np.void):
+        return _canon(obj.item(), d)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, np.ndarray) or _torch_tensor(obj):
+        return {"__array__": array_digest(obj)}
+    if isinstance(obj, Mapping):
+        return {_key_str(k): _canon(v, d) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canon(v, d) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_canon(v, d) for v in obj), key=_dumps)
+    if isinstance(obj, (bytes, bytearray)):
+        return {"__bytes__": hashlib.sha256(obj).hexdigest()}
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, functools.partial):
+        return {"__partial__": _qualname(obj.func), "args": _canon(obj.args, d), "kwargs": _canon(obj.keywords, d)}
+    if callable(obj):
+        return {"__callable__": _qualname(obj)}
+    if hasattr(obj, "__dict__"):
+        return {"__object__": _qualname(type(obj)), "state": _canon(vars(obj), d)}
+    r = repr(obj)
+    # a default repr holds a memory address, which would change the id in every process
+    return {"__object__": _qualname(type(obj))} if " at 0x" in r else {"__repr__": r}
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def _identity_axis_value(name, value):
+    """An axis value as the job sees it: a schema hyperparameter is coerced (LR=1 -> 1.0), like the config."""
+    from modelscape.config import ALIASES, BY_NAME, coerce
+    name = ALIASES.get(name, name)
+    if name in BY_NAME:
+        try:
+            return coerce(name, value)
+        except Exception:  # the job itself will report a bad value; the id just has to be stable
+            return value
+    return value
+
+
+def job_identity(config: dict, bfn_config: dict, axes: dict) -> str:
+    """The id of a job: a sha256 hex digest of everything that determines its result.
+
+    In it: every entry of the (canonicalized) ``config`` except ``NON_RESULT_KEYS`` (so all hyperparameters
+    that change numbers, and user keys), every entry of ``bfn_config``, and the axis values ``axes`` (schema
+    hyperparameters coerced to their type, so LR=1 and LR=1.0 agree). Within these, arrays and tensors count by
+    dtype, shape and bytes (a numpy array and a tensor with equal contents agree); callables (the base batch
+    function, a model class, grabs in ``otherreturns``, ``post_init_fn``) count by ``module.qualname`` only,
+    so editing a function's body does not change the id (re-run with RESUME=False after such an edit); dicts
+    count independently of key order; other objects by their type and attributes. Stable across processes
+    and machines (no ``hash()``).
+    """
+    payload = {
+        "version": IDENTITY_VERSION,
+        "config": {k: v for k, v in config.items() if k not in NON_RESULT_KEYS},
+        "bfn_config": dict(bfn_config or {}),
+        "axes": {k: _identity_axis_value(k, v) for k, v in (axes or {}).items()},
+    }
+    return hashlib.sha256(_dumps(_canon(payload)).encode()).hexdigest()
+
+
+def jsonable(obj):
+    """A JSON-safe copy of a config, for storing and showing (not for identity).
+
+    Callables become ``module.qualname`` strings; arrays and tensors ``{"array": shape, "dtype": ..., "sha":
+    ...}`` summaries; numpy scalars Python numbers; tuples and sets lists; dict keys strings; other objects
+    ``str(obj)``. Floats stay floats (NaN included: Python's json reads it back). ``jsonable(jsonable(x)) ==
+    jsonable(x)``.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.generic) and not isinstance(obj, np.void):
+        return jsonable(obj.item())
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, np.ndarray) or _torch_tensor(obj):
+        arr = _tensor_to_numpy(obj) if _torch_tensor(obj) else obj
+        return {"array": list(arr.shape), "dtype": str(arr.dtype), "sha": array_digest(obj)[:16]}
+    if isinstance(obj, Mapping):
+        return {k if isinstance(k, str) else str(jsonable(k)): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((jsonable(v) for v in obj), key=_dumps)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if callable(obj):
+        return _qualname(obj)
+    return str(obj)
+
+
+# --- records <-> rows ---------------------------------------------------------------------------------
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) and not isinstance(v, np.void) else v
+
+
+def _json_exact(v) -> bool:
+    """Whether ``v`` survives a JSON round trip as an equal value of the same types."""
+    try:
+        back = json.loads(json.dumps(v, allow_nan=True))
+    except (TypeError, ValueError):
+        return False
+    return _same(v, back)
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _as_array(name, v) -> np.ndarray:
+    arr = _tensor_to_numpy(v) if _torch_tensor(v) else np.asarray(v)
+    if arr.dtype.hasobject:
+        raise StoreError(f"{name} is an array of Python objects (dtype object); the store keeps numeric and "
+                         "string arrays only: return numbers or a numeric array")
+    return arr
+
+
+def _encode(record: Mapping):
+    """A record -> (column values, layout JSON, npz blob or None)."""
+    if "job_id" not in record or "status" not in record:
+        raise ValueError(f"a record needs 'job_id' and 'status'; it has keys {sorted(record)}")
+    cols = {k: None for k in _COLUMNS}
+    layout = {"keys": list(record), "none": [], "json": {}, "arrays": {}}
+    arrays = {}
+
+    def put_array(a):
+        name = f"a{len(arrays)}"
+        arrays[name] = a
+        return name
+
+    for key, value in record.items():
+        value = _plain(value)
+        if key in ("job_id", "axes", "config"):
+            continue
+        if value is None:
+            layout["none"].append(key)
+        elif key in _COLUMNS and type(value) is _COLUMNS[key] and not (
+                type(value) is int and not _INT64[0] <= value <= _INT64[1]):
+            cols[key] = value
+        elif key == "grabs" and isinstance(value, Mapping):
+            layout["grabs"] = grabs = {}
+            for gname, g in value.items():
+                g = g if isinstance(g, np.generic) else _plain(g)  # numpy scalars keep their dtype
+                if g is None:
+                    grabs[gname] = ["none", None]
+                elif isinstance(g, np.generic):
+                    grabs[gname] = ["scalar", put_array(_as_array(f"grab {gname!r}", g))]
+                elif isinstance(g, (bool, int, float)) and _json_exact(g):
+                    grabs[gname] = ["json", g]
+                else:
+                    grabs[gname] = ["array", put_array(_as_array(f"grab {gname!r}", g))]
+        elif isinstance(value, np.ndarray) or _torch_tensor(value):
+            layout["arrays"][key] = put_array(_as_array(f"record key {key!r}", value))
+        elif _json_exact(value):
+            layout["json"][key] = value
+        else:  # lossy, but a record must never fail to be stored for an odd extra key
+            layout["json"][key] = jsonable(value)
+    if cols["status"] is None:
+        raise ValueError(f"record {record['job_id']}: status must be a string, got {record['status']!r}")
+    blob = None
+    if arrays:
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **arrays)
+        blob = buf.getvalue()
+    axes = {str(k): axis_label(v) for k, v in (record.get("axes") or {}).items()}
+    config = _dumps_store(jsonable(record["config"])) if "config" in record else None
+    return dict(job_id=str(record["job_id"]), axes=_dumps_store(axes), config=config,
+                layout=_dumps_store(layout), arrays=blob, **cols)
+
+
+def _dumps_store(obj) -> str:
+    return json.dumps(obj, allow_nan=True, separators=(",", ":"))
+
+
+_SELECT = ("SELECT job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, "
+           "test_loss, layout, arrays FROM jobs")
+
+
+def _decode(row) -> dict:
+    """A row of ``_SELECT`` -> the record that was written."""
+    (job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, test_loss,
+     layout, blob) = row
+    layout = json.loads(layout)
+    cols = dict(status=status, error=error, steps=steps, wall_time=wall_time, device=device, seed=seed,
+                trial=trial, train_loss=train_loss, test_loss=test_loss)
+    arrays = {}
+    if blob is not None:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    none, js = set(layout["none"]), layout["json"]
+    out = {}
+    for key in layout["keys"]:
+        if key == "job_id":
+            out[key] = job_id
+        elif key == "axes":
+            out[key] = json.loads(axes)
+        elif key == "config":
+            out[key] = json.loads(config) if config is not None else None
+        elif key in none:
+            out[key] = None
+        elif key in js:
+            out[key] = js[key]
+        elif key in layout["arrays"]:
+            out[key] = arrays[layout["arrays"][key]]
+        elif key == "grabs" and "grabs" in layout:
+            grabs = out[key] = {}
+            for gname, (kind, ref) in layout["grabs"].items():
+                grabs[gname] = (None if kind == "none" else ref if kind == "json"
+                                else arrays[ref][()] if kind == "scalar" else arrays[ref])
+        elif key in cols:
+            v = cols[key]
+            # SQLite stores NaN in a REAL column as NULL
+            out[key] = float("nan") if v is None and _COLUMNS[key] is float else v
+        else:
+            raise StoreError(f"job {job_id}: stored layout names key {key!r} but holds no value for it")
+    return out
+
+
+# --- the store ------------------------------------------------------------------------------------------
+
+def resolve_db_path(path, create: bool = False) -> Path:
+    """The database file a store path means: the file itself, or ``DIR/results.db`` for a directory.
+
+    A path that does not exist is a file if it ends in .db/.sqlite/.sqlite3 and a directory otherwise;
+    with ``create`` the missing directories are made, without it a missing store is a StoreError.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        db = p / DB_NAME
+        if not create and not db.exists():
+            raise StoreError(f"no results store in {p}: it holds no {DB_NAME}")
+        return db
+    if p.exists():
+        return p
+    if not create:
+        raise StoreError(f"no results store at {p}: no such file or directory")
+    if p.suffix.lower() in DB_SUFFIXES:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+    p.mkdir(parents=True, exist_ok=True)
+    return p / DB_NAME
+
+
+class Store:
+    """The SQLite results store of one experiment. ``Store(path)`` opens (creating it if needed) ``path``
+    if it is a .db file, else ``path/results.db``; ``readonly=True`` opens an existing store for reading only.
+
+    Only the sweep's driver writes; any number of processes may read meanwhile. A file that is not a
+    modelscape store raises ``StoreError`` naming it. Usable as a context manager; safe to share between
+    threads of one process (calls are serialized).
+    """
+
+    def __init__(self, path, readonly: bool = False, timeout: float = 30.0):
+        self.readonly = readonly
+        self.path = resolve_db_path(path, create=not readonly)
+        self._lock = threading.RLock()
+        self._conn = None
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a results database")
+        self._check_header()
+        try:
+            if readonly:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            self._conn = conn
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._check_schema()
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise StoreError(f"{self.path} is not a usable results store: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_header(self):
+        # sqlite only notices a foreign file at the first query, with a bare "file is not a database"
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0:
+            if self.readonly:
+                raise StoreError(f"{self.path} is an empty file, not a results store")
+            return
+        with open(self.path, "rb") as f:
+            head = f.read(16)
+        if head != b"SQLite format 3\x00":
+            raise StoreError(f"{self.path} is not a modelscape results store (not an SQLite database; "
+                             f"it starts with {head[:8]!r})")
+
+    def _check_schema(self):
+        conn = self._conn
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if app_id == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer modelscape (store schema {version}; this "
+                                 f"version reads up to {SCHEMA_VERSION}); upgrade modelscape")
+            if not _OUR_TABLES <= tables:
+                raise StoreError(f"{self.path} is a damaged results store: tables "
+                                 f"{sorted(_OUR_TABLES - tables)} are missing")
+            return
+        if app_id == 0 and not tables and not self.readonly:
+            self._create_schema()
+            return
+        what = f"its tables are {sorted(tables)}" if tables else "it holds no tables"
+        raise StoreError(f"{self.path} is an SQLite database but not a modelscape results store ({what})")
+
+    def _create_schema(self):
+        conn = self._conn
+        # Rows carry blobs of 0.1-10 MB; 32 KiB pages halve the write time of a 4 MB grab against SQLite's
+        # default 4 KiB for ~3% more space. Only possible while the file is empty.
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # another process may have created it between our check and the lock
+            if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'").fetchone()[0] == 0:
+                for stmt in _SCHEMA_SQL.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _guard(self, what: str):
+        """Serialize access and turn sqlite's errors into a StoreError naming the file."""
+        if self._conn is None:
+            raise StoreError(f"store {self.path} is closed")
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{what} in {self.path} failed: {e}") from e
+
+    @contextlib.contextmanager
+    def _snapshot(self, what: str):
+        """One read transaction, so several SELECTs see the same committed state."""
+        with self._guard(what) as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    # --- writing ---
+    def begin_sweep(self, axis_names, axis_values, job_ids, meta=None) -> int:
+        """Record the sweep about to run: its axes and the ids of its jobs in product order. Returns its id.
+
+        Re-running the same sweep (same axes, values and job ids) reuses its id; ``meta`` (JSON-able, via
+        ``jsonable``) replaces the stored one.
+        """
+        self._writable()
+        axis_names = [str(n) for n in axis_names]
+        labels = [[axis_label(v) for v in vals] for vals in axis_values]
+        job_ids = [str(j) for j in job_ids]
+        if len(axis_names) != len(labels):
+            raise ValueError(f"{len(axis_names)} axis names {axis_names} but {len(labels)} lists of values")
+        n = math.prod(len(v) for v in labels)
+        if len(job_ids) != n:
+            raise ValueError(f"the sweep over {dict(zip(axis_names, labels))} has {n} jobs but {len(job_ids)} "
+                             "job ids were given")
+        fingerprint = hashlib.sha256(_dumps([axis_names, labels, job_ids]).encode()).hexdigest()
+        now = time.time()
+        meta_json = _dumps_store(jsonable(meta)) if meta is not None else None
+        with self._guard("recording a sweep") as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT id FROM sweeps WHERE fingerprint = ?", (fingerprint,)).fetchone()
+                if row is not None:
+                    sweep_id = row[0]
+                    conn.execute("UPDATE sweeps SET last_run = ?, runs = runs + 1, meta = coalesce(?, meta) "
+                                 "WHERE id = ?", (now, meta_json, sweep_id))
+                else:
+                    cur = conn.execute(
+                        "INSERT INTO sweeps (created, last_run, runs, fingerprint, axis_names, axis_values, meta) "
+                        "VALUES (?, ?, 1, ?, ?, ?, ?)",
+                        (now, now, fingerprint, _dumps_store(axis_names), _dumps_store(labels), meta_json))
+                    sweep_id = cur.lastrowid
+                    conn.executemany("INSERT INTO sweep_jobs (sweep_id, position, job_id) VALUES (?, ?, ?)",
+                                     [(sweep_id, i, j) for i, j in enumerate(job_ids)])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return sweep_id
+
+    def write(self, record: Mapping) -> None:
+        """Store one job's record, committed at once (replacing any earlier row of the same ``job_id``).
+
+        Record keys: ``job_id`` and ``status`` are required; axis values are stored as labels (``axis_label``),
+        ``config`` as ``jsonable(config)``; arrays (top-level and in ``grabs``) go to one npz blob with their
+        dtypes; everything else is read back as written. A grab of dtype object raises StoreError.
+        """
+        self._writable()
+        row = _encode(record)
+        row["created"] = time.time()
+        names = list(row)
+        with self._guard(f"writing job {row['job_id']}") as conn:
+            conn.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                         [row[k] for k in names])
+
+    def _writable(self):
+        if self.readonly:
+            raise StoreError(f"store {self.path} was opened read-only")
+
+    # --- reading ---
+    def done_ids(self) -> set:
+        """Ids of the jobs stored with a status other than ``failed`` (a resumed sweep skips these)."""
+        with self._guard("reading job ids") as conn:
+            return {r[0] for r in conn.execute("SELECT job_id FROM jobs WHERE status != 'failed'")}
+
+    def records(self, job_ids=None) -> list[dict]:
+        """Stored records: all of them (in the order written), or those of ``job_ids`` that are present, in
+        that order."""
+        with self._snapshot("reading records") as conn:
+            return self._records(conn, job_ids)
+
+    def _records(self, conn, job_ids):
+        if job_ids is None:
+            return [self._decode(r) for r in conn.execute(_SELECT + " ORDER BY created, rowid")]
+        job_ids = [str(j) for j in job_ids]
+        found = {}
+        unique = list(dict.fromkeys(job_ids))
+        for i in range(0, len(unique), 500):  # stay under SQLite's limit on bound parameters
+            chunk = unique[i:i + 500]
+            q = _SELECT + f" WHERE job_id IN ({', '.join('?' * len(chunk))})"
+            for r in conn.execute(q, chunk):
+                found[r[0]] = r
+        decoded = {j: self._decode(r) for j, r in found.items()}
+        return [decoded[j] for j in job_ids if j in decoded]
+
+    def _decode(self, row):
+        try:
+            return _decode(row)
+        except StoreError:
+            raise
+        except Exception as e:  # a damaged blob or layout: SQLite keeps no checksums of its contents
+            raise StoreError(f"job {row[0]} in {self.path} is damaged and cannot be read: "
+                             f"{type(e).__name__}: {e}") from e
+
+    def sweeps(self) -> list[dict]:
+        """The recorded sweeps, oldest first: id, created, last_run, runs, axis_names, axis_values (labels),
+        meta and n_jobs."""
+        with self._guard("reading sweeps") as conn:
+            rows = conn.execute(
+                "SELECT s.id, s.created, s.last_run, s.runs, s.axis_names, s.axis_values, s.meta, "
+                "(SELECT count(*) FROM sweep_jobs j WHERE j.sweep_id = s.id) FROM sweeps s ORDER BY s.id").fetchall()
+        return [dict(id=r[0], created=r[1], last_run=r[2], runs=r[3], axis_names=json.loads(r[4]),
+                     axis_values=json.loads(r[5]), meta=json.loads(r[6]) if r[6] is not None else None, n_jobs=r[7])
+                for r in rows]
+
+    def latest_sweep(self) -> int | None:
+        """The id of the sweep run most recently, or None if none was recorded."""
+        with self._guard("reading sweeps") as conn:
+            row = conn.execute("SELECT id FROM sweeps ORDER BY last_run DESC, id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def sweep_job_ids(self, sweep_id: int) -> list[str]:
+        """The job ids of sweep ``sweep_id`` in product order."""
+        with self._guard("reading a sweep") as conn:
+            return self._sweep_job_ids(conn, sweep_id)
+
+    def _sweep_job_ids(self, conn, sweep_id):
+        return [r[0] for r in conn.execute("SELECT job_id FROM sweep_jobs WHERE sweep_id = ? ORDER BY position",
+                                           (sweep_id,))]
+
+    def status_counts(self, sweep_id: int | None = None) -> dict:
+        """``{status: number of jobs}`` over the whole store, or over one sweep (its jobs not stored yet
+        count as ``missing``)."""
+        with self._snapshot("counting jobs") as conn:
+            if sweep_id is None:
+                rows = conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
+                return _ordered_counts(dict(rows))
+            self._sweep_row(conn, sweep_id)
+            rows = conn.execute(
+                "SELECT coalesce(j.status, 'missing'), count(*) FROM sweep_jobs s LEFT JOIN jobs j "
+                "ON j.job_id = s.job_id WHERE s.sweep_id = ? GROUP BY 1", (sweep_id,)).fetchall()
+            return _ordered_counts(dict(rows))
+
+    def _sweep_row(self, conn, sweep_id):
+        row = conn.execute("SELECT axis_names, axis_values FROM sweeps WHERE id = ?", (int(sweep_id),)).fetchone()
+        if row is None:
+            ids = [r[0] for r in conn.execute("SELECT id FROM sweeps ORDER BY id")]
+            raise StoreError(f"{self.path} has no sweep {sweep_id}; its sweeps are {ids}")
+        return json.loads(row[0]), json.loads(row[1])
+
+    def results(self, sweep: int | None = None) -> SweepResults:
+        """The sweep ``sweep`` (default: the one run most recently) as SweepResults, with the records of its
+        jobs stored so far."""
+        with self._snapshot("reading a sweep") as conn:
+            if sweep is None:
+                row = conn.execute("SELECT id FROM sweeps ORDER BY last_run DESC, id DESC LIMIT 1").fetchone()
+                if row is None:
+                    raise StoreError(f"{self.path} holds no recorded sweep")
+                sweep = row[0]
+            names, values = self._sweep_row(conn, sweep)
+            records = self._records(conn, self._sweep_job_ids(conn, sweep))
+        return SweepResults(names, values, records)
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
+
+
+def _ordered_counts(counts: dict) -> dict:
+    order = {s: i for i, s in enumerate(STATUSES + ("missing",))}
+    return {k: counts[k] for k in sorted(counts, key=lambda s: (order.get(s, len(order)), s))}
+
+
+def load(path, sweep: int | None = None) -> SweepResults:
+    """Load a sweep from a results store, from any process, even while the sweep is still running.
+
+    ``path``: the .db file, or the directory holding it (``RESULTS_DIR/EXPT_NAME``). ``sweep``: a sweep id
+    (see ``Store(path).sweeps()``); default, the sweep run most recently. Returns the SweepResults the job
+    iterator returns, with the jobs stored so far.
+    """
+    with Store(path, readonly=True) as store:
+        return store.results(sweep)

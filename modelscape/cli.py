@@ -1,0 +1,286 @@
+"""The ``modelscape`` command: look inside results stores without opening a notebook.
+
+    modelscape ls PATH                      experiments under PATH: jobs by status, sweeps
+    modelscape show PATH [--status S] [--where AXIS=VALUE ...] [--sweep N]
+                                            one row per job of a sweep (default: the latest)
+    modelscape export PATH (--csv FILE | --netcdf FILE) [--sweep N]
+
+PATH is a results directory holding experiments (``RESULTS_DIR``), one experiment's directory
+(``RESULTS_DIR/EXPT_NAME``) or its ``results.db``. Exit status: 0 success, 1 a missing, corrupt or foreign
+store (or nothing to export), 2 a bad command line.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError
+
+SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
+# netCDF engines in xarray's order of preference, by the module that provides each
+NETCDF_ENGINES = (("netCDF4", "netcdf4"), ("h5netcdf", "h5netcdf"), ("scipy", "scipy"))
+
+
+class UsageError(Exception):
+    """A bad command line that argparse cannot see (an unknown axis in --where)."""
+
+
+def find_stores(path) -> list[tuple[str, Path]]:
+    """``(name, database file)`` of every experiment at ``path``: the store itself if ``path`` is one, else
+    each subdirectory holding a results.db and each .db file directly inside ``path``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise StoreError(f"no such file or directory: {p}")
+    if p.is_file():
+        return [(p.parent.name if p.name == DB_NAME else p.stem, p)]
+    if (p / DB_NAME).is_file():
+        return [(p.resolve().name, p / DB_NAME)]
+    found = [(d.name, d / DB_NAME) for d in sorted(p.iterdir()) if d.is_dir() and (d / DB_NAME).is_file()]
+    found += [(f.stem, f) for f in sorted(p.iterdir()) if f.is_file() and f.suffix.lower() in DB_SUFFIXES]
+    return found
+
+
+def short_error(error) -> str:
+    """One line of an error: a traceback's last line (the exception), or the message's first line."""
+    if not error:
+        return ""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+
+
+def _fmt_num(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    return "nan" if math.isnan(v) else f"{v:.4g}"
+
+
+def _fmt_timekeys(tk) -> str:
+    if tk is None:
+        return "-"
+    out = []
+    for t in np.asarray(tk, dtype=float).ravel():
+        out.append("-" if math.isnan(t) else str(int(t)) if float(t).is_integer() else f"{t:.4g}")
+    return ",".join(out) if out else "-"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def print_table(header, rows, numeric, file=None):
+    """Rows as aligned columns: numbers right-aligned, text left-aligned."""
+    file = file or sys.stdout
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        parts = [str(c).rjust(w) if num else str(c).ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    print(line(header), file=file)
+    for r in rows:
+        print(line(r), file=file)
+
+
+def _parse_where(items, axis_names):
+    conds = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--where expects AXIS=VALUE, got {item!r}")
+        if name not in axis_names:
+            raise UsageError(f"--where: no axis {name!r}; the axes are {axis_names}")
+        conds.append((name, value))
+    return conds
+
+
+def _matches(label, text: str) -> bool:
+    if str(label) == text:
+        return True
+    if isinstance(label, bool):
+        return text.strip().lower() in (("true", "1", "yes") if label else ("false", "0", "no"))
+    if _is_number(label):
+        try:
+            return float(text) == float(label)
+        except ValueError:
+            return False
+    return False
+
+
+def sweep_rows(store: Store, sweep=None):
+    """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
+    order (None where a job is not stored yet), or every stored job when the store has no sweep."""
+    sweep = sweep if sweep is not None else store.latest_sweep()
+    if sweep is None:
+        records = store.records()
+        names = list(dict.fromkeys(n for r in records for n in r.get("axes", {})))
+        return None, names, [(r.get("axes", {}), r) for r in records]
+    res = store.results(sweep)
+    by_key = {res.key(r): r for r in res.records}
+    rows = [(dict(zip(res.axis_names, key)), by_key.get(key)) for key in itertools.product(*res.axis_values)]
+    return sweep, res.axis_names, rows
+
+
+def cmd_ls(args) -> int:
+    stores = find_stores(args.path)
+    if not stores:
+        raise StoreError(f"no results stores in {Path(args.path).expanduser()} (looked for */{DB_NAME} and *.db)")
+    table, bad = [], 0
+    for name, db in stores:
+        try:
+            with Store(db, readonly=True) as st:
+                table.append((name, st.status_counts(), len(st.sweeps())))
+        except StoreError as e:
+            bad += 1
+            print(f"modelscape: error: {e}", file=sys.stderr)
+    if table:
+        statuses = [s for s in STATUSES if any(s in c for _, c, _ in table)]
+        statuses += sorted({s for _, c, _ in table for s in c} - set(statuses))
+        header = ["experiment", "jobs", *statuses, "sweeps"]
+        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], n] for name, c, n in table]
+        print_table(header, rows, [False] + [True] * (len(header) - 1))
+    return 1 if bad else 0
+
+
+def cmd_show(args) -> int:
+    with Store(args.path, readonly=True) as st:
+        sweep, names, rows = sweep_rows(st, args.sweep)
+    conds = _parse_where(args.where, names)
+    out, numeric_axis = [], {n: True for n in names}
+    for axes, rec in rows:
+        status = rec["status"] if rec is not None else "pending"
+        if args.status and status not in args.status:
+            continue
+        if not all(_matches(axes.get(n), v) for n, v in conds):
+            continue
+        for n in names:
+            numeric_axis[n] &= _is_number(axes.get(n))
+        rec = rec or {}
+        wall = rec.get("wall_time")
+        out.append([*[str(axes.get(n, "-")) for n in names], status, _fmt_timekeys(rec.get("timekeys")),
+                    _fmt_num(rec.get("train_loss")), _fmt_num(rec.get("test_loss")), _fmt_num(rec.get("steps")),
+                    f"{wall:.2f}s" if _is_number(wall) else "-",
+                    short_error(rec.get("error")) if status == "failed" else ""])
+    if not out:
+        print("no jobs match" + (f" in sweep {sweep}" if sweep is not None else ""), file=sys.stderr)
+        return 0
+    header = [*names, "status", "timekeys", "train_loss", "test_loss", "steps", "wall_time", "error"]
+    numeric = [numeric_axis[n] for n in names] + [False, False, True, True, True, True, False]
+    if not any(r[-1] for r in out):  # no failed job shown: drop the empty error column
+        header, numeric, out = header[:-1], numeric[:-1], [r[:-1] for r in out]
+    print_table(header, out, numeric)
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.csv:
+        return _export_csv(args)
+    return _export_netcdf(args)
+
+
+def _export_csv(args) -> int:
+    with Store(args.path, readonly=True) as st:
+        _, names, rows = sweep_rows(st, args.sweep)
+    recs = [(axes, r) for axes, r in rows if r is not None]
+    if not recs:
+        raise StoreError(f"nothing to export: no jobs stored in {args.path}")
+    n_tk = max((len(r["timekeys"]) for _, r in recs if r.get("timekeys") is not None), default=0)
+    scalars = [s for s in SCALARS if s not in names]
+    header = ["job_id", *names, "status", *scalars, *[f"timekey_{i}" for i in range(n_tk)], "error"]
+    with open(args.csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for axes, r in recs:
+            tk = list(np.asarray(r["timekeys"], dtype=float)) if r.get("timekeys") is not None else []
+            tk += [float("nan")] * (n_tk - len(tk))
+            w.writerow([r["job_id"], *[axes.get(n, "") for n in names], r["status"],
+                        *["" if r.get(s) is None else r[s] for s in scalars], *tk, short_error(r.get("error"))])
+    print(f"wrote {len(recs)} jobs to {args.csv}", file=sys.stderr)
+    return 0
+
+
+def netcdf_engine() -> str | None:
+    """The first netCDF engine xarray can use here (netcdf4, h5netcdf, scipy), or None."""
+    for module, engine in NETCDF_ENGINES:
+        if importlib.util.find_spec(module) is not None:
+            return engine
+    return None
+
+
+def _export_netcdf(args) -> int:
+    engine = netcdf_engine()
+    if engine is None:
+        print("modelscape: error: writing netCDF needs one of the packages netCDF4, h5netcdf or scipy, and none "
+              "is installed; run `pip install scipy` (or export --csv)", file=sys.stderr)
+        return 1
+    with Store(args.path, readonly=True) as st:
+        if args.sweep is None and st.latest_sweep() is None:
+            raise StoreError(f"{st.path} holds no recorded sweep; netCDF export needs one (try --csv)")
+        res = st.results(args.sweep)
+    try:
+        res.to_xarray().to_netcdf(args.netcdf, engine=engine)
+    except (ValueError, TypeError) as e:
+        print(f"modelscape: error: cannot write {args.netcdf} as netCDF ({engine}): {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(res.records)} jobs to {args.netcdf}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``modelscape`` command."""
+    p = argparse.ArgumentParser(prog="modelscape", description="Look inside modelscape results stores.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    path_help = "a results directory, an experiment directory, or its results.db"
+
+    ls = sub.add_parser("ls", help="experiments and their jobs by status")
+    ls.add_argument("path", metavar="PATH", help=path_help)
+    ls.set_defaults(func=cmd_ls)
+
+    show = sub.add_parser("show", help="a table of a sweep's jobs")
+    show.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")
+    show.add_argument("--status", action="append", metavar="S",
+                      help=f"only jobs with this status ({', '.join(STATUSES)}, pending); repeatable")
+    show.add_argument("--where", action="append", metavar="AXIS=VALUE", help="only jobs with this axis value; "
+                      "repeatable (all must hold)")
+    show.add_argument("--sweep", type=int, metavar="N", help="sweep id (default: the latest)")
+    show.set_defaults(func=cmd_show)
+
+    ex = sub.add_parser("export", help="write a sweep as CSV (one row per job) or netCDF (xarray)")
+    ex.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")
+    fmt = ex.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--csv", metavar="FILE")
+    fmt.add_argument("--netcdf", metavar="FILE")
+    ex.add_argument("--sweep", type=int, metavar="N", help="sweep id (default: the latest)")
+    ex.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the ``modelscape`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"modelscape {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError) as e:
+        print(f"modelscape: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
