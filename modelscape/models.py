@@ -113,6 +113,8 @@ class Transformer(nn.Module):
 
     def __init__(self, d_in=8, width=32, depth=2, d_out=1, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"Transformer depth must be >= 1, got {depth}")
         self.width, self.depth, self.d_out = width, depth, d_out
         self.input_layer = nn.Linear(d_in, width, bias)
         self.blocks = nn.ModuleList([TransformerBlock(width, n_heads, mlp_mult, bias, nonlinearity)

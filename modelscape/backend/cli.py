@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser: one ``--NAME`` flag per schema entry, grouped, defaults shown in ``--help``."""
     parser = argparse.ArgumentParser(
         description="modelscape sweep hyperparameters",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False)  # --EMA_SMOOTH is a typo to report (as in a config), not a prefix of EMA_SMOOTHER
     groups = {}
     for hp in SCHEMA:
         if not hp.cli:
