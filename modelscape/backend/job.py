@@ -96,14 +96,18 @@ def canonicalize_quiet(cfg):
         return canonicalize({k: v for k, v in cfg.items() if k in BY_NAME or k in ("MODEL_CLASS", "model_class")})
 
 
-def _model_kwargs(model_cls, cfg, X, y, loss_fn):
+def _is_cross_entropy(loss_fn):
+    return isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is nn.functional.cross_entropy
+
+
+def _model_kwargs(model_cls, cfg, X, y, loss_fn, y_tr=None):
     names = signature_names(model_cls)
     hints = {}
     if X.ndim == 4:
         hints.update(in_channels=X.shape[1], img_size=X.shape[-1])
     hints["d_in"] = X.shape[-1] if X.ndim in (2, 3) else int(np.prod(X.shape[1:]))
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and not y.is_floating_point():
-        hints["d_out"] = int(y.max()) + 1
+    if _is_cross_entropy(loss_fn) and not y.is_floating_point():
+        hints["d_out"] = max(int(y.max()), int(y_tr.max()) if y_tr is not None else 0) + 1
     else:
         hints["d_out"] = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
     kwargs = {}
@@ -136,8 +140,8 @@ def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = No
     device = resolve_device(device)
     trial = int(axes.get("trial", cfg.get("trial", 0)))
     base_seed = cfg["SEED"] if cfg["DETERMINISTIC"] else int.from_bytes(os.urandom(8), "little") >> 1
-    if cfg["DETERMINISTIC"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.are_deterministic_algorithms_enabled() != cfg["DETERMINISTIC"]:  # the call is slow the first time
+        torch.use_deterministic_algorithms(cfg["DETERMINISTIC"], warn_only=True)
     data_seed, init_seed = derive_seed(base_seed, trial, "data"), derive_seed(base_seed, trial, "init")
     torch.manual_seed(init_seed)
     np.random.seed(init_seed % 2**32)
@@ -167,7 +171,7 @@ def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = No
     loss_fn = resolve_loss(cfg["LOSS"])
     model_cls = get_model_class(cfg)
     torch.manual_seed(init_seed)
-    model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn)).to(device)
+    model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)).to(device)
 
     opt_cls = resolve_optimizer(cfg["OPTIMIZER"])
     opt_kwargs = dict(cfg["OPTIMIZER_KWARGS"])
@@ -193,6 +197,8 @@ def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = No
 
     sync = cfg["SYNC_EVERY"] or (16 if device.type == "cuda" else 1)
     grab_kwargs = {k: v for k, v in cfg.items() if k not in _GRAB_ARGS and k != "otherreturns"}
+    # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
+    grab_kwargs["trained_model"] = net
     out = train_model(net, batch_fn, opt, loss_fn, max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
                       relative=cfg["RELATIVE_THRESHOLDS"], ema_smoother=cfg["EMA_SMOOTHER"], X_te=X_te, y_te=y_te,
                       only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
