@@ -34,10 +34,13 @@ class ExptTrace:
     (in axis order, values sorted), NaN-padding ragged curves and masking missing jobs (``np.ma``).
     """
 
-    def __init__(self, var_names):
+    def __init__(self, var_names, axis_values=None):
         if "val" in var_names:
             raise ValueError("an axis may not be called 'val'")
         self.var_names = list(var_names)
+        # Values each axis is known to take even where nothing is stored (a sweep's failed jobs): they
+        # appear, masked, in ``get``.
+        self.axis_values = {n: [axis_label(v) for v in vals] for n, vals in dict(axis_values or {}).items()}
         self.vals: dict[tuple, object] = {}
         self.valshape = None
 
@@ -81,11 +84,11 @@ class ExptTrace:
         return out.reshape([s for i, s in enumerate(out.shape) if i not in drop])
 
     def get_axis(self, var_name):
-        """The sorted values that axis ``var_name`` takes among the stored keys."""
+        """The sorted values that axis ``var_name`` takes among the stored keys (and the declared axis values)."""
         if var_name not in self.var_names:
             raise KeyError(f"no axis {var_name!r}; the axes are {self.var_names}")
         i = self.var_names.index(var_name)
-        return sorted({k[i] for k in self.vals}, key=_sort_key)
+        return sorted({k[i] for k in self.vals} | set(self.axis_values.get(var_name, ())), key=_sort_key)
 
     def get(self, **kwargs):
         """Values with the named axes fixed, as an array over the other axes (missing entries masked)."""
@@ -100,14 +103,15 @@ class ExptTrace:
 
     def serialize(self):
         """Plain dict, as the seed's ExptTrace.serialize."""
-        return {"var_names": self.var_names, "vals": dict(self.vals), "valshape": self.valshape}
+        return {"var_names": self.var_names, "vals": dict(self.vals), "valshape": self.valshape,
+                "axis_values": dict(self.axis_values)}
 
     @classmethod
     def deserialize(cls, data):
         """Inverse of ``serialize`` (an ExptTrace is passed through)."""
         if isinstance(data, ExptTrace):
             return data
-        obj = cls(data["var_names"])
+        obj = cls(data["var_names"], data.get("axis_values"))
         obj.vals = dict(data["vals"])
         obj.valshape = data["valshape"]
         return obj
@@ -168,8 +172,8 @@ class SweepResults(Mapping):
         return tuple(axis_label(record["axes"][n]) for n in self.axis_names)
 
     def trace(self, fn) -> ExptTrace:
-        """An ExptTrace of ``fn(record)`` over the jobs that did not fail."""
-        t = ExptTrace(self.axis_names)
+        """An ExptTrace of ``fn(record)`` over the jobs that did not fail (the others masked in ``get``)."""
+        t = ExptTrace(self.axis_names, dict(zip(self.axis_names, self.axis_values)))
         for r in self.records:
             if r["status"] != "failed":
                 t[self.key(r)] = fn(r)
@@ -234,7 +238,7 @@ class SweepResults(Mapping):
         data["status"] = (dims, status.astype(str))
         for f in SCALAR_FIELDS:
             arr = np.full(shape, np.nan)
-            for i, r in recs:
+            for i, r in (recs if f == "wall_time" else ok):  # a failed job has no steps or losses: NaN
                 arr[i] = r.get(f, np.nan)
             data[f] = (dims, arr)
 

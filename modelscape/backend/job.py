@@ -149,8 +149,9 @@ def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = No
 
     base_bfn = get_base_bfn(bfn_config)
     bfn_kwargs = {k: v for k, v in bfn_config.items() if k not in BFN_KEYS}
-    named = signature_names(base_bfn) - {"bsz", "gen", "X", "y"} - set(bfn_kwargs)
-    bfn_kwargs.update({k: cfg[k] for k in named if k in cfg})
+    named = signature_names(base_bfn) - {"bsz", "gen", "X", "y"}
+    # bfn_config holds defaults; a config key it lacks, then this job's axis values, override them
+    bfn_kwargs.update({k: cfg[k] for k in named - set(bfn_kwargs) if k in cfg})
     bfn_kwargs.update({k: v for k, v in axes.items() if k in named})
 
     def make_bfn(n, X=None, y=None):
@@ -197,6 +198,7 @@ def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = No
 
     sync = cfg["SYNC_EVERY"] or (16 if device.type == "cuda" else 1)
     grab_kwargs = {k: v for k, v in cfg.items() if k not in _GRAB_ARGS and k != "otherreturns"}
+    grab_kwargs["trial"] = trial
     # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
     grab_kwargs["trained_model"] = net
     out = train_model(net, batch_fn, opt, loss_fn, max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
@@ -228,7 +230,18 @@ def failed_record(axes: dict | None, exc: BaseException, device="cpu", wall_time
     return dict(status="failed", error=error or "".join(traceback.format_exception(exc)), axes=dict(axes or {}),
                 device=str(device), wall_time=wall_time, steps=0, timekeys=None, thresholds=None,
                 train_loss=float("nan"), test_loss=float("nan"), grabs={},
-                oom=isinstance(exc, torch.cuda.OutOfMemoryError))
+                oom=_caused_by_oom(exc))
+
+
+def _caused_by_oom(exc):
+    # a grab's OOM arrives wrapped in the trainloop's RuntimeError naming the grab
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def run_job_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,

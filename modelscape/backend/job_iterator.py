@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import sys
 import time
@@ -36,8 +37,10 @@ def axis_target(name: str, known: set) -> str:
 
 
 def _materialize(iterators, iterator_names):
-    if iterator_names is None:
-        iterator_names = [f"iter_{i}" for i in range(len(iterators))]
+    # Without names no axis could reach anything (the old default iter_0, iter_1 ... is no known name).
+    if iterator_names is None or isinstance(iterator_names, (str, bytes)):
+        raise TypeError(f"iterator_names is {iterator_names!r}: give a list with one name per iterator, e.g. "
+                        "['WIDTH', 'LR', 'trial']")
     iterators = list(iterators)
     if len(iterator_names) != len(iterators):
         raise ValueError(f"{len(iterators)} iterators but {len(iterator_names)} iterator_names "
@@ -51,6 +54,8 @@ def _materialize(iterators, iterator_names):
         vals = list(it)
         if not vals:
             raise ValueError(f"iterator {name!r} is empty: the sweep would run no job")
+        if name == TRIAL and not all(isinstance(v, numbers.Integral) for v in vals):
+            raise TypeError(f"the trial axis takes integers (its seeds derive from them), got {vals!r}")
         labels = [_label(v) for v in vals]
         repeated = [lab for k, lab in enumerate(labels) if lab in labels[:k]]
         if repeated:

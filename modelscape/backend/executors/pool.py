@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 from collections import deque
@@ -31,15 +32,15 @@ def _worker_main(conn, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    contexts: dict[int, object] = {}
+    contexts: dict[object, object] = {}
     conn.send(("ready", os.getpid()))
     while True:
         try:
             msg = conn.recv()
         except EOFError:
-            return
+            _quit()
         if msg[0] == "stop":
-            return
+            _quit()
         if msg[0] == "context":
             try:
                 contexts[msg[1]] = cloudpickle.loads(msg[2])
@@ -60,6 +61,17 @@ def _worker_main(conn, device: str, threads: int) -> None:
         conn.send(("result", index, record))
 
 
+def _quit() -> None:
+    """Leave at once: the interpreter's teardown (torch's included) takes seconds and a worker has nothing to
+    save, so a pool shuts down in a fraction of the time."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(0)
+
+
 class _Worker:
     def __init__(self, ctx, device, threads):
         self.device = device
@@ -67,7 +79,7 @@ class _Worker:
         self.proc = ctx.Process(target=_worker_main, args=(child, device, threads), daemon=True)
         self.proc.start()
         child.close()
-        self.contexts: set[int] = set()
+        self.contexts: set = set()
         self.job: tuple[JobSpec, Future] | None = None
         self.ready = False
 
@@ -79,10 +91,17 @@ class _Worker:
         self.job = (spec, fut)
 
     def stop(self, timeout=5.0):
+        self.ask_stop()
+        self.finish(timeout)
+
+    def ask_stop(self):
         try:
             self.conn.send(("stop",))
         except (BrokenPipeError, OSError):
             pass
+
+    def finish(self, timeout):
+        """Wait up to ``timeout`` for the process to end, then kill it."""
         self.proc.join(timeout)
         if self.proc.is_alive():
             self.proc.kill()
@@ -104,10 +123,13 @@ class PoolExecutor(Executor):
         self._ctx = mp.get_context("spawn")
         self._workers = [_Worker(self._ctx, s, self.threads) for s in self.slots]
         self._pending: deque[tuple[JobSpec, Future]] = deque()
-        self._blobs: dict[int, bytes] = {}
+        self._blobs: dict[object, bytes] = {}
         self.replaced = 0
+        self._start_failures = 0  # workers in a row that died before they were ready
 
     def submit(self, spec: JobSpec) -> Future:
+        if not self._workers:  # as_completed would wait forever for workers that are gone
+            raise RuntimeError("this PoolExecutor has been shut down; make a new one")
         if spec.context_id not in self._blobs:
             self._blobs[spec.context_id] = cloudpickle.dumps(spec.context)
         fut = Future()
@@ -132,6 +154,8 @@ class PoolExecutor(Executor):
 
     def _reap(self, w: _Worker, finished: list) -> None:
         """A worker's process ended: fail its job with the reason, start a replacement."""
+        # Its pipe or sentinel reports the end before the OS has the exit status: wait for it (else "exit code None")
+        w.proc.join(5.0)
         code = w.proc.exitcode
         if w.job is not None:
             spec, fut = w.job
@@ -141,6 +165,12 @@ class PoolExecutor(Executor):
             fut.set_result(failed_record(spec.axes, RuntimeError(reason), w.device, error=reason))
             finished.append(fut)
             w.job = None
+        elif not w.ready:
+            # It died starting up (a bad device, an import error): replacing it forever would hang the sweep.
+            self._start_failures += 1
+            if self._start_failures >= 3:
+                raise RuntimeError(f"worker processes for {w.device} die while starting (exit code {code}, "
+                                   f"{self._start_failures} times in a row); their error output is above")
         self._replace(w)
 
     def _receive(self, w: _Worker, finished: list) -> None:
@@ -152,6 +182,7 @@ class PoolExecutor(Executor):
             return
         if msg[0] == "ready":
             w.ready = True
+            self._start_failures = 0
             return
         _, index, record = msg
         spec, fut = w.job
@@ -174,7 +205,8 @@ class PoolExecutor(Executor):
             sentinels = {w.proc.sentinel: w for w in self._workers}
             for obj in wait(list(conns) + list(sentinels), timeout=1.0):
                 if obj in conns:
-                    self._receive(conns[obj], finished)
+                    if conns[obj] in self._workers:  # not replaced earlier in this round
+                        self._receive(conns[obj], finished)
                 elif sentinels[obj] in self._workers and not sentinels[obj].conn.poll():
                     self._reap(sentinels[obj], finished)
             for fut in finished:
@@ -182,6 +214,13 @@ class PoolExecutor(Executor):
                     yield fut
 
     def shutdown(self) -> None:
+        # Ask every worker first, then wait: the workers end side by side, not one after the other.
         for w in self._workers:
-            w.stop()
+            if w.ready:
+                w.ask_stop()
+            else:  # still importing torch (a replacement, say): there is nothing to wait for
+                w.proc.kill()
+        deadline = time.monotonic() + 5.0
+        for w in self._workers:
+            w.finish(max(0.1, deadline - time.monotonic()))
         self._workers = []
