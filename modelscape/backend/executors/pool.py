@@ -32,6 +32,7 @@ def _worker_main(conn, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    _warm_up()
     contexts: dict[object, object] = {}
     conn.send(("ready", os.getpid()))
     while True:
@@ -70,6 +71,17 @@ def _quit() -> None:
         except Exception:
             pass
     os._exit(0)
+
+
+def _warm_up() -> None:
+    """Pay torch's one-off lazy imports (the first optimizer step imports torch._dynamo, seconds) before the
+    worker says it is ready, so no job's wall time carries them."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.0)
+    p.sum().backward()
+    opt.step()
 
 
 class _Worker:
