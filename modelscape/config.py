@@ -71,7 +71,8 @@ SCHEMA: tuple[HP, ...] = (
     HP("OPTIMIZER", str, "SGD", "Optimizer: SGD, Adam, AdamW (any torch.optim name), or a class.",
        group="optimizer"),
     HP("MOMENTUM", float, 0.0, "SGD momentum.", group="optimizer"),
-    HP("WEIGHT_DECAY", float, 0.0, "Weight decay.", group="optimizer"),
+    HP("WEIGHT_DECAY", float, 0.0, "Weight decay (AdamW scales it by each layer's muP learning rate, as "
+       "torch does per parameter group).", group="optimizer"),
     HP("OPTIMIZER_KWARGS", dict, {}, "Extra optimizer keyword arguments (JSON on the command line).",
        group="optimizer"),
     HP("LOSS", str, "mse", "Loss: mse, cross_entropy (any torch.nn loss name), or a class/callable.",

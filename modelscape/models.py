@@ -122,6 +122,9 @@ class Transformer(nn.Module):
         self.output_layer = nn.Linear(width, d_out, bias)
 
     def forward(self, x):
+        if x.ndim != 3:
+            raise ValueError(f"Transformer expects sequences of shape (N, T, d_in), got input of shape "
+                             f"{tuple(x.shape)}; for flat (N, d) data use MLP or reshape to (N, T, d/T)")
         h = self.input_layer(x)
         for block in self.blocks:
             h = block(h)
