@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from multiprocessing.connection import wait
 
 import torch
 from torch import nn
@@ -102,14 +101,7 @@ def start_pool(workers):
     """A started pool, with the seconds until every worker was ready and the seconds of their first jobs."""
     t = time.perf_counter()
     pool = PoolExecutor(["cpu"] * workers)
-    pending = list(pool._workers)
-    while pending:  # every worker says "ready" once spawned and torch is imported
-        ready = wait([w.conn for w in pending], timeout=60)
-        if not ready:
-            raise RuntimeError("the pool's workers did not start within a minute")
-        for w in [w for w in pending if w.conn in ready]:
-            pool._receive(w, [])
-            pending.remove(w)
+    pool.wait_ready()
     t_ready = time.perf_counter() - t
     # one short job per worker (the pool hands each idle worker one): their first job pays torch's lazy imports
     t = time.perf_counter()

@@ -108,6 +108,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pool():
     ex = PoolExecutor(["cpu", "cpu"])
+    ex.wait_ready()  # so that both workers take part from the first job, however busy the machine
     yield ex
     ex.shutdown()
 

@@ -225,6 +225,23 @@ class PoolExecutor(Executor):
                 if remaining.pop(id(fut), None) is not None:
                     yield fut
 
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Block until every worker has started (torch imported, warmed up); returns the seconds waited.
+
+        Not needed to run a sweep (jobs go to workers as they become ready); useful to time a pool apart
+        from its start-up, or to make sure every worker takes part from the first job."""
+        t0 = time.perf_counter()
+        while not all(w.ready for w in self._workers):
+            left = timeout - (time.perf_counter() - t0)
+            if left <= 0:
+                raise TimeoutError(f"the pool's workers were not all ready within {timeout:.0f} s")
+            finished: list = []
+            for conn in wait([w.conn for w in self._workers if not w.ready], timeout=min(left, 1.0)):
+                w = next((w for w in self._workers if w.conn is conn), None)
+                if w is not None:
+                    self._receive(w, finished)
+        return time.perf_counter() - t0
+
     def shutdown(self) -> None:
         # Ask every worker first, then wait: the workers end side by side, not one after the other.
         for w in self._workers:
