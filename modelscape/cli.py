@@ -277,6 +277,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"modelscape {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `modelscape show ... | head`: the reader left, which is fine
+        sys.stderr.close()
+        return 0
     except (StoreError, OSError) as e:
         print(f"modelscape: error: {e}", file=sys.stderr)
         return 1
