@@ -217,7 +217,7 @@ def _store_record(st, record, cfg):
 def _progress(total, initial, enabled):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text: tqdm.auto needs ipywidgets in a notebook
     return tqdm(total=total, initial=initial, desc="jobs", dynamic_ncols=True)
 
 

@@ -1,4 +1,5 @@
 """Ready batch functions: ``base_bfn(bsz, gen, X, y, **kwargs) -> batch_fn(step) -> (X, y)``."""
+from modelscape.data.digits import digits_bfn, digits_pools, digits_test_set
 from modelscape.data.synthetic import fixed_bfn, powerlaw_bfn, powerlaw_target
 
-__all__ = ["powerlaw_bfn", "powerlaw_target", "fixed_bfn"]
+__all__ = ["powerlaw_bfn", "powerlaw_target", "fixed_bfn", "digits_bfn", "digits_test_set", "digits_pools"]
