@@ -24,6 +24,7 @@ import torch
 
 from modelscape import plotting
 from modelscape.backend.cli import parse_args
+from modelscape.utils import as_list
 from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.data import digits_bfn, digits_test_set
 
@@ -60,29 +61,14 @@ def accuracy(model, X_te, y_te, trained_model=None, **kwargs):
     return float((out.argmax(-1) == y_te).float().mean())
 
 
-def as_flags(defaults):
-    flags = []
-    for key, value in defaults.items():
-        flags += [f"--{key}"] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    return flags
-
-
-def as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
 def parse(argv):
     """``--out`` and ``--binary`` are this script's own flags; the others are hyperparameters (parse_args)."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--out", default=os.path.join("results", NAME))
     own.add_argument("--binary", action="store_true")
     ns, rest = own.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(__doc__)
-        print("This example's defaults (the --help below lists the package's):")
-        print("  " + " ".join(as_flags(DEFAULTS)) + "\n")
     defaults = {**DEFAULTS, **(BINARY if ns.binary else {})}
-    return ns.out, ns.binary, parse_args(as_flags(defaults) + rest)
+    return ns.out, ns.binary, parse_args(rest, defaults=defaults, description=__doc__)
 
 
 def main(argv=None):

@@ -23,11 +23,12 @@ import numpy as np
 
 from modelscape import plotting
 from modelscape.backend.cli import parse_args
+from modelscape.utils import as_list
 from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.data import powerlaw_bfn
 
 NAME = "example_synthetic_run"
-# This example's defaults, given to parse_args as flags: flags on the command line come later and win.
+# This example's defaults (parse_args(defaults=...)): flags on the command line win over them.
 DEFAULTS = {
     "N_SAMPLES": [2, 8, 32, 128, 512],        # the swept batch sizes
     "NUM_TRIALS": 3,
@@ -44,27 +45,12 @@ DEFAULTS = {
 DATA = dict(dim=32, alpha=1.5, beta=1.0)    # the batch function's arguments (passed by bfn_config)
 
 
-def as_flags(defaults):
-    flags = []
-    for key, value in defaults.items():
-        flags += [f"--{key}"] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    return flags
-
-
-def as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
 def parse(argv):
     """``--out`` is this script's own flag; every other flag is a hyperparameter for ``parse_args``."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--out", default=os.path.join("results", NAME))
     ns, rest = own.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(__doc__)
-        print("This example's defaults (the --help below lists the package's):")
-        print("  " + " ".join(as_flags(DEFAULTS)) + "\n")
-    return ns.out, parse_args(as_flags(DEFAULTS) + rest)
+    return ns.out, parse_args(rest, defaults=DEFAULTS, description=__doc__)
 
 
 def main(argv=None):

@@ -66,3 +66,8 @@ def qualname(obj) -> str | None:
     if isinstance(obj, str):
         return obj
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def as_list(v) -> list:
+    """A sweepable value as a list of axis values: ``[64, 256]`` stays, ``64`` becomes ``[64]``."""
+    return list(v) if isinstance(v, (list, tuple)) else [v]

@@ -7,7 +7,7 @@ import pytest
 from modelscape import config
 from modelscape.backend import cli
 from modelscape.backend.cli import base_args, build_parser, parse_args
-from modelscape.config import SCHEMA
+from modelscape.config import SCHEMA, ConfigError
 
 
 def test_parse_args_and_base_args_hold_every_key_at_its_default():
@@ -133,3 +133,15 @@ def test_seed_style_backend_import_is_the_same_module():
     from backend.cli import base_args as b2, parse_args as p2
     import backend.cli
     assert p2 is parse_args and b2 is base_args and backend.cli is cli
+
+
+def test_script_defaults_are_checked_shown_and_overridden_by_flags(capsys):
+    from modelscape.backend.cli import build_parser
+    args = parse_args([], defaults={"WIDTH": [64, 256], "MAX_ITER": "1e3"})
+    assert args.WIDTH == [64, 256] and args.MAX_ITER == 1000 and args.LR == 1e-2
+    args = parse_args(["--WIDTH", "32"], defaults={"WIDTH": [64, 256]})
+    assert args.WIDTH == 32
+    assert "(default: [64, 256])" in build_parser({"WIDTH": [64, 256]}).format_help().replace("\n", " ").replace(
+        "  ", " ")
+    with pytest.raises(ConfigError, match="WIDHT.*WIDTH"):
+        parse_args([], defaults={"WIDHT": 3})

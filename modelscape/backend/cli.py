@@ -6,7 +6,8 @@ import json
 import sys
 import warnings
 
-from modelscape.config import ALIASES, BY_NAME, SCHEMA, ConfigError, close_matches, defaults, parse_bool, parse_int
+from modelscape.config import ALIASES, BY_NAME, SCHEMA, ConfigError, close_matches, coerce, parse_bool, parse_int
+from modelscape.config import defaults as schema_defaults
 
 
 def _converter(hp):
@@ -29,11 +30,13 @@ def _named(fn, name):
     return conv
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser: one ``--NAME`` flag per schema entry, grouped, defaults shown in ``--help``."""
+def build_parser(defaults: dict | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser: one ``--NAME`` flag per schema entry, grouped, defaults shown in ``--help``
+    (a script's own ``defaults`` where it gives them)."""
+    defaults = defaults or {}
     parser = argparse.ArgumentParser(
-        description="modelscape sweep hyperparameters",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=description or "modelscape sweep hyperparameters",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep a script docstring as written
         allow_abbrev=False)  # --EMA_SMOOTH is a typo to report (as in a config), not a prefix of EMA_SMOOTHER
     groups = {}
     for hp in SCHEMA:
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups.setdefault(hp.group, parser.add_argument_group(hp.group))
         flags = [f"--{hp.name}"] + [f"--{a}" for a in hp.aliases if a.upper() != hp.name]
         kwargs = dict(dest=hp.name, type=_converter(hp), default=argparse.SUPPRESS, help=hp.help
-                      + f" (default: {hp.default!r})")
+                      + f" (default: {defaults.get(hp.name, hp.default)!r})")
         if hp.is_list or hp.sweepable:
             kwargs["nargs"] = "+"
         if hp.choices:
@@ -51,14 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, defaults: dict | None = None, description: str | None = None) -> argparse.Namespace:
     """Parse command-line flags into a Namespace holding every hyperparameter (defaults filled in).
 
     Lists take several values (``--LOSS_CHECKPOINTS 0.1 0.05``); sweepable keys given several values come back
     as a list to sweep over (``--WIDTH 64 128 256``), one value as a scalar. Ints accept ``1e5``; bools accept
-    true/false. An unknown flag is an error that suggests the closest known names.
+    true/false. An unknown flag is an error that suggests the closest known names. ``defaults`` are a
+    script's own defaults for some keys (``{"WIDTH": [64, 256], "MAX_ITER": 500}``): checked against the
+    schema, shown by ``--help``, and overridden by flags on the command line. ``description`` heads ``--help``.
     """
-    parser = build_parser()
+    script = {}
+    for key, value in (defaults or {}).items():
+        if key not in BY_NAME:
+            close = close_matches(key)
+            raise ConfigError(f"parse_args(defaults=...): {key!r} is not a hyperparameter"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        script[key] = coerce(key, value)
+    parser = build_parser(script, description)
     argv = sys.argv[1:] if argv is None else list(argv)
     ns, unknown = parser.parse_known_args(argv)
     flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
@@ -67,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         close = close_matches(bad.lstrip("-"))
         hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list"
         parser.error(f"unknown argument {bad!r}{hint}")
-    out = defaults()
+    out = {**schema_defaults(), **script}
     for key, value in vars(ns).items():
         hp = BY_NAME[key]
         if hp.sweepable and not hp.is_list and isinstance(value, list) and len(value) == 1:
@@ -81,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def base_args() -> argparse.Namespace:
     """Every hyperparameter at its default, as a Namespace (for notebooks; same keys as ``parse_args``)."""
-    return argparse.Namespace(**defaults())
+    return argparse.Namespace(**schema_defaults())
 
 
 __all__ = ["parse_args", "base_args", "build_parser", "ConfigError"]
