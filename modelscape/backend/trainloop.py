@@ -116,8 +116,9 @@ def train_model(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opt
         new = torch.stack(pending).float().cpu().numpy().astype(np.float64) if len(pending) > 1 \
             else np.array([pending[0].item()])
         pending.clear()
-        start = len(raw)
-        raw.extend(new.tolist())
+        start = step - len(new)
+        if curves:
+            raw.extend(new.tolist())
         if start == 0:
             if relative:
                 thresholds = thresholds * new[0]
