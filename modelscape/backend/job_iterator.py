@@ -13,7 +13,7 @@ from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check
     signature_names
 from modelscape.backend.executors import JobSpec, make_executor
 from modelscape.backend.job import consumers
-from modelscape.results import SweepResults
+from modelscape.results import SweepResults, axis_label
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
 AXIS_ALIASES = {"ntrain": "N_SAMPLES", "n_train": "N_SAMPLES", "bsz": "N_SAMPLES", "n_samples": "N_SAMPLES",
@@ -56,7 +56,7 @@ def _materialize(iterators, iterator_names):
             raise ValueError(f"iterator {name!r} is empty: the sweep would run no job")
         if name == TRIAL and not all(isinstance(v, numbers.Integral) for v in vals):
             raise TypeError(f"the trial axis takes integers (its seeds derive from them), got {vals!r}")
-        labels = [_label(v) for v in vals]
+        labels = [axis_label(v) for v in vals]
         repeated = [lab for k, lab in enumerate(labels) if lab in labels[:k]]
         if repeated:
             raise ValueError(f"iterator {name!r} repeats the value(s) {repeated} (as coordinate labels): every job "
@@ -110,8 +110,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
 
     if resume is None:
         resume = base["RESUME"]
-    st = _open_store(store, base)
-    own_store = st is not None and not _is_store(store)
+    st, own_store = _open_store(store, base)
     ids = [None] * len(jobs)
     if st is not None:
         from modelscape.backend.store import identity_cache, job_identity
@@ -120,7 +119,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         if len(set(ids)) != len(ids):
             raise ConfigError("two jobs of this sweep have the same identity: an axis repeats a value, or an "
                               "axis changes nothing the job sees")
-        labels = [[_label(v) for v in vals] for vals in values]
+        labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta={"argv": sys.argv, "time": time.time()})
     done_ids = st.done_ids() if (st is not None and resume) else set()
 
@@ -135,8 +134,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in done_ids]
     records = {}
     if st is not None and len(todo) < len(jobs):
-        skipped = [ids[i] for i in range(len(jobs)) if i not in set(todo)]
-        for r in st.records(skipped):
+        for r in st.records([job_id for job_id in ids if job_id in done_ids]):
             records[r["job_id"]] = r
     bar = _progress(len(jobs), len(jobs) - len(todo), progress)
     counts = {}
@@ -173,23 +171,16 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     return result
 
 
-def _label(v):
-    from modelscape.results import axis_label
-    return axis_label(v)
-
-
-def _is_store(store):
-    from modelscape.backend.store import Store
-    return isinstance(store, Store)
-
-
 def _open_store(store, cfg):
+    """``(store, opened_here)``: the caller's Store as it is, or one opened on a path (closed after the sweep)."""
     if store is False:
-        return None
+        return None, False
     from modelscape.backend.store import Store
+    if isinstance(store, Store):
+        return store, False
     if store is None:
         store = os.path.join(cfg["RESULTS_DIR"], cfg["EXPT_NAME"])
-    return store if isinstance(store, Store) else Store(store)
+    return Store(store), True
 
 
 def _store_record(st, record, cfg):
