@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelscape.backend.trainloop import match_shapes
 from modelscape.config import PARAMETERIZATIONS
 
 __all__ = ["gamma_lr", "rescale", "parameterize", "anatomy", "Anatomy", "Layer", "layer_scales", "update_rule_of",
@@ -295,13 +296,6 @@ def parameterize(model: nn.Module, param: str, optimizer, lr: float, relu_gain: 
 # Coordinate check
 # --------------------------------------------------------------------------------------------------------
 
-def _match_shapes(out, y):
-    # MSE against y of shape (N,) or (N, 1), as the trainloop does.
-    if out.shape != y.shape and out.numel() == y.numel() and y.dtype.is_floating_point:
-        return out.reshape(y.shape)
-    return out
-
-
 def _recorder(store: dict, path: str):
     # A closure is fine here: these hooks live only for the duration of coord_check and are never copied.
     def hook(module, inputs, output):
@@ -381,7 +375,7 @@ def coord_check(model_fn: Callable[[int], nn.Module], widths: Sequence[int], bat
             rows.append(torch.stack(row))
             if s == steps:
                 break
-            loss = loss_fn(_match_shapes(out, y), y)
+            loss = loss_fn(match_shapes(out, y), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -33,7 +33,8 @@ def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float 
     return ema, first
 
 
-def _match_shapes(out, y, loss_fn):
+def match_shapes(out, y):
+    """``out`` reshaped to ``y``'s shape for a float target of the same size (MSE on (N,) vs (N, 1))."""
     # MSE against y of shape (N,) or (N, 1): the seed squeezed both; reshaping keeps a batch of one intact.
     if out.shape != y.shape and out.numel() == y.numel() and y.dtype.is_floating_point:
         return out.reshape(y.shape)
@@ -82,7 +83,7 @@ def train_model(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opt
             return float("nan")
         with torch.no_grad():
             out = model(X_te)
-            return float(loss_fn(_match_shapes(out, y_te, loss_fn), y_te))
+            return float(loss_fn(match_shapes(out, y_te), y_te))
 
     raw: list[float] = []
     pending: list[torch.Tensor] = []
@@ -105,7 +106,7 @@ def train_model(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opt
         if curves and eval_every > 0 and step % eval_every == 0:
             record_eval(step)
         out = model(X)
-        loss = loss_fn(_match_shapes(out, y, loss_fn), y)
+        loss = loss_fn(match_shapes(out, y), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
