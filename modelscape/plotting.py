@@ -25,6 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
+from modelscape.results import axis_label
+
 __all__ = ["plot_loss_curves", "plot_timekeys", "plot_lr_transfer", "plot_coord_check", "coord_check"]
 
 DPI = 110
@@ -54,12 +56,6 @@ def _sweep_axes(ds) -> list:
     return [d for d in ds.dims if d not in ("threshold", "step", "eval_step")]
 
 
-def _label(v):
-    from modelscape.results import axis_label
-    v = axis_label(v)
-    return str(v) if isinstance(v, str) else v  # np.str_ -> str
-
-
 def _select(ds, keep: Iterable[str], sel: dict | None, what: str):
     """Fix the axes named in ``sel``, squeeze the other axes not in ``keep``; error on ambiguous ones."""
     axes = _sweep_axes(ds)
@@ -74,7 +70,7 @@ def _select(ds, keep: Iterable[str], sel: dict | None, what: str):
         if name in keep:
             raise ValueError(f"{what}: axis {name!r} is both selected (sel) and plotted; drop one")
     if sel:
-        ds = ds.sel({k: _label(v) for k, v in sel.items()})
+        ds = ds.sel({k: axis_label(v) for k, v in sel.items()})
     for name in _sweep_axes(ds):
         if name in keep or name not in ds.dims:
             continue
@@ -89,18 +85,18 @@ def _select(ds, keep: Iterable[str], sel: dict | None, what: str):
 
 
 def _values(ds, name) -> list:
-    return [_label(v) for v in ds[name].values] if name is not None else [None]
+    return [axis_label(v) for v in ds[name].values] if name is not None else [None]
 
 
 def _fmt(v) -> str:
-    v = _label(v)
+    v = axis_label(v)
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
 
 
 def _numeric(values) -> bool:
-    return all(isinstance(_label(v), (int, float)) and not isinstance(_label(v), bool) for v in values)
+    return all(isinstance(axis_label(v), (int, float)) and not isinstance(axis_label(v), bool) for v in values)
 
 
 def _colors(values):
@@ -538,7 +534,7 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
         ax.set_title(_panel_title(param, pv))
         ax.set_xlabel(f"learning rate ({lr})")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel(_metric_label(metric))
+    axes[0].set_ylabel(_metricaxis_label(metric))
     _tidy_log_axes(axes)
     _ticks_at(axes, lrs)
     axes[0].plot([], [], marker="*", ms=12, color="0.6", mec="black", mew=0.8, ls="none",
@@ -549,7 +545,7 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
     _legend(fig, axes, width)
     n_trials = ds.sizes[trial] if trial else 1
     note = f" (mean of {n_trials} trials)" if n_trials > 1 else ""
-    fig.suptitle(title or f"{_metric_label(metric)} vs learning rate, by {width}{note}", fontsize="medium")
+    fig.suptitle(title or f"{_metricaxis_label(metric)} vs learning rate, by {width}{note}", fontsize="medium")
     return _save(fig, path)
 
 
@@ -568,7 +564,7 @@ def _auto_ceiling(ds, var, lr, trial):
     return 10 * max(firsts) if firsts else np.inf
 
 
-def _metric_label(metric):
+def _metricaxis_label(metric):
     return {"train_loss": "final train loss (EMA)", "test_loss": "final test loss"}.get(
         metric, metric[5:] if metric.startswith("grab_") else metric)
 

@@ -22,9 +22,7 @@ def axis_label(v):
         return int(v)
     if isinstance(v, (float, np.floating)):
         return float(v)
-    if isinstance(v, str):
-        return v
-    return str(v)
+    return str(v)  # np.str_ included: labels compare and print as plain strings
 
 
 class ExptTrace:
