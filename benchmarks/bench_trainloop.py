@@ -1,10 +1,10 @@
-"""Steps per second of modelscape's ``train_model`` against a plain hand-written PyTorch loop.
+"""Steps per second of modelscape's ``train_loop`` against a plain hand-written PyTorch loop.
 
 Same MLP (d_in 32, width 256, depth 2, d_out 1), same batch function (``powerlaw_bfn``, 128 samples a step),
 SGD and MSE, on the CPU with one thread, online (fresh batch each step) and offline (one fixed training set),
-with a 2000-sample test set. modelscape goes through ``run_job`` (seeding, data, model, centering, the
+with a 2000-sample test set. modelscape goes through ``run_config`` (seeding, data, model, centering, the
 trainloop) with thresholds that are never reached, so every run takes exactly ``--steps`` steps; the time of
-``train_model`` alone is taken by wrapping it, and ``run_job`` end to end is shown as well. Rates are given per
+``train_loop`` alone is taken by wrapping it, and ``run_config`` end to end is shown as well. Rates are given per
 wall-clock second and per CPU second of the (single) training thread; each measurement is repeated
 ``--repeats`` times, interleaved, and the best is kept (the machine may be shared).
 
@@ -57,33 +57,33 @@ def plain_loop(online: bool, steps: int) -> tuple[float, float]:
         opt.step()
         loss.item()
     with torch.no_grad():
-        loss_fn(model(X_te), y_te).item()  # the final test loss, as train_model reports it
+        loss_fn(model(X_te), y_te).item()  # the final test loss, as train_loop reports it
     return rates(steps, t0)
 
 
 def modelscape_loop(online: bool, center: bool, steps: int, curves: bool = False):
-    """run_job with MAX_ITER=steps; returns ((wall, CPU) steps/s of train_model, the same of run_job)."""
+    """run_config with MAX_ITER=steps; returns ((wall, CPU) steps/s of train_loop, the same of run_config)."""
     config = dict(PARAMETERIZATION="sp", ONLINE=online, CENTER=center, WIDTH=WIDTH, DEPTH=DEPTH, N_SAMPLES=BSZ,
                   N_TEST=N_TEST, MAX_ITER=steps, LR=LR, LOSS_CHECKPOINTS=[1e-30], ONLYTHRESHOLDS=not curves,
                   EVAL_EVERY=100, SYNC_EVERY=1)
     timing = {}
-    inner = job.train_model
+    inner = job.train_loop
 
-    def timed_train_model(*args, **kwargs):
+    def timed_train_loop(*args, **kwargs):
         t0 = clock()
         out = inner(*args, **kwargs)
-        timing["train_model"] = rates(steps, t0)
+        timing["train_loop"] = rates(steps, t0)
         return out
 
-    job.train_model = timed_train_model
+    job.train_loop = timed_train_loop
     try:
         t0 = clock()
-        result = job.run_job(config, dict(base_bfn=powerlaw_bfn, dim=D_IN), quiet=True)
+        result = job.run_config(config, dict(base_bfn=powerlaw_bfn, dim=D_IN), quiet=True)
         total = rates(steps, t0)
     finally:
-        job.train_model = inner
+        job.train_loop = inner
     assert result["status"] == "not_reached" and result["steps"] == steps, result["status"]
-    return timing["train_model"], total
+    return timing["train_loop"], total
 
 
 def main():
@@ -93,8 +93,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    labels = ["plain PyTorch loop", "train_model, CENTER=False", "train_model, CENTER=True",
-              "train_model, CENTER=True, curves (EVAL_EVERY=100)", "run_job end to end, CENTER=True"]
+    labels = ["plain PyTorch loop", "train_loop, CENTER=False", "train_loop, CENTER=True",
+              "train_loop, CENTER=True, curves (EVAL_EVERY=100)", "run_config end to end, CENTER=True"]
     rows = []  # (mode, label)
     cases = []  # (mode, fn) where fn() -> {label: steps/s}
     for online in (True, False):

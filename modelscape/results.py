@@ -1,6 +1,6 @@
 """Sweep results addressed by axis names: an ExptTrace-style view and an ``xarray.Dataset``.
 
-A sweep's records (one plain dict per job, see ``modelscape.backend.job.run_job``) become
+A sweep's records (one plain dict per job, see ``modelscape.backend.job.run_config``) become
 ``SweepResults``: ``res["timekeys"].get(WIDTH=256)`` returns an array over the remaining axes, and
 ``res.to_xarray()`` a Dataset with one dimension per sweep axis. Jobs that failed or never ran are NaN there.
 """

@@ -211,13 +211,13 @@ def test_digits_bfn_draws_only_training_images():
 
 def test_a_digits_job_without_a_held_out_test_set_is_an_error():
     from modelscape.backend.cli import base_args
-    from modelscape.backend.job import run_job
+    from modelscape.backend.job import run_config
     from modelscape.data import digits_bfn, digits_test_set
 
     cfg = vars(base_args())
     cfg.update(WIDTH=8, MAX_ITER=2, N_SAMPLES=50, ONLINE=False, LOSS="cross_entropy")
     with pytest.raises(ValueError, match="X_te"):
-        run_job(dict(cfg), dict(base_bfn=digits_bfn))
+        run_config(dict(cfg), dict(base_bfn=digits_bfn))
     X_te, y_te = digits_test_set()
-    rec = run_job(dict(cfg, X_te=X_te, y_te=y_te), dict(base_bfn=digits_bfn))
+    rec = run_config(dict(cfg, X_te=X_te, y_te=y_te), dict(base_bfn=digits_bfn))
     assert rec["status"] in ("done", "not_reached") and np.isfinite(rec["test_loss"])

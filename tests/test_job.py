@@ -1,4 +1,4 @@
-"""run_job: data (online/offline, per-trial seeds), centering, models, losses/optimizers, failures, determinism."""
+"""run_config: data (online/offline, per-trial seeds), centering, models, losses/optimizers, failures, determinism."""
 import collections
 import json
 import textwrap
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelscape.backend.job import run_job, run_job_safe
+from modelscape.backend.job import run_config, run_config_safe
 from modelscape.config import ConfigError
 from modelscape.data import powerlaw_bfn
 from modelscape.models import MLP
@@ -41,7 +41,7 @@ def recorder(dim=8):
 
 def test_online_batches_differ_step_to_step():
     bfn, calls = recorder()
-    r = run_job(cfg(ONLINE=True), dict(base_bfn=bfn), quiet=True)
+    r = run_config(cfg(ONLINE=True), dict(base_bfn=bfn), quiet=True)
     test_sets = [c for c in calls if c["bsz"] == N_TEST]
     batches = [c for c in calls if c["bsz"] == N_SAMPLES]
     assert len(test_sets) == 1 and len(batches) == r["steps"] == 10
@@ -54,7 +54,7 @@ def test_online_batches_differ_step_to_step():
 
 def test_offline_batches_are_the_same_fixed_set_every_step():
     bfn, calls = recorder()
-    r = run_job(cfg(ONLINE=False), dict(base_bfn=bfn), quiet=True)
+    r = run_config(cfg(ONLINE=False), dict(base_bfn=bfn), quiet=True)
     drawn = [c for c in calls if c["bsz"] == N_SAMPLES and not c["offline"]]
     batches = [c for c in calls if c["offline"]]
     assert len(drawn) == 1  # the training set is drawn once
@@ -67,7 +67,7 @@ def test_offline_batches_are_the_same_fixed_set_every_step():
 
 def _data(width, trial, online=False):
     bfn, calls = recorder()
-    run_job(cfg(WIDTH=width, ONLINE=online, MAX_ITER=3), dict(base_bfn=bfn), axes={"trial": trial}, quiet=True)
+    run_config(cfg(WIDTH=width, ONLINE=online, MAX_ITER=3), dict(base_bfn=bfn), axes={"trial": trial}, quiet=True)
     test = [c for c in calls if c["bsz"] == N_TEST][0]
     train = [c for c in calls if c["bsz"] == N_SAMPLES][0]
     return test["X"], test["y"], train["X"], train["y"]
@@ -87,19 +87,19 @@ def test_determinism_two_runs_are_bitwise_identical():
 
     c = cfg(MAX_ITER=40, ONLYTHRESHOLDS=False, EVAL_EVERY=10, LOSS_CHECKPOINTS=[0.8, 0.5, 1e-12],
             RELATIVE_THRESHOLDS=True, otherreturns={"out": grab})
-    r1 = run_job(c, dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
-    r2 = run_job(c, dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
+    r1 = run_config(c, dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
+    r2 = run_config(c, dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
     assert not np.isnan(r1["timekeys"][:2]).any()
     for key in ("timekeys", "train_raw", "test_curve", "thresholds"):
         assert np.array_equal(r1[key], r2[key], equal_nan=True), key
     assert r1["test_loss"] == r2["test_loss"] and r1["train_loss"] == r2["train_loss"]
     assert np.array_equal(r1["grabs"]["out"], r2["grabs"]["out"])
-    r3 = run_job({**c, "SEED": 7}, dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
+    r3 = run_config({**c, "SEED": 7}, dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
     assert not np.array_equal(r1["train_raw"], r3["train_raw"])
 
 
 def test_result_record_fields():
-    r = run_job(cfg(), dict(base_bfn=powerlaw_bfn, dim=8), axes={"trial": 2, "LR": 0.05}, quiet=True)
+    r = run_config(cfg(), dict(base_bfn=powerlaw_bfn, dim=8), axes={"trial": 2, "LR": 0.05}, quiet=True)
     assert r["status"] == "not_reached" and r["steps"] == 10 and r["error"] is None
     assert r["trial"] == 2 and r["axes"] == {"trial": 2, "LR": 0.05} and r["seed"] == 42
     assert r["wall_time"] > 0 and r["device"] == "cpu" and np.isfinite(r["test_loss"])
@@ -110,7 +110,7 @@ def test_result_record_fields():
 @pytest.mark.parametrize("center", [True, False])
 def test_centered_job_starts_from_zero_output(center):
     bfn, calls = recorder()
-    r = run_job(cfg(CENTER=center, ONLYTHRESHOLDS=False, MAX_ITER=2), dict(base_bfn=bfn), quiet=True)
+    r = run_config(cfg(CENTER=center, ONLYTHRESHOLDS=False, MAX_ITER=2), dict(base_bfn=bfn), quiet=True)
     y0 = [c for c in calls if c["bsz"] == N_SAMPLES][0]["y"]
     zero_output_loss = float((y0 ** 2).mean())
     if center:
@@ -141,7 +141,7 @@ def counting_mlp():
 @pytest.mark.parametrize("online", [False, True])
 def test_offline_centering_computes_the_baseline_once(online):
     M = counting_mlp()
-    r = run_job(cfg(MODEL=M, ONLINE=online, MAX_ITER=20, ONLYTHRESHOLDS=False, EVAL_EVERY=5),
+    r = run_config(cfg(MODEL=M, ONLINE=online, MAX_ITER=20, ONLYTHRESHOLDS=False, EVAL_EVERY=5),
                 dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
     assert len(M.built) == 1 and r["steps"] == 20
     assert M.calls[M.built[0]] == 20 + len(r["eval_steps"])  # one forward per step and per evaluation
@@ -171,7 +171,7 @@ def test_a_user_model_class_in_the_config_is_used_with_the_config_width():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 'mult' is named by the model: no warning
-        r = run_job(cfg(MODEL=Mine, WIDTH=24, DEPTH=3, mult=2, otherreturns={"n": n_params}),
+        r = run_config(cfg(MODEL=Mine, WIDTH=24, DEPTH=3, mult=2, otherreturns={"n": n_params}),
                     dict(base_bfn=powerlaw_bfn, dim=5))
     assert built == [dict(d_in=5, d_out=1, width=24, depth=3, mult=2)]
     assert r["grabs"]["n"] == 5 * 48 + 48 + 48 + 1
@@ -179,7 +179,7 @@ def test_a_user_model_class_in_the_config_is_used_with_the_config_width():
 
 def test_model_class_alias_is_accepted():
     M = counting_mlp()
-    run_job(cfg(MODEL_CLASS=M), dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
+    run_config(cfg(MODEL_CLASS=M), dict(base_bfn=powerlaw_bfn, dim=8), quiet=True)
     assert len(M.built) == 1
 
 
@@ -205,7 +205,7 @@ def test_a_model_from_a_file_is_used(tmp_path):
     def n_params(model, **kw):
         return sum(p.numel() for p in model.parameters())
 
-    r = run_job(cfg(MODEL_FILE=str(src), MODEL_NAME="FileModel", WIDTH=20, otherreturns={"n": n_params}),
+    r = run_config(cfg(MODEL_FILE=str(src), MODEL_NAME="FileModel", WIDTH=20, otherreturns={"n": n_params}),
                 dict(base_bfn=powerlaw_bfn, dim=6), quiet=True)
     assert json.loads((tmp_path / "built.json").read_text()) == dict(d_in=6, width=20, d_out=1)
     assert r["grabs"]["n"] == 6 * 20 + 20 + 20 + 1 and r["status"] == "not_reached"
@@ -215,7 +215,7 @@ def test_model_file_without_model_name_fails(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("X = 1\n")
     with pytest.raises(ValueError, match="MODEL_NAME"):
-        run_job(cfg(MODEL_FILE=str(src)), dict(base_bfn=powerlaw_bfn), quiet=True)
+        run_config(cfg(MODEL_FILE=str(src)), dict(base_bfn=powerlaw_bfn), quiet=True)
 
 
 def test_d_in_and_d_out_are_inferred_from_the_data():
@@ -233,7 +233,7 @@ def test_d_in_and_d_out_are_inferred_from_the_data():
         seen["out"] = model(X_te).shape[1]
         return 0
 
-    run_job(cfg(MODEL=M, otherreturns={"s": shapes}), dict(base_bfn=multi_bfn), quiet=True)
+    run_config(cfg(MODEL=M, otherreturns={"s": shapes}), dict(base_bfn=multi_bfn), quiet=True)
     assert seen == {"in": 12, "out": 3}
 
 
@@ -259,7 +259,7 @@ def test_cross_entropy_with_adamw_trains_a_classifier():
 
     c = cfg(LOSS="cross_entropy", OPTIMIZER="AdamW", LR=1e-2, WEIGHT_DECAY=1e-3, MAX_ITER=60, N_TEST=300,
             N_SAMPLES=64, ONLYTHRESHOLDS=False, EVAL_EVERY=20, n_classes=4, otherreturns={"acc": accuracy})
-    r = run_job(c, dict(base_bfn=blobs_bfn), quiet=True)
+    r = run_config(c, dict(base_bfn=blobs_bfn), quiet=True)
     assert type(opts[0]) is torch.optim.AdamW and opts[0].defaults["weight_decay"] == 1e-3
     assert r["test_loss"] < 0.5 * r["test_curve"][0]
     assert r["train_loss"] < 0.5 * r["train_raw"][0]
@@ -269,12 +269,12 @@ def test_cross_entropy_with_adamw_trains_a_classifier():
 
 def test_momentum_with_an_optimizer_that_has_none_is_an_error():
     with pytest.raises(ValueError, match="MOMENTUM"):
-        run_job(cfg(OPTIMIZER="Adam", MOMENTUM=0.9), dict(base_bfn=powerlaw_bfn), quiet=True)
+        run_config(cfg(OPTIMIZER="Adam", MOMENTUM=0.9), dict(base_bfn=powerlaw_bfn), quiet=True)
 
 
 def test_sgd_momentum_reaches_the_optimizer():
     seen = []
-    run_job(cfg(MOMENTUM=0.9, otherreturns={"o": lambda opt, **kw: seen.append(opt) or 0}),
+    run_config(cfg(MOMENTUM=0.9, otherreturns={"o": lambda opt, **kw: seen.append(opt) or 0}),
             dict(base_bfn=powerlaw_bfn), quiet=True)
     assert type(seen[0]) is torch.optim.SGD and seen[0].defaults["momentum"] == 0.9
 
@@ -293,7 +293,7 @@ def test_config_keys_flow_to_the_batch_function_and_grabs():
         return 0
 
     with pytest.warns(UserWarning, match="N_TRIAN"):
-        run_job(cfg(N_TRIAN=777, dim=11, CLASSES=5, otherreturns={"g": grab}), dict(base_bfn=base_bfn))
+        run_config(cfg(N_TRIAN=777, dim=11, CLASSES=5, otherreturns={"g": grab}), dict(base_bfn=base_bfn))
     assert seen == {"N_TRAIN": 777, "dim": 11, "grab": (11, 32, 5)}
 
 
@@ -307,7 +307,7 @@ def test_a_given_test_set_is_used():
         return 0
 
     bfn, calls = recorder()
-    r = run_job(cfg(X_te=X_te, y_te=y_te, otherreturns={"g": grab}), dict(base_bfn=bfn), quiet=True)
+    r = run_config(cfg(X_te=X_te, y_te=y_te, otherreturns={"g": grab}), dict(base_bfn=bfn), quiet=True)
     assert not [c for c in calls if c["bsz"] == N_TEST]  # no test set was drawn
     np.testing.assert_allclose(seen[0][0].numpy(), X_te, rtol=1e-6)
     assert seen[0][0].dtype == torch.float32
@@ -317,13 +317,13 @@ def test_a_given_test_set_is_used():
 def test_a_typo_fails_before_anything_runs():
     bfn, calls = recorder()
     with pytest.raises(ConfigError, match="WIDHT.*WIDTH"):
-        run_job(cfg(WIDHT=64), dict(base_bfn=bfn))
+        run_config(cfg(WIDHT=64), dict(base_bfn=bfn))
     assert calls == []
 
 
 def test_a_sweep_list_in_a_single_job_is_an_error():
     with pytest.raises(ConfigError, match="WIDTH"):
-        run_job(cfg(WIDTH=[32, 64]), dict(base_bfn=powerlaw_bfn), quiet=True)
+        run_config(cfg(WIDTH=[32, 64]), dict(base_bfn=powerlaw_bfn), quiet=True)
 
 
 def test_batch_function_from_a_file(tmp_path):
@@ -331,7 +331,7 @@ def test_batch_function_from_a_file(tmp_path):
     src.write_text("from modelscape.data import powerlaw_bfn\n\n"
                    "def my_bfn(bsz, gen, X, y, **kw):\n    return powerlaw_bfn(bsz, gen, X, y, dim=3)\n")
     seen = []
-    run_job(cfg(otherreturns={"g": lambda X_te, **kw: seen.append(X_te.shape) or 0}),
+    run_config(cfg(otherreturns={"g": lambda X_te, **kw: seen.append(X_te.shape) or 0}),
             dict(bfn_file=str(src), bfn_name="my_bfn"), quiet=True)
     assert seen == [(N_TEST, 3)]
 
@@ -346,7 +346,7 @@ def test_post_init_fn_receives_model_and_optimizer():
                 p.zero_()
         return model, torch.optim.SGD(model.parameters(), lr=0.0)
 
-    r = run_job(cfg(CENTER=False, ONLYTHRESHOLDS=False, post_init_fn=post_init_fn),
+    r = run_config(cfg(CENTER=False, ONLYTHRESHOLDS=False, post_init_fn=post_init_fn),
                 dict(base_bfn=powerlaw_bfn), quiet=True)
     assert isinstance(seen["model"], MLP) and seen["lr"] == 0.05
     assert np.all(r["train_raw"] > 0) and np.ptp(r["test_curve"]) == 0  # lr 0: the model never moves
@@ -360,18 +360,18 @@ def test_an_exception_in_a_grab_fails_the_job_with_the_grabs_name():
 
     c = cfg(otherreturns={"exploding_grab": exploding_grab})
     with pytest.raises(RuntimeError, match="exploding_grab"):
-        run_job(c, dict(base_bfn=powerlaw_bfn), quiet=True)
-    r = run_job_safe(c, dict(base_bfn=powerlaw_bfn), axes={"trial": 0})
+        run_config(c, dict(base_bfn=powerlaw_bfn), quiet=True)
+    r = run_config_safe(c, dict(base_bfn=powerlaw_bfn), axes={"trial": 0})
     assert r["status"] == "failed"
     assert "exploding_grab" in r["error"] and "ZeroDivisionError" in r["error"]
     assert r["axes"] == {"trial": 0} and r["oom"] is False
 
 
 def test_run_job_safe_turns_a_config_error_into_a_failed_record():
-    r = run_job_safe(cfg(Lr=0.1), dict(base_bfn=powerlaw_bfn))
+    r = run_config_safe(cfg(Lr=0.1), dict(base_bfn=powerlaw_bfn))
     assert r["status"] == "failed" and "'Lr'" in r["error"] and "'LR'" in r["error"]
 
 
 def test_a_diverging_job_is_recorded_as_diverged():
-    r = run_job_safe(cfg(LR=1e4, MAX_ITER=2000), dict(base_bfn=powerlaw_bfn, dim=8))
+    r = run_config_safe(cfg(LR=1e4, MAX_ITER=2000), dict(base_bfn=powerlaw_bfn, dim=8))
     assert r["status"] == "diverged" and r["steps"] < 100

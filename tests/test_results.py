@@ -133,7 +133,7 @@ ACTS = [Act("relu"), Act("tanh")]
 
 
 def record(w, act, opt, status="done", n_steps=4):
-    """A result record as run_job makes it, with numbers that encode its coordinates."""
+    """A result record as run_config makes it, with numbers that encode its coordinates."""
     base = w + 100 * ACTS.index(act) + (0.5 if opt == "adam" else 0.0)
     if status == "failed":
         return dict(status="failed", error="Traceback ...\nValueError: bad job", axes=dict(WIDTH=w, act=act, opt=opt),

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(TESTS)
 # --- helpers (test_store_cli.py and the subprocesses below import them) -----------------------------------
 
 def synth_record(i, status="done", n_steps=300, eval_every=50, axes=None, grab_shape=(3, 2)):
-    """A record shaped like run_job's, its contents derived from ``i`` so that a reader can check them."""
+    """A record shaped like run_config's, its contents derived from ``i`` so that a reader can check them."""
     rng = np.random.default_rng(i)
     axes = dict(axes if axes is not None else {"WIDTH": 16 * (i + 1), "trial": 0})
     cfg = {"LR": 0.1, "WIDTH": axes.get("WIDTH", 16), "LOSS_CHECKPOINTS": [0.5, 0.1], "VERBOSE": False}
@@ -99,9 +99,9 @@ def _grab_raises(model, **kwargs):
 
 @pytest.fixture(scope="module")
 def real_records():
-    """Records from run_job itself: curves with a 2-D grab along them, final values only, and a failure."""
+    """Records from run_config itself: curves with a 2-D grab along them, final values only, and a failure."""
     import modelscape.data as data
-    from modelscape.backend.job import run_job_safe
+    from modelscape.backend.job import run_config_safe
     bfn = dict(base_bfn=data.powerlaw_bfn, dim=8)
     base = dict(PARAMETERIZATION="sp", WIDTH=16, MAX_ITER=40, N_TEST=64, N_SAMPLES=32, EVAL_EVERY=10,
                 LOSS_CHECKPOINTS=[0.5, 1e-9], DETERMINISTIC=False)
@@ -111,7 +111,7 @@ def real_records():
     out = []
     for k, cfg in enumerate(jobs):
         axes = {"WIDTH": 16, "LR": cfg.get("LR", 0.01), "trial": k}
-        rec = run_job_safe(cfg, bfn, axes=axes)
+        rec = run_config_safe(cfg, bfn, axes=axes)
         canon = canonicalize(cfg, [data.powerlaw_bfn] + list(cfg.get("otherreturns", {}).values()))
         rec.update(job_id=job_identity(canon, bfn, axes), config=canon)
         out.append(rec)

@@ -1,4 +1,4 @@
-"""train_model: per-step losses, EMA timekeys, stopping, divergence, evaluation cadence, grabs."""
+"""train_loop: per-step losses, EMA timekeys, stopping, divergence, evaluation cadence, grabs."""
 import copy
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelscape.backend.trainloop import ema_thresholds, train_model
+from modelscape.backend.trainloop import ema_thresholds, train_loop
 from modelscape.data import powerlaw_bfn
 from modelscape.models import MLP
 
@@ -30,7 +30,7 @@ def setup(seed=0, lr=LR, bfn_wrap=None):
 def train(max_iter, thresholds, *, seed=0, lr=LR, bfn_wrap=None, **kw):
     model, bfn, opt, X_te, y_te = setup(seed, lr, bfn_wrap)
     kw.setdefault("only_thresholds", False)
-    r = train_model(model, bfn, opt, nn.MSELoss(), max_iter=max_iter, thresholds=thresholds, ema_smoother=S,
+    r = train_loop(model, bfn, opt, nn.MSELoss(), max_iter=max_iter, thresholds=thresholds, ema_smoother=S,
                     X_te=X_te, y_te=y_te, **kw)
     return r, model, X_te, y_te
 
@@ -228,7 +228,7 @@ def test_only_thresholds_returns_no_curves():
 
 def test_no_test_set_gives_nan_test_loss():
     model, bfn, opt, *_ = setup(0)
-    r = train_model(model, bfn, opt, nn.MSELoss(), max_iter=5, thresholds=[1e-12])
+    r = train_loop(model, bfn, opt, nn.MSELoss(), max_iter=5, thresholds=[1e-12])
     assert math.isnan(r["test_loss"]) and r["steps"] == 5
 
 
@@ -283,7 +283,7 @@ def test_grabs_see_the_grab_model_and_the_current_batch():
         seen.append((model, X_tr.clone(), opt))
         return 0
 
-    train_model(model, bfn, opt, nn.MSELoss(), max_iter=3, thresholds=[1e-12], X_te=X_te, y_te=y_te,
+    train_loop(model, bfn, opt, nn.MSELoss(), max_iter=3, thresholds=[1e-12], X_te=X_te, y_te=y_te,
                 only_thresholds=False, eval_every=1, grabs={"g": grab}, grab_model=other)
     assert all(m is other and o is opt for m, _, o in seen)
     _, bfn2, *_ = setup(0)

@@ -13,7 +13,7 @@ from torch import nn
 from modelscape import mup
 from modelscape.config import BY_NAME, canonicalize, check_job_config, signature_names
 from modelscape.models import BUILTIN_MODELS, Centered
-from modelscape.backend.trainloop import train_model
+from modelscape.backend.trainloop import train_loop
 from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
 
 BFN_KEYS = ("base_bfn", "bfn_file", "bfn_name")
@@ -121,13 +121,13 @@ def _model_kwargs(model_cls, cfg, X, y, loss_fn, y_tr=None):
     return kwargs
 
 
-def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None, quiet: bool = False) -> dict:
+def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None, quiet: bool = False) -> dict:
     """Train one configuration end to end on ``device`` and return its result record (a plain dict).
 
     ``config`` holds hyperparameters and user keys (axis values already merged in); ``axes`` the sweep-axis
     values of this job (``trial`` among them). Seeds derive from SEED and the trial index only: the test set,
     the offline training set and the initial weights are the same for every job of a trial where shapes allow.
-    Exceptions propagate; ``run_job_safe`` turns them into a ``failed`` record.
+    Exceptions propagate; ``run_config_safe`` turns them into a ``failed`` record.
     """
     t0 = time.perf_counter()
     axes = dict(axes or {})
@@ -201,7 +201,7 @@ def run_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = No
     grab_kwargs["trial"] = trial
     # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
     grab_kwargs["trained_model"] = net
-    out = train_model(net, batch_fn, opt, loss_fn, max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
+    out = train_loop(net, batch_fn, opt, loss_fn, max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
                       relative=cfg["RELATIVE_THRESHOLDS"], ema_smoother=cfg["EMA_SMOOTHER"], X_te=X_te, y_te=y_te,
                       only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
                       grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
@@ -244,11 +244,11 @@ def _caused_by_oom(exc):
     return False
 
 
-def run_job_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
+def run_config_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
                  quiet: bool = True) -> dict:
-    """``run_job`` that never raises: an exception becomes a ``failed`` record with its traceback."""
+    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback."""
     t0 = time.perf_counter()
     try:
-        return run_job(config, bfn_config, device, axes, quiet=quiet)
+        return run_config(config, bfn_config, device, axes, quiet=quiet)
     except Exception as e:  # one bad job must not sink a sweep
         return failed_record(axes, e, device, time.perf_counter() - t0)

@@ -53,7 +53,7 @@ def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
     return vals
 
 
-def train_model(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
+def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
                 max_iter: int, thresholds, relative: bool = False, ema_smoother: float = 0.9,
                 X_te=None, y_te=None, only_thresholds: bool = True, eval_every: int = 100,
                 sync_every: int = 1, grabs: dict | None = None, grab_kwargs: dict | None = None,

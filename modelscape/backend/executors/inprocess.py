@@ -6,7 +6,7 @@ from concurrent.futures import Future
 import torch
 
 from modelscape.backend.executors.base import Executor, JobSpec
-from modelscape.backend.job import run_job_safe
+from modelscape.backend.job import run_config_safe
 
 
 class InProcessExecutor(Executor):
@@ -26,10 +26,10 @@ class InProcessExecutor(Executor):
     def _run(self, spec, fut):
         global_config, bfn_config = spec.context
         config = {**global_config, **spec.overrides}
-        record = run_job_safe(config, bfn_config, self.device, spec.axes)
+        record = run_config_safe(config, bfn_config, self.device, spec.axes)
         if record.get("oom"):  # retried once, after giving the cache back
             torch.cuda.empty_cache()
-            record = run_job_safe(config, bfn_config, self.device, spec.axes)
+            record = run_config_safe(config, bfn_config, self.device, spec.axes)
         fut.set_result(record)
 
     def as_completed(self, futures):

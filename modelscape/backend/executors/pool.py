@@ -27,7 +27,7 @@ def _worker_main(conn, device: str, threads: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # torch's deterministic CUDA needs it
     import torch
 
-    from modelscape.backend.job import failed_record, run_job_safe
+    from modelscape.backend.job import failed_record, run_config_safe
 
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
@@ -58,7 +58,7 @@ def _worker_main(conn, device: str, threads: int) -> None:
             conn.send(("result", index, failed_record({}, e, device)))
             continue
         global_config, bfn_config = context
-        record = run_job_safe({**global_config, **overrides}, bfn_config, device, axes)
+        record = run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
         conn.send(("result", index, record))
 
 
