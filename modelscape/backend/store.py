@@ -15,6 +15,9 @@ the file as ours):
 - ``sweeps``: one row per distinct sweep (axis names, axis values as labels, meta); re-running the same sweep
   reuses its row and bumps ``last_run``.
 - ``sweep_jobs``: which job ids, in product order, make up a sweep.
+- ``claims`` (schema 2): which driver (host, pid, start time, last heartbeat) is running each job right now, so
+  that several drivers on one store share a sweep's jobs instead of training each twice (``claim``,
+  ``heartbeat``, ``release``, ``live_claims``). A schema-1 store gains the table when it is opened for writing.
 
 A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
 """
@@ -27,18 +30,22 @@ import io
 import json
 import math
 import os
+import socket
 import sqlite3
 import sys
 import threading
 import time
+import uuid
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from modelscape.results import SweepResults, axis_label
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the claims table
 APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite files
 DB_NAME = "results.db"
 PAGE_SIZE = 32768
@@ -96,11 +103,80 @@ CREATE TABLE sweep_jobs (
 );
 CREATE INDEX sweep_jobs_job ON sweep_jobs(job_id);
 """
-_OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}
+_CLAIMS_SQL = """
+CREATE TABLE claims (
+    job_id    TEXT PRIMARY KEY,
+    driver    TEXT NOT NULL,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    started   REAL NOT NULL,
+    claimed   REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+CREATE INDEX claims_driver ON claims(driver);
+"""
+_OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}  # every schema version has these
 
 
 class StoreError(Exception):
     """A results store that cannot be used: missing, corrupt, foreign, or written by a newer version."""
+
+
+# --- drivers and their claims -----------------------------------------------------------------------------
+
+DEFAULT_STALE_AFTER = 30.0  # seconds without a heartbeat after which a driver's claims may be taken over
+_CLAIM_COLS = "job_id, driver, host, pid, started, claimed, heartbeat"
+_ACTIVE_DRIVERS: set = set()  # ids of the drivers running in this process
+
+
+@dataclass(frozen=True)
+class Driver:
+    """The process running a sweep, as its claims name it: ``Driver.start()`` makes one for this process."""
+
+    id: str
+    host: str
+    pid: int
+    started: float
+
+    @classmethod
+    def start(cls) -> "Driver":
+        """A new driver of this process, registered as active until ``stop``."""
+        host, pid, started = socket.gethostname(), os.getpid(), time.time()
+        d = cls(f"{host}:{pid}:{started:.6f}:{uuid.uuid4().hex[:8]}", host, pid, started)
+        _ACTIVE_DRIVERS.add(d.id)
+        return d
+
+    def stop(self) -> None:
+        """This driver is done: any claim of it left behind (a crash) is dead to drivers of this host at once."""
+        _ACTIVE_DRIVERS.discard(self.id)
+
+
+def _claim_dict(row) -> dict:
+    return dict(zip(_CLAIM_COLS.split(", "), row))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return True  # cannot tell: trust the heartbeat
+    return True
+
+
+def _claim_live(claim: dict, now: float, stale_after: float) -> bool:
+    """Whether the driver that holds ``claim`` is alive: its heartbeat is recent and, on this host, its pid
+    exists (this process: the driver is still registered)."""
+    if now - claim["heartbeat"] > stale_after:
+        return False
+    if claim["host"] == socket.gethostname():
+        if claim["pid"] == os.getpid():
+            return claim["driver"] in _ACTIVE_DRIVERS
+        return _pid_alive(claim["pid"])
+    return True
 
 
 # --- identity and JSON ----------------------------------------------------------------------------------
@@ -437,6 +513,12 @@ def resolve_db_path(path, create: bool = False) -> Path:
     return p / DB_NAME
 
 
+def _run_script(conn, sql):
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
 class Store:
     """The SQLite results store of one experiment. ``Store(path)`` opens (creating it if needed) ``path``
     if it is a .db file, else ``path/results.db``; ``readonly=True`` opens an existing store for reading only.
@@ -451,22 +533,17 @@ class Store:
         self.path = resolve_db_path(path, create=not readonly)
         self._lock = threading.RLock()
         self._conn = None
+        self.immutable = False  # opened read-only in a place where SQLite cannot even make its -shm file
+        self.damaged: dict[str, str] = {}  # job id -> why its row could not be read (filled by readers)
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a results database")
         self._check_header()
         try:
-            if readonly:
-                uri = f"{self.path.resolve().as_uri()}?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
-                                       check_same_thread=False)
-            else:
-                conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-            self._conn = conn
-            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._conn = self._connect(timeout)
             self._check_schema()
             if not readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(f"{self.path} is not a usable results store: {e}") from None
@@ -474,27 +551,70 @@ class Store:
             self.close()
             raise
 
+    def _connect(self, timeout):
+        def connect(target, uri=False):
+            conn = sqlite3.connect(target, uri=uri, timeout=timeout, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            return conn
+
+        if not self.readonly:
+            return connect(self.path)
+        uri = self.path.resolve().as_uri()
+        conn = connect(f"{uri}?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            conn.close()
+            msg = str(e).lower()
+            if "readonly" not in msg and "read-only" not in msg and "unable to open" not in msg:
+                raise
+        # A WAL database needs its -shm file even to read; in a read-only directory SQLite cannot create it.
+        # Nobody can be writing there either, so the file can be read as immutable (no locks, no WAL).
+        self.immutable = True
+        return connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
     def _check_header(self):
         # sqlite only notices a foreign file at the first query, with a bare "file is not a database"
+        for attempt in range(40):
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                return
+            if size == 0:
+                if self.readonly:
+                    raise StoreError(f"{self.path} is an empty file, not a results store")
+                return
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+            if head == b"SQLite format 3\x00":
+                return
+            # Another process may be writing the first page of a store it is creating right now: a header read
+            # in the middle of that write is short or zeros. Look again before calling the file foreign.
+            if len(head) == 16 and any(head):
+                break
+            time.sleep(0.05)
+        raise StoreError(f"{self.path} is not a modelscape results store (not an SQLite database; "
+                         f"it starts with {head[:8]!r})")
+
+    def _schema_state(self):
+        """``(application_id, user_version, tables)`` read in one transaction: read one by one, they could
+        straddle another process's creation of the schema and look like a foreign database."""
+        conn = self._conn
+        conn.execute("BEGIN")
         try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size == 0:
-            if self.readonly:
-                raise StoreError(f"{self.path} is an empty file, not a results store")
-            return
-        with open(self.path, "rb") as f:
-            head = f.read(16)
-        if head != b"SQLite format 3\x00":
-            raise StoreError(f"{self.path} is not a modelscape results store (not an SQLite database; "
-                             f"it starts with {head[:8]!r})")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.execute("COMMIT")
+        return app_id, version, tables
 
     def _check_schema(self):
-        conn = self._conn
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        app_id, version, tables = self._schema_state()
+        if app_id == 0 and not tables and not self.readonly:
+            self._create_schema()
+            app_id, version, tables = self._schema_state()
         if app_id == APPLICATION_ID:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer modelscape (store schema {version}; this "
@@ -502,9 +622,8 @@ class Store:
             if not _OUR_TABLES <= tables:
                 raise StoreError(f"{self.path} is a damaged results store: tables "
                                  f"{sorted(_OUR_TABLES - tables)} are missing")
-            return
-        if app_id == 0 and not tables and not self.readonly:
-            self._create_schema()
+            if version < 2 and not self.readonly:
+                self._migrate()
             return
         what = f"its tables are {sorted(tables)}" if tables else "it holds no tables"
         raise StoreError(f"{self.path} is an SQLite database but not a modelscape results store ({what})")
@@ -514,15 +633,27 @@ class Store:
         # Rows carry blobs of 0.1-10 MB; 32 KiB pages halve the write time of a 4 MB grab against SQLite's
         # default 4 KiB for ~3% more space. Only possible while the file is empty.
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write_transaction(conn):
             # another process may have created it between our check and the lock
-            if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'").fetchone()[0] == 0:
-                for stmt in _SCHEMA_SQL.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                _run_script(conn, _SCHEMA_SQL + _CLAIMS_SQL)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate(self):
+        """Schema 1 -> 2: add the claims table (a schema-1 store is otherwise unchanged)."""
+        conn = self._conn
+        with self._write_transaction(conn):
+            if conn.execute("PRAGMA user_version").fetchone()[0] < 2:  # not done by another process meanwhile
+                _run_script(conn, _CLAIMS_SQL)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _write_transaction(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -569,26 +700,20 @@ class Store:
         fingerprint = hashlib.sha256(_dumps([axis_names, labels, job_ids]).encode()).hexdigest()
         now = time.time()
         meta_json = _dumps_store(jsonable(meta)) if meta is not None else None
-        with self._guard("recording a sweep") as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT id FROM sweeps WHERE fingerprint = ?", (fingerprint,)).fetchone()
-                if row is not None:
-                    sweep_id = row[0]
-                    conn.execute("UPDATE sweeps SET last_run = ?, runs = runs + 1, meta = coalesce(?, meta) "
-                                 "WHERE id = ?", (now, meta_json, sweep_id))
-                else:
-                    cur = conn.execute(
-                        "INSERT INTO sweeps (created, last_run, runs, fingerprint, axis_names, axis_values, meta) "
-                        "VALUES (?, ?, 1, ?, ?, ?, ?)",
-                        (now, now, fingerprint, _dumps_store(axis_names), _dumps_store(labels), meta_json))
-                    sweep_id = cur.lastrowid
-                    conn.executemany("INSERT INTO sweep_jobs (sweep_id, position, job_id) VALUES (?, ?, ?)",
-                                     [(sweep_id, i, j) for i, j in enumerate(job_ids)])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._guard("recording a sweep") as conn, self._write_transaction(conn):
+            row = conn.execute("SELECT id FROM sweeps WHERE fingerprint = ?", (fingerprint,)).fetchone()
+            if row is not None:
+                sweep_id = row[0]
+                conn.execute("UPDATE sweeps SET last_run = ?, runs = runs + 1, meta = coalesce(?, meta) "
+                             "WHERE id = ?", (now, meta_json, sweep_id))
+            else:
+                cur = conn.execute(
+                    "INSERT INTO sweeps (created, last_run, runs, fingerprint, axis_names, axis_values, meta) "
+                    "VALUES (?, ?, 1, ?, ?, ?, ?)",
+                    (now, now, fingerprint, _dumps_store(axis_names), _dumps_store(labels), meta_json))
+                sweep_id = cur.lastrowid
+                conn.executemany("INSERT INTO sweep_jobs (sweep_id, position, job_id) VALUES (?, ?, ?)",
+                                 [(sweep_id, i, j) for i, j in enumerate(job_ids)])
         return sweep_id
 
     def write(self, record: Mapping) -> None:
@@ -610,6 +735,62 @@ class Store:
         if self.readonly:
             raise StoreError(f"store {self.path} was opened read-only")
 
+    # --- claims: which driver runs which job ---
+    def claim(self, job_id: str, driver: "Driver", since: float | None = None,
+              stale_after: float = DEFAULT_STALE_AFTER) -> tuple[str, dict | None]:
+        """Try to make ``driver`` the one that runs ``job_id``, in one transaction. Returns ``(outcome, owner)``:
+
+        - ``("stored", None)``: a record of the job was written at or after ``since`` (another driver ran it
+          while this one was going; pass the time the driver started);
+        - ``("busy", owner)``: a live driver holds it (``owner`` is its claim: driver, host, pid, started,
+          heartbeat); skip it for now;
+        - ``("claimed", None)``: it is ``driver``'s now; ``("taken_over", owner)``: it was, until now, claimed by
+          a driver that is dead (on this host its pid is gone) or silent for more than ``stale_after`` seconds.
+        """
+        self._writable()
+        now = time.time()
+        with self._guard(f"claiming job {job_id}") as conn, self._write_transaction(conn):
+            if since is not None and conn.execute("SELECT 1 FROM jobs WHERE job_id = ? AND created >= ?",
+                                                  (job_id, since)).fetchone():
+                return "stored", None
+            row = conn.execute(f"SELECT {_CLAIM_COLS} FROM claims WHERE job_id = ?", (job_id,)).fetchone()
+            owner = _claim_dict(row) if row is not None else None
+            if owner is not None and owner["driver"] != driver.id and _claim_live(owner, now, stale_after):
+                return "busy", owner
+            conn.execute("INSERT OR REPLACE INTO claims (job_id, driver, host, pid, started, claimed, heartbeat) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (job_id, driver.id, driver.host, driver.pid, driver.started, now, now))
+        if owner is not None and owner["driver"] != driver.id:
+            return "taken_over", owner
+        return "claimed", None
+
+    def heartbeat(self, driver: "Driver") -> int:
+        """Mark every claim of ``driver`` alive now; returns how many it holds."""
+        self._writable()
+        with self._guard("refreshing claims") as conn:
+            return conn.execute("UPDATE claims SET heartbeat = ? WHERE driver = ?",
+                                (time.time(), driver.id)).rowcount
+
+    def release(self, driver: "Driver", job_ids=None) -> None:
+        """Drop ``driver``'s claims on ``job_ids`` (all of them if None): the jobs are finished or abandoned."""
+        self._writable()
+        with self._guard("releasing claims") as conn:
+            if job_ids is None:
+                conn.execute("DELETE FROM claims WHERE driver = ?", (driver.id,))
+            else:
+                conn.executemany("DELETE FROM claims WHERE job_id = ? AND driver = ?",
+                                 [(str(j), driver.id) for j in job_ids])
+
+    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
+        """The claims of drivers that are alive (see ``claim``): job_id, driver, host, pid, started, claimed,
+        heartbeat. Empty for a schema-1 store opened read-only."""
+        with self._guard("reading claims") as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'claims'").fetchone():
+                return []
+            rows = conn.execute(f"SELECT {_CLAIM_COLS} FROM claims ORDER BY claimed").fetchall()
+        now = time.time()
+        return [c for c in map(_claim_dict, rows) if _claim_live(c, now, stale_after)]
+
     # --- reading ---
     def done_ids(self) -> set:
         """Ids of the jobs stored with a status other than ``failed`` (a resumed sweep skips these)."""
@@ -624,7 +805,8 @@ class Store:
 
     def _records(self, conn, job_ids):
         if job_ids is None:
-            return [self._decode(r) for r in conn.execute(_SELECT + " ORDER BY created, rowid")]
+            rows = conn.execute(_SELECT + " ORDER BY created, rowid").fetchall()
+            return [r for r in map(self._decode, rows) if r is not None]
         job_ids = [str(j) for j in job_ids]
         found = {}
         unique = list(dict.fromkeys(job_ids))
@@ -634,16 +816,20 @@ class Store:
             for r in conn.execute(q, chunk):
                 found[r[0]] = r
         decoded = {j: self._decode(r) for j, r in found.items()}
-        return [decoded[j] for j in job_ids if j in decoded]
+        return [decoded[j] for j in job_ids if decoded.get(j) is not None]
 
     def _decode(self, row):
+        """The record of a row, or None for a damaged row: it is named in a warning and in ``self.damaged``,
+        and readers go on without it (a resumed sweep trains the job again and overwrites the row)."""
         try:
             return _decode(row)
-        except StoreError:
-            raise
         except Exception as e:  # a damaged blob or layout: SQLite keeps no checksums of its contents
-            raise StoreError(f"job {row[0]} in {self.path} is damaged and cannot be read: "
-                             f"{type(e).__name__}: {e}") from e
+            why = f"{type(e).__name__}: {e}"
+            if row[0] not in self.damaged:
+                warnings.warn(f"job {row[0]} in {self.path} is damaged and is skipped ({why}); a resumed sweep "
+                              "trains it again", stacklevel=4)
+            self.damaged[row[0]] = why
+            return None
 
     def sweeps(self) -> list[dict]:
         """The recorded sweeps, oldest first: id, created, last_run, runs, axis_names, axis_values (labels),
