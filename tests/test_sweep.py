@@ -420,7 +420,7 @@ def touch_bfn(bsz, gen, X, y, touch, dim=8):
     ([[16, 32]], "WIDTH", TypeError, ["iterator_names", "one name per iterator"]),
     ([[16, 32], [0, "b"]], ["WIDTH", "trial"], TypeError, ["trial", "integers"]),
     ([[16, 16]], ["WIDTH"], ValueError, ["'WIDTH'", "repeat"]),
-    ([[2, 0]], ["DEPTH"], ConfigError, ["DEPTH must be >= 1"]),
+    ([[2, 0]], ["DEPTH"], ConfigError, ["DEPTH", "0", "[1, inf)"]),
     ([[16, "wide"]], ["WIDTH"], ConfigError, ["WIDTH", "'wide'"]),
 ])
 def test_bad_sweeps_fail_clearly_before_any_job_runs(tmp_path, iterators, names, exc, words):

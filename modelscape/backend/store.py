@@ -50,13 +50,13 @@ APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite fil
 DB_NAME = "results.db"
 PAGE_SIZE = 32768
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
-IDENTITY_VERSION = 1  # bump when the identity recipe changes, so old and new ids never collide
+IDENTITY_VERSION = 2  # bump when the identity recipe changes, so old and new ids never collide (2: code)
 
 # Hyperparameters that cannot change a job's numbers: where it runs, how loudly, where results go, whether
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
 # VERBOSE on still finds the jobs already stored.
 NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVICE", "RESULTS_DIR", "EXPT_NAME",
-                             "RESUME"})
+                             "RESUME", "CLAIM_TIMEOUT"})
 
 STATUSES = ("done", "not_reached", "diverged", "failed")
 
@@ -273,9 +273,10 @@ def _canon(obj, depth=0):
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if isinstance(obj, functools.partial):
-        return {"__partial__": _qualname(obj.func), "args": _canon(obj.args, d), "kwargs": _canon(obj.keywords, d)}
+        return {"__partial__": _qualname(obj.func), "code": code_fingerprint(obj.func),
+                "args": _canon(obj.args, d), "kwargs": _canon(obj.keywords, d)}
     if callable(obj):
-        return {"__callable__": _qualname(obj)}
+        return {"__callable__": _qualname(obj), "code": code_fingerprint(obj)}
     if hasattr(obj, "__dict__"):
         return {"__object__": _qualname(type(obj)), "state": _canon(vars(obj), d)}
     r = repr(obj)
@@ -285,6 +286,157 @@ def _canon(obj, depth=0):
 
 def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+# --- code fingerprints ------------------------------------------------------------------------------------
+
+# Code from these top-level modules counts by its name: its version is recorded with each sweep (provenance),
+# and hashing torch's own classes would tie every id to one torch build.
+_LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "builtins", "scipy", "sklearn"}
+_CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                         "__firstlineno__", "__static_attributes__", "__parameters__", "__orig_bases__"})
+_fingerprinting: set = set()  # ids of the objects being fingerprinted right now (a class naming itself)
+_unreadable_warned: set = set()
+
+
+def _is_library(obj) -> bool:
+    mod = getattr(obj, "__module__", None) or ""
+    return mod.split(".")[0] in _LIBRARIES
+
+
+def code_fingerprint(obj) -> str | None:
+    """sha256 of the code of a user function or class; None (after a warning, once) if it cannot be read.
+
+    A function counts by its bytecode, constants (nested functions' code included), the names it uses, its
+    default arguments, the values its closure captured, and the user functions, classes and plain constants
+    (numbers, strings) it names as globals; its docstring, comments, formatting and line numbers do not count.
+    A class counts by the code of its methods (properties, static and class methods included), its plain class
+    attributes and its user-defined base classes; a callable object by its class. Code of the standard
+    library, torch, numpy, scipy and scikit-learn counts by name. Stable across processes; bytecode differs
+    between Python versions, so a new Python version means new ids.
+    """
+    cache = _digest_cache
+    key = ("code", id(obj))
+    if cache is not None and key in cache:
+        return cache[key][1]
+    if _is_library(obj) and not isinstance(obj, functools.partial):
+        digest = hashlib.sha256(_qualname(obj).encode()).hexdigest()
+    else:
+        items = _code_items(obj)
+        if items is None:
+            name = _qualname(obj)
+            if name not in _unreadable_warned:
+                _unreadable_warned.add(name)
+                warnings.warn(f"cannot read the code of {name} ({type(obj).__name__}); the job identity counts it "
+                              "by its name only, so edits to it will not retrain stored jobs", stacklevel=3)
+            return None
+        digest = hashlib.sha256(_dumps(items).encode()).hexdigest()
+    if cache is not None:
+        cache[key] = (obj, digest)
+    return digest
+
+
+def _code_items(obj):
+    """A JSON-able structure standing for ``obj``'s code, or None if there is none to read."""
+    import inspect
+    import types
+    if id(obj) in _fingerprinting:
+        return {"cycle": _qualname(obj)}
+    _fingerprinting.add(id(obj))
+    try:
+        if isinstance(obj, functools.partial):
+            return {"partial": _code_items(obj.func), "args": _canon(obj.args), "kwargs": _canon(obj.keywords)}
+        if _is_library(obj):
+            return {"library": _qualname(obj)}
+        if inspect.ismethod(obj):
+            return {"method": _code_items(obj.__func__)}
+        if isinstance(obj, types.FunctionType):
+            return _function_items(obj)
+        if isinstance(obj, type):
+            return _class_items(obj)
+        if callable(obj) and hasattr(type(obj), "__call__") and not isinstance(obj, types.BuiltinFunctionType):
+            return {"instance_of": _code_items(type(obj))}
+        return None
+    finally:
+        _fingerprinting.discard(id(obj))
+
+
+def _code_object_items(co, doc=None):
+    import inspect
+    consts = [c for k, c in enumerate(co.co_consts) if not (k == 0 and doc is not None and c == doc)]
+    return {"bytecode": co.co_code.hex(), "names": list(co.co_names), "args": [co.co_argcount, co.co_kwonlyargcount],
+            "consts": [_code_object_items(c) if inspect.iscode(c) else _canon(c) for c in consts]}
+
+
+def _function_items(fn):
+    import types
+    out = _code_object_items(fn.__code__, fn.__doc__)
+    out["defaults"] = _canon([fn.__defaults__, fn.__kwdefaults__])
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(_canon(cell.cell_contents))
+        except ValueError:  # an empty cell
+            cells.append(None)
+    out["closure"] = cells
+    refs = {}
+    for name in fn.__code__.co_names:
+        if name not in fn.__globals__:
+            continue
+        v = fn.__globals__[name]
+        if isinstance(v, (types.FunctionType, type, functools.partial)):
+            if not _is_library(v):
+                refs[name] = code_fingerprint(v) or _qualname(v)
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            refs[name] = _canon(v)
+    out["globals"] = refs
+    if getattr(fn, "__wrapped__", None) is not None:  # functools.wraps: the decorated function counts too
+        out["wrapped"] = _code_items(fn.__wrapped__)
+    return out
+
+
+def _class_items(cls):
+    import types
+    members = {}
+    for name, v in sorted(vars(cls).items()):
+        if name in _CLASS_SKIP:
+            continue
+        if isinstance(v, (staticmethod, classmethod)):
+            v = v.__func__
+        if isinstance(v, property):
+            members[name] = [_code_items(f) for f in (v.fget, v.fset, v.fdel) if f is not None]
+        elif isinstance(v, (types.FunctionType, type)):
+            members[name] = _code_items(v)
+        elif v is None or isinstance(v, (bool, int, float, str, tuple, list, frozenset)):
+            members[name] = _canon(v)
+    bases = [_code_items(b) for b in cls.__bases__ if b is not object]
+    return {"class": members, "bases": bases}
+
+
+def code_versions(*objs) -> dict:
+    """``{module.qualname: first 12 hex digits of its code_fingerprint}`` of every user callable in ``objs``
+    (walking dicts, lists and tuples), e.g. the config and bfn_config of a job. Library code is left out;
+    a function whose code cannot be read shows ``"name-only"``."""
+    out = {}
+
+    def walk(obj, depth=0):
+        if depth > 20:
+            return
+        if isinstance(obj, Mapping):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif isinstance(obj, functools.partial):
+            walk(obj.func, depth + 1)
+        elif callable(obj) and not _is_library(obj) and not _torch_tensor(obj):
+            fp = code_fingerprint(obj)
+            out[_qualname(obj)] = fp[:12] if fp else "name-only"
+
+    for o in objs:
+        walk(o)
+    return dict(sorted(out.items()))
 
 
 def _identity_axis_value(name, value):
@@ -306,10 +458,10 @@ def job_identity(config: dict, bfn_config: dict, axes: dict) -> str:
     that change numbers, and user keys), every entry of ``bfn_config``, and the axis values ``axes`` (schema
     hyperparameters coerced to their type, so LR=1 and LR=1.0 agree). Within these, arrays and tensors count by
     dtype, shape and bytes (a numpy array and a tensor with equal contents agree); callables (the base batch
-    function, a model class, grabs in ``otherreturns``, ``post_init_fn``) count by ``module.qualname`` only,
-    so editing a function's body does not change the id (re-run with RESUME=False after such an edit); dicts
+    function, a model class, grabs in ``otherreturns``, ``post_init_fn``, a LOSS or OPTIMIZER given as code)
+    count by ``module.qualname`` and ``code_fingerprint``, so editing a function's body trains anew; dicts
     count independently of key order; other objects by their type and attributes. Stable across processes
-    and machines (no ``hash()``).
+    and machines (no ``hash()``, no addresses).
     """
     payload = {
         "version": IDENTITY_VERSION,
@@ -350,6 +502,30 @@ def jsonable(obj):
     if callable(obj):
         return _qualname(obj)
     return str(obj)
+
+
+def provenance(cwd=None) -> dict:
+    """Where and with what a sweep runs: host, Python, modelscape, torch and numpy versions, and the git commit
+    of ``cwd`` (default: the working directory) with ``git_dirty`` (uncommitted changes); git fields are None
+    outside a repository or without git."""
+    import platform
+    import subprocess
+
+    import modelscape
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd or os.getcwd(), capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    torch = sys.modules.get("torch")
+    return {"host": socket.gethostname(), "python": platform.python_version(), "modelscape": modelscape.__version__,
+            "torch": getattr(torch, "__version__", None), "numpy": np.__version__,
+            "git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
 # --- records <-> rows ---------------------------------------------------------------------------------
