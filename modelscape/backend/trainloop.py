@@ -41,6 +41,10 @@ def match_shapes(out, y):
     return out
 
 
+# What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
+_STORABLE_KINDS = "biufcU"
+
+
 def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
     vals = {}
     for name, fn in grabs.items():
@@ -49,8 +53,25 @@ def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
         except Exception as e:
             raise RuntimeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) raised "
                                f"{type(e).__name__}: {e}") from e
-        vals[name] = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
+        arr = None if v is None or isinstance(v, (dict, set)) else np.array(to_numpy(v))
+        # a copy (np.array): on the CPU to_numpy of a live parameter is a view
+        if arr is None or arr.dtype.kind not in _STORABLE_KINDS:
+            raise TypeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) returned a {type(v).__name__}"
+                            f"{'' if arr is None else f' (as an array: dtype {arr.dtype})'}, which cannot be "
+                            "stored: return a number, a string, or an array or tensor of numbers")
+        vals[name] = arr
     return vals
+
+
+def check_grabs(grabs, model, X, y, X_te, y_te, opt, grab_kwargs) -> None:
+    """Call every grab once on the model as it is (before training) and raise TypeError naming a grab whose
+    value cannot be stored, so a bad grab costs no training. The RNG states are put back afterwards, so the
+    check changes no number of the job."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=cuda):
+        _grab_values(grabs, model, X, y, X_te, y_te, opt, grab_kwargs)
+    np.random.set_state(np_state)
 
 
 def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
@@ -64,6 +85,9 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     is the first step whose EMA train loss is below ``thresholds[j]`` (NaN if never). The job stops once all
     are crossed, after ``max_iter`` steps, or at the first NaN/inf loss (status ``diverged``). Losses are read
     back every ``sync_every`` steps so a GPU is not stalled every step; timekeys are exact regardless.
+
+    Every grab is called once before the first update (``check_grabs``): one returning something the store
+    cannot keep (None, a dict, an object) fails the job there, before any training.
 
     Returns a dict: status, steps, thresholds, timekeys, train_loss (final EMA), test_loss (final model),
     and unless ``only_thresholds``: train_curve (EMA per step), train_raw (loss per step), eval_steps,
@@ -101,9 +125,12 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
             for name, v in _grab_values(grabs, grab_model, X, y, X_te, y_te, opt, grab_kwargs).items():
                 grab_trace[name].append(v)
 
+    record_at_start = curves and eval_every > 0
     while step < max_iter:
         X, y = batch_fn(step)
-        if curves and eval_every > 0 and step % eval_every == 0:
+        if step == 0 and grabs and not record_at_start:  # with curves, record_eval(0) checks them just below
+            check_grabs(grabs, grab_model, X, y, X_te, y_te, opt, grab_kwargs)
+        if record_at_start and step % eval_every == 0:
             record_eval(step)
         out = model(X)
         loss = loss_fn(match_shapes(out, y), y)
