@@ -186,12 +186,27 @@ def _identities(st, jobs, bfn_config):
         return [None] * len(jobs), [None] * len(jobs)
     from modelscape.backend.store import code_versions, identity_cache, job_identity
     with identity_cache():  # a dataset in bfn_config, and each function's code, is hashed once, not once per job
-        ids = [job_identity(cfg, bfn_config, axes) for axes, _, cfg in jobs]
-        codes = [code_versions(cfg, bfn_config) for _, _, cfg in jobs]
+        ids, codes = [], []
+        for axes, _, cfg in jobs:
+            code = {**bfn_config, **_file_code(cfg, bfn_config)}
+            ids.append(job_identity(cfg, code, axes))
+            codes.append(code_versions(cfg, code))
     if len(set(ids)) != len(ids):
         raise ConfigError("two jobs of this sweep have the same identity: an axis repeats a value, or an "
                           "axis changes nothing the job sees")
     return ids, codes
+
+
+def _file_code(cfg, bfn_config) -> dict:
+    """The functions a job loads from files (``bfn_file``/``bfn_name``, ``MODEL_FILE``/``MODEL_NAME``), so that
+    their code, not only the file's name, enters the job's identity."""
+    from modelscape.backend.job import get_base_bfn, get_model_class
+    out = {}
+    if bfn_config.get("base_bfn") is None and bfn_config.get("bfn_file"):
+        out["bfn_file_code"] = get_base_bfn(bfn_config)
+    if cfg.get("MODEL_FILE"):
+        out["model_file_code"] = get_model_class(cfg)
+    return out
 
 
 def _stored_records(st, ids) -> dict:

@@ -673,13 +673,13 @@ def resolve_db_path(path, create: bool = False) -> Path:
     with ``create`` the missing directories are made, without it a missing store is a StoreError.
     """
     p = Path(os.fspath(path)).expanduser()
-    if p.is_dir():
+    if p.exists():  # checked first: another process may be creating the directory right now
+        if not p.is_dir():
+            return p
         db = p / DB_NAME
         if not create and not db.exists():
             raise StoreError(f"no results store in {p}: it holds no {DB_NAME}")
         return db
-    if p.exists():
-        return p
     if not create:
         raise StoreError(f"no results store at {p}: no such file or directory")
     if p.suffix.lower() in DB_SUFFIXES:
@@ -718,7 +718,7 @@ class Store:
             self._conn = self._connect(timeout)
             self._check_schema()
             if not readonly:
-                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._enable_wal(timeout)
                 self._conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
             self.close()
@@ -726,6 +726,19 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    def _enable_wal(self, timeout):
+        """Switch the file to WAL (once: the mode is stored in the file). The switch needs the file to itself
+        and SQLite reports "locked" at once, without waiting, while another process has it open (several
+        processes opening a new store together): try again until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _connect(self, timeout):
         def connect(target, uri=False):
