@@ -138,7 +138,7 @@ def sweep_rows(store: Store, sweep=None):
     for job_id, key in zip(ids, itertools.product(*res.axis_values)):
         rec = by_key.get(key)
         if rec is None and job_id in store.damaged:
-            rec = {"status": "damaged", "error": f"damaged row, skipped: {store.damaged[job_id]}"}
+            rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
         rows.append((dict(zip(res.axis_names, key)), rec))
     return sweep, res.axis_names, rows
 

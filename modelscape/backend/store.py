@@ -354,9 +354,9 @@ def _code_items(obj):
             return _function_items(obj)
         if isinstance(obj, type):
             return _class_items(obj)
-        if callable(obj) and hasattr(type(obj), "__call__") and not isinstance(obj, types.BuiltinFunctionType):
+        if isinstance(getattr(type(obj), "__call__", None), types.FunctionType):  # an object with a Python __call__
             return {"instance_of": _code_items(type(obj))}
-        return None
+        return None  # compiled code (a C or Cython function) has nothing to read
     finally:
         _fingerprinting.discard(id(obj))
 
@@ -620,8 +620,9 @@ def _dumps_store(obj) -> str:
     return json.dumps(obj, allow_nan=True, separators=(",", ":"))
 
 
+# CAST: a damaged row may hold text where the blob belongs; read as bytes, it fails to decode as that row alone
 _SELECT = ("SELECT job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, "
-           "test_loss, layout, arrays FROM jobs")
+           "test_loss, layout, CAST(arrays AS BLOB) FROM jobs")
 
 
 def _decode(row) -> dict:
@@ -743,6 +744,9 @@ class Store:
     def _connect(self, timeout):
         def connect(target, uri=False):
             conn = sqlite3.connect(target, uri=uri, timeout=timeout, isolation_level=None, check_same_thread=False)
+            # Text that is not UTF-8 (a damaged row) must not fail a whole query: it decodes with U+FFFD marks,
+            # and the row's JSON then fails to parse, which names that one row as damaged.
+            conn.text_factory = lambda b: b.decode("utf-8", "replace")
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             return conn
 
