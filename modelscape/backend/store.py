@@ -331,7 +331,7 @@ def code_fingerprint(obj) -> str | None:
                               "by its name only, so edits to it will not retrain stored jobs", stacklevel=3)
             return None
         digest = hashlib.sha256(_dumps(items).encode()).hexdigest()
-    if cache is not None:
+    if cache is not None and not _fingerprinting:  # inside a cycle (a recursive function) the digest is partial
         cache[key] = (obj, digest)
     return digest
 
