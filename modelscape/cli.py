@@ -124,8 +124,9 @@ def _matches(label, text: str) -> bool:
 
 def sweep_rows(store: Store, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
-    order (None where a job is not stored yet; ``{"status": "damaged", "error": why}`` where its row cannot be
-    read), or every stored job when the store has no sweep."""
+    order (None where a job is not stored yet, ``{"status": "running"}`` where a live driver holds it,
+    ``{"status": "damaged", "error": why}`` where its row cannot be read), or every stored job when the store
+    has no sweep."""
     sweep = sweep if sweep is not None else store.latest_sweep()
     if sweep is None:
         records = store.records()
@@ -134,11 +135,15 @@ def sweep_rows(store: Store, sweep=None):
     res = store.results(sweep)
     by_key = {res.key(r): r for r in res.records}
     ids = store.sweep_job_ids(sweep)
+    running = {c["job_id"]: c for c in store.live_claims()}
     rows = []
     for job_id, key in zip(ids, itertools.product(*res.axis_values)):
         rec = by_key.get(key)
         if rec is None and job_id in store.damaged:
             rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
+        elif rec is None and job_id in running:  # claimed by a live driver: running or about to
+            rec = {"job_id": job_id, "status": "running", "device": f"{running[job_id]['host']} pid "
+                   f"{running[job_id]['pid']}"}
         rows.append((dict(zip(res.axis_names, key)), rec))
     return sweep, res.axis_names, rows
 
@@ -316,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a table of a sweep's jobs")
     show.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")
     show.add_argument("--status", action="append", metavar="S",
-                      help=f"only jobs with this status ({', '.join(STATUSES)}, pending, damaged); repeatable")
+                      help=f"only jobs with this status ({', '.join(STATUSES)}, running, pending, damaged); "
+                      "repeatable")
     show.add_argument("--where", action="append", metavar="AXIS=VALUE", help="only jobs with this axis value; "
                       "repeatable (all must hold)")
     show.add_argument("--sweep", type=int, metavar="N", help="sweep id (default: the latest)")

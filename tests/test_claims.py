@@ -155,3 +155,21 @@ def test_a_schema_1_store_is_read_and_migrated_on_write(tmp_path):
         me.stop()
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_show_marks_the_jobs_a_live_driver_holds_as_running(tmp_path, capsys):
+    from modelscape import cli
+    other = Driver.start()
+    try:
+        with Store(tmp_path / "expt") as st:
+            st.begin_sweep(["WIDTH"], [[8, 16, 32]], ["a", "b", "c"])
+            st.write({"job_id": "a", "status": "done", "axes": {"WIDTH": 8}})
+            st.claim("b", other)
+        assert cli.main(["show", str(tmp_path / "expt")]) == 0
+        rows = [ln.split()[:2] for ln in capsys.readouterr().out.splitlines()[1:]]
+        assert rows == [["8", "done"], ["16", "running"], ["32", "pending"]]
+        other.stop()  # its process "died": the claim is dead, the job pending again
+        assert cli.main(["show", str(tmp_path / "expt")]) == 0
+        assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["16", "pending"]
+    finally:
+        other.stop()

@@ -700,9 +700,10 @@ class Store:
     """The SQLite results store of one experiment. ``Store(path)`` opens (creating it if needed) ``path``
     if it is a .db file, else ``path/results.db``; ``readonly=True`` opens an existing store for reading only.
 
-    Only the sweep's driver writes; any number of processes may read meanwhile. A file that is not a
-    modelscape store raises ``StoreError`` naming it. Usable as a context manager; safe to share between
-    threads of one process (calls are serialized).
+    Drivers write (several may share a store: see ``claim``); any number of processes may read meanwhile.
+    A file that is not a modelscape store raises ``StoreError`` naming it. Usable as a context manager; safe
+    to share between threads of one process (calls are serialized). A read-only store in a directory SQLite
+    cannot write to is opened as an immutable file (``immutable`` is then True).
     """
 
     def __init__(self, path, readonly: bool = False, timeout: float = 30.0):

@@ -53,12 +53,10 @@ def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
         except Exception as e:
             raise RuntimeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) raised "
                                f"{type(e).__name__}: {e}") from e
-        arr = None if v is None or isinstance(v, (dict, set)) else np.array(to_numpy(v))
-        # a copy (np.array): on the CPU to_numpy of a live parameter is a view
-        if arr is None or arr.dtype.kind not in _STORABLE_KINDS:
-            raise TypeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) returned a {type(v).__name__}"
-                            f"{'' if arr is None else f' (as an array: dtype {arr.dtype})'}, which cannot be "
-                            "stored: return a number, a string, or an array or tensor of numbers")
+        arr = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
+        if arr.dtype.kind not in _STORABLE_KINDS:  # None, a dict, any object: dtype object
+            raise TypeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) returned a {type(v).__name__}, "
+                            "which cannot be stored: return a number, a string, or an array or tensor of numbers")
         vals[name] = arr
     return vals
 
