@@ -30,17 +30,19 @@ torch.set_num_threads(1)
 from modelscape.backend.job_iterator import main
 from test_resume import BFN
 from test_claims import SMALL
-res = main(json.loads(sys.argv[2]), ["WIDTH", "LR", "trial"], SMALL, BFN, executor="inprocess", store=sys.argv[1],
+cfg = dict(SMALL, CLAIM_TIMEOUT=float(sys.argv[3]))
+res = main(json.loads(sys.argv[2]), ["WIDTH", "LR", "trial"], cfg, BFN, executor="inprocess", store=sys.argv[1],
            progress=False)
 print("finished", len(res.records), flush=True)
 """
 
 
-def start_driver(tmp_path, store, log, sleep, iters=SWEEP):
+def start_driver(tmp_path, store, log, sleep, iters=SWEEP, claim_timeout=30.0):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER_SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(store), json.dumps(iters)], env=sub_env(log, sleep),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script), str(store), json.dumps(iters), str(claim_timeout)],
+                            env=sub_env(log, sleep), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def trainings(log):
@@ -93,6 +95,21 @@ def test_a_dead_drivers_claims_are_taken_over_at_once_on_the_same_host(tmp_path,
     assert len(res.records) == 12 and set(second.values()) == {1}
     assert len(second) == 12 - stored_before  # the killed driver's stored jobs are not trained again
     assert set(first) | set(second) == {(w, lr, t) for w in iters[0] for lr in iters[1] for t in iters[2]}
+
+
+def test_the_heartbeat_thread_keeps_a_drivers_claims_alive_and_close_releases_them(tmp_path):
+    from modelscape.backend.job_iterator import _Claims
+    with Store(tmp_path / "s.db") as st:
+        claims = _Claims(st, stale_after=1.2)  # beats every 0.2 s
+        try:
+            assert claims.claim("job", since=None) == "claimed"
+            time.sleep(2.5)  # twice the timeout: alive only if the thread refreshed the claim meanwhile
+            (live,) = st.live_claims(stale_after=1.2)
+            assert live["job_id"] == "job" and time.time() - live["heartbeat"] < 1.2
+            assert live["heartbeat"] > live["claimed"] + 1.0
+        finally:
+            claims.close()
+        assert st.live_claims(stale_after=1e9) == [] and not claims._thread.is_alive()
 
 
 def _fake_claim(st, job_id, host, pid, heartbeat):
