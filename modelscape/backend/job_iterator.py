@@ -1,4 +1,4 @@
-"""The sweep: expand the cartesian product, skip what is stored, dispatch, collect, store, report."""
+"""The sweep: expand the cartesian product, skip what is stored, claim, dispatch, collect, store, report."""
 from __future__ import annotations
 
 import itertools
@@ -135,8 +135,10 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     bar = _progress(len(jobs), len(jobs) - len(todo), progress)
     counts, dispatch = {}, None
     try:
-        specs = (lambda i: JobSpec(i, jobs[i][0], jobs[i][1], context_id, context))
-        dispatch = _dispatch(executor, specs, todo, ids, st, since, base["CLAIM_TIMEOUT"])
+        def spec_of(i):
+            return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+
+        dispatch = _dispatch(executor, spec_of, todo, ids, st, since, base["CLAIM_TIMEOUT"])
         for i, record, ran_here in dispatch:
             if ran_here:
                 for k in _INTERNAL:
