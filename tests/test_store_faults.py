@@ -381,3 +381,15 @@ def test_provenance_is_recorded_shown_and_exported(tmp_path, monkeypatch, capsys
     with xr.open_dataset(nc) as ds:
         assert ds.attrs["git_commit"] == commit and ds.attrs["hp_LR"] == 0.05
         assert ds.attrs["torch"] == torch.__version__ and list(np.atleast_1d(ds.attrs["hp_LOSS_CHECKPOINTS"])) == [1e-9]
+
+
+def test_show_has_a_code_column_when_jobs_ran_different_code(tmp_path, capsys):
+    with Store(tmp_path / "expt") as st:
+        st.begin_sweep(["WIDTH"], [[8, 16]], ["a", "b"])
+        st.write({"job_id": "a", "status": "done", "axes": {"WIDTH": 8}, "code": {"m.bfn": "111111111111"}})
+        st.write({"job_id": "b", "status": "done", "axes": {"WIDTH": 16}, "code": {"m.bfn": "222222222222"}})
+    assert cli.main(["show", str(tmp_path / "expt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "code"
+    assert lines[1].split()[-1] == "bfn=11111111" and lines[2].split()[-1] == "bfn=22222222"
+    assert not any(ln.startswith("code: ") for ln in lines)
