@@ -12,7 +12,6 @@ import sys
 import time
 from collections import Counter
 
-import pytest
 
 from modelscape.backend.store import Driver, Store
 

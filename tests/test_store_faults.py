@@ -8,7 +8,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -17,7 +16,7 @@ import pytest
 
 from modelscape import cli
 from modelscape.backend.job_iterator import main
-from modelscape.backend.store import Store, StoreError, load
+from modelscape.backend.store import Store, load
 from modelscape.config import SCHEMA, ConfigError
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
