@@ -87,10 +87,16 @@ SCHEMA: tuple[HP, ...] = (
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution"),
+    HP("THREADS", int, 0, "Torch threads per job; 0 = the cores divided among the jobs that run at once (1 "
+       "each when a pool fills the cores).", group="execution"),
+    HP("JOB_TIMEOUT", float, None, "Seconds a job may run: past it, its worker process is killed and replaced and "
+       "the job recorded as `timeout` (None: no limit; the pool only).", group="execution"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
+    HP("RETRY_FAILED", bool, False, "On resume, also re-run the jobs stored as `crashed` (killed their worker "
+       "twice) or `timeout`; `failed` jobs are always re-run.", group="results"),
 )
 
 BY_NAME: dict[str, HP] = {hp.name: hp for hp in SCHEMA}
@@ -287,6 +293,10 @@ def check_job_config(cfg: dict) -> None:
         raise ConfigError(f"EMA_SMOOTHER must be in [0, 1), got {cfg['EMA_SMOOTHER']}")
     if cfg["MAX_ITER"] < 1:
         raise ConfigError(f"MAX_ITER must be >= 1, got {cfg['MAX_ITER']}")
+    if cfg["THREADS"] < 0:
+        raise ConfigError(f"THREADS must be >= 0 (0 = automatic), got {cfg['THREADS']}")
+    if cfg["JOB_TIMEOUT"] is not None and not cfg["JOB_TIMEOUT"] > 0:
+        raise ConfigError(f"JOB_TIMEOUT must be a positive number of seconds or None, got {cfg['JOB_TIMEOUT']}")
     if not cfg["LOSS_CHECKPOINTS"]:
         raise ConfigError("LOSS_CHECKPOINTS is empty; give at least one threshold")
 

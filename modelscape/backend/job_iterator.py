@@ -87,6 +87,33 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     """
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
+    # Start the workers first: they spawn and import torch (seconds) while this process validates and hashes.
+    if use_mp is not None and executor is None:
+        executor = "pool" if use_mp else "inprocess"
+    own_executor = executor is None or isinstance(executor, str)
+    if own_executor:
+        executor = _make_executor(executor, global_config)
+    try:
+        return _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store,
+                          resume, progress)
+    finally:
+        if own_executor:
+            executor.shutdown()
+
+
+def _make_executor(kind, global_config):
+    """The executor the config asks for, from its execution keys alone (checked here, before the rest)."""
+    keys = ("EXECUTOR", "DEVICES", "WORKERS_PER_DEVICE", "THREADS", "JOB_TIMEOUT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once, by the full validation that follows
+        cfg = canonicalize({k: v for k, v in global_config.items() if k in keys}, where="global_config")
+    check_job_config(cfg)
+    return make_executor(kind or cfg["EXECUTOR"], cfg["DEVICES"], cfg["WORKERS_PER_DEVICE"], cfg["THREADS"],
+                         cfg["JOB_TIMEOUT"])
+
+
+def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store, resume,
+               progress):
     names, values = _materialize(iterators, iterator_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -121,14 +148,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
                               "axis changes nothing the job sees")
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta={"argv": sys.argv, "time": time.time()})
-    done_ids = st.done_ids() if (st is not None and resume) else set()
-
-    if use_mp is not None and executor is None:
-        executor = "pool" if use_mp else "inprocess"
-    executor = executor or base["EXECUTOR"]
-    own_executor = isinstance(executor, str)
-    if own_executor:
-        executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"])
+    done_ids = st.done_ids(base["RETRY_FAILED"]) if (st is not None and resume) else set()
 
     context = (global_config, bfn_config)
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in done_ids]
@@ -157,11 +177,16 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
             if bar is not None:
                 bar.set_postfix_str(_postfix(counts, record), refresh=False)
                 bar.update(1)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        lost = executor.in_flight()
+        if own_executor:  # a pool the caller passed in stays theirs to shut down
+            executor.shutdown(now=True)
+        _interrupted(len(records), len(jobs), lost, st is not None)
     finally:
         if bar is not None:
             bar.close()
-        if own_executor:
-            executor.shutdown()
         if own_store:
             st.close()
     order = ids if st is not None else list(range(len(jobs)))
@@ -169,6 +194,24 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if progress:
         print(summary(result), file=sys.stderr)
     return result
+
+
+def _interrupted(n_done, n_jobs, lost, stored):
+    """Ctrl-C: one line instead of a traceback; exit status 130 (SIGINT's) from a script, and the
+    KeyboardInterrupt itself in an interactive session (a notebook's cell stops as usual)."""
+    what = "re-run to resume" if stored else "nothing was stored (store=False)"
+    print(f"\ninterrupted: {n_done} of {n_jobs} jobs done, {lost} lost in flight; {what}", file=sys.stderr,
+          flush=True)
+    if _interactive():
+        raise KeyboardInterrupt
+    raise SystemExit(130)
+
+
+def _interactive() -> bool:
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
 
 
 def _open_store(store, cfg):
@@ -221,9 +264,10 @@ def _postfix(counts, r):
 def summary(result: SweepResults) -> str:
     """A few lines: jobs by status, and the first line of each failed job's error."""
     counts = result.status_counts()
-    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "not_reached", "diverged", "failed"))
+    shown = ("done", "not_reached", "diverged", "failed") + tuple(s for s in ("crashed", "timeout") if s in counts)
+    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in shown)
              + " (done = every threshold reached; not_reached = stopped at MAX_ITER)"]
     for r in result.failed():
         err = (r.get("error") or "").strip().splitlines()
-        lines.append(f"  failed {r['axes']}: {err[-1] if err else 'unknown error'}")
+        lines.append(f"  {r['status']} {r['axes']}: {err[-1] if err else 'unknown error'}")
     return "\n".join(lines)

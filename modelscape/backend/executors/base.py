@@ -1,9 +1,26 @@
 """The executor interface and the unit of work it runs."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one, as under taskset or Slurm)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_threads(concurrent_jobs: int) -> int:
+    """Torch threads per job when THREADS is 0: the cores shared by the jobs that run at once, at least 1.
+
+    More threads than cores (several processes, each with torch's default of one thread per core) make
+    OpenMP threads wait on each other, many times slower on a busy machine."""
+    return max(1, cpu_cores() // max(1, concurrent_jobs))
 
 
 @dataclass
@@ -16,7 +33,8 @@ class JobSpec:
     overrides: dict
     context_id: object  # unique per sweep (hashable)
     context: tuple = field(repr=False)  # (global_config, bfn_config)
-    retries: int = 0
+    retries: int = 0  # CUDA out-of-memory retries so far
+    crashes: list = field(default_factory=list)  # how each earlier attempt ended its worker (one line each)
 
 
 class Executor:
@@ -28,8 +46,12 @@ class Executor:
     def as_completed(self, futures: Iterable[Future]) -> Iterator[Future]:
         raise NotImplementedError
 
-    def shutdown(self) -> None:
-        pass
+    def in_flight(self) -> int:
+        """How many jobs are running right now (lost if the sweep is interrupted)."""
+        return 0
+
+    def shutdown(self, now: bool = False) -> None:
+        """Release the workers; ``now`` kills them at once (an interrupted sweep) instead of asking."""
 
     def __enter__(self):
         return self
