@@ -155,10 +155,10 @@ def _spawning():
     try:
         yield
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for k, v in hidden.items():
             setattr(main, k, v)
+        if blocked:  # last: a Ctrl-C held back meanwhile is raised here
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 class _Worker:
