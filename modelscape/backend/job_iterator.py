@@ -77,13 +77,17 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         global_config: the hyperparameters (``vars(parse_args())``), ``otherreturns`` grabs and user keys.
         bfn_config: ``base_bfn`` (or ``bfn_file`` + ``bfn_name``) and the batch function's arguments.
         use_mp: the seed's switch: True = worker pool, False = in-process, None = EXECUTOR from the config.
-        executor: an ``Executor`` instance, or ``'auto' | 'inprocess' | 'pool'``.
+        executor: an ``Executor`` instance, or ``'auto' | 'pool'`` (each job in a worker process: the default)
+            or ``'inprocess'`` (for debugging: unprotected from a job that crashes or hangs).
         store: a path, a ``Store``, None (RESULTS_DIR/EXPT_NAME from the config) or False (keep nothing).
         resume: skip jobs already stored as done (default: RESUME from the config).
         progress: show a progress bar and the closing summary.
 
     Each job's config is a copy of ``global_config`` updated with its axis values. Its seeds derive from
     SEED and its trial only, so results do not depend on the executor or the number of workers.
+
+    Ctrl-C stops the sweep with one line (jobs done, jobs lost in flight): exit status 130 from a script, a
+    ``KeyboardInterrupt`` in an interactive session. The stored jobs are kept; a re-run resumes.
     """
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
