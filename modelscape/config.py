@@ -88,8 +88,8 @@ SCHEMA: tuple[HP, ...] = (
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution"),
-    HP("THREADS", int, 0, "Torch threads per job; 0 = the cores divided among the jobs that run at once (1 "
-       "each when a pool fills the cores).", group="execution"),
+    HP("THREADS", int, 0, "Torch threads per job; 0 = the idle cores (cores less the load average) divided "
+       "among the jobs that run at once (1 each when a pool fills the cores).", group="execution"),
     HP("JOB_TIMEOUT", float, None, "Seconds a job may run: past it, its worker process is killed and replaced and "
        "the job recorded as `timeout` (None: no limit; the pool only).", group="execution"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),

@@ -15,12 +15,23 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(concurrent_jobs: int) -> int:
-    """Torch threads per job when THREADS is 0: the cores shared by the jobs that run at once, at least 1.
+def idle_cores() -> int:
+    """The cores this process may use, less those busy with other work (the 1-minute load average, rounded),
+    at least 1."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0
+    return max(1, cpu_cores() - busy)
 
-    More threads than cores (several processes, each with torch's default of one thread per core) make
-    OpenMP threads wait on each other, many times slower on a busy machine."""
-    return max(1, cpu_cores() // max(1, concurrent_jobs))
+
+def default_threads(concurrent_jobs: int) -> int:
+    """Torch threads per job when THREADS is 0: the idle cores shared by the jobs that run at once, at least 1.
+
+    More threads than free cores make OpenMP threads wait on each other: on a 2-core machine shared with other
+    work, a small job ran 13 to 27 times slower with 2 threads than with 1 (measured in one process); one thread
+    too few costs at most the parallel speed-up."""
+    return max(1, idle_cores() // max(1, concurrent_jobs))
 
 
 @dataclass
