@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 
 import modelscape
 from modelscape.backend.cli import base_args
-from modelscape.backend.executors import InProcessExecutor, PoolExecutor, default_threads, make_executor
+from modelscape.backend.executors import PoolExecutor, default_threads, make_executor
 from modelscape.backend.executors.base import cpu_cores
 from modelscape.backend.job_iterator import main, summary
 from modelscape.config import ConfigError, canonicalize, check_job_config

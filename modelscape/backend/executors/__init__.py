@@ -40,7 +40,8 @@ def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, threads:
     """``pool`` (worker processes, one per slot; ``auto`` means the same) or ``inprocess`` (this process:
     for debugging, unprotected from a job that crashes or hangs, and unable to enforce ``job_timeout``).
 
-    ``threads``: torch threads per job (0 = the cores shared by the jobs that run at once)."""
+    ``threads``: torch threads per job (0 = ``default_threads``: the idle cores shared by the jobs that run
+    at once)."""
     where = slots(devices, workers_per_device)
     if kind == "auto":
         kind = "pool"

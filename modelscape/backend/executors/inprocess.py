@@ -15,8 +15,8 @@ from modelscape.backend.job import run_config_safe
 
 class InProcessExecutor(Executor):
     """Runs each job when ``as_completed`` reaches it, so every record is handed back (and stored) the
-    moment its job ends, not after the whole sweep. ``threads``: torch threads for each job (0 = the cores
-    of this machine), set for the job and restored afterwards."""
+    moment its job ends, not after the whole sweep. ``threads``: torch threads for each job (0 = the idle
+    cores of this machine), set for the job and restored afterwards."""
 
     def __init__(self, device: str = "cpu", threads: int = 0):
         self.device = device

@@ -206,7 +206,7 @@ class _Worker:
 class PoolExecutor(Executor):
     """Worker processes over ``slots`` (one device string per worker, e.g. ['cuda:0', 'cuda:0', 'cuda:1']).
 
-    ``threads_per_worker``: torch threads in each worker (0 or None: the cores shared among the CPU workers,
+    ``threads_per_worker``: torch threads in each worker (0 or None: the idle cores shared among the CPU workers,
     2 for a GPU worker). ``job_timeout``: seconds after which a job's worker is killed and the job recorded
     as ``timeout`` (None: no limit). The workers start at once, in the background: create the pool early and
     they import torch while the caller does other work."""
