@@ -83,8 +83,8 @@ SCHEMA: tuple[HP, ...] = (
        "0 = only at the end. The final test loss is always that of the final model.", group="training"),
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training"),
-    HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), or inprocess (for debugging; "
-       "unprotected from a job that crashes or hangs).", choices=("auto", "inprocess", "pool"),
+    HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), or inprocess "
+       "(for debugging; unprotected from a job that crashes or hangs).", choices=("auto", "inprocess", "pool"),
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution"),
