@@ -78,7 +78,7 @@ def notebook():
 def config(**kw):
     g = vars(base_args())
     g.update(PARAMETERIZATION="sp", MAX_ITER=200, N_TEST=128, N_SAMPLES=64, LOSS_CHECKPOINTS=[0.5],
-             RELATIVE_THRESHOLDS=True, WIDTH=16, EVAL_EVERY=0)
+             RELATIVE_THRESHOLDS=True, WIDTH=16, EVAL_EVERY=0, THREADS=1)
     g.update(kw)
     return g
 
@@ -96,9 +96,10 @@ def drop_wall(res):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """In-process jobs use one thread, as each of the two pool workers does on this 2-core machine (the pool
-    gives each CPU worker cores // workers threads). Tiny models gain nothing from more, and on a busy machine
-    OpenMP threads waiting on each other make them many times slower."""
+    """Jobs use one thread (THREADS=1 in ``config``; this fixture covers code run here outside a sweep), as each
+    of the two pool workers does on a 2-core machine, so in-process and pool numbers compare bit for bit. Tiny
+    models gain nothing from more, and on a busy machine OpenMP threads waiting on each other make them many
+    times slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
