@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -297,3 +298,31 @@ def test_execution_keys_defaults_and_coercion():
 def test_inprocess_warns_that_it_cannot_enforce_job_timeout():
     with pytest.warns(UserWarning, match="JOB_TIMEOUT=5.0 is not enforced"):
         make_executor("inprocess", job_timeout=5.0)
+
+
+def test_a_callers_pool_interrupted_mid_sweep_stays_usable(tmp_path, monkeypatch):
+    """Ctrl-C in a notebook while a sweep runs on the user's own pool: the pool drops the interrupted sweep's
+    jobs (none of them runs later) and runs the next sweep."""
+    import modelscape.backend.job_iterator as job_iterator
+    from modelscape.backend.executors import PoolExecutor
+    monkeypatch.setattr(job_iterator, "_interactive", lambda: True)
+    d = tmp_path
+    (d / "armed").touch()
+    bfn = dict(base_bfn=faulty_bfn, fault_dir=str(d))
+    pool = PoolExecutor(["cpu"], threads_per_worker=1)
+    try:
+        def interrupt_once_started():
+            while not (d / "attempts").exists():
+                time.sleep(0.05)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        threading.Thread(target=interrupt_once_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):  # the hanging job is the first
+            main([[HANG, HEALTHY, 22]], ["WIDTH"], config(), bfn, executor=pool, store=False, progress=False)
+        assert pool.in_flight() == 0
+        attempts(d)
+        res = main([[24]], ["WIDTH"], config(), bfn, executor=pool, store=False, progress=False)
+        assert res.status_counts() == {"not_reached": 1} or res.status_counts() == {"done": 1}
+        assert sorted(attempts(d)) == [24], "a job of the interrupted sweep ran later"
+    finally:
+        pool.shutdown()

@@ -185,8 +185,10 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
         if bar is not None:
             bar.close()
         lost = executor.in_flight()
-        if own_executor:  # a pool the caller passed in stays theirs to shut down
+        if own_executor:
             executor.shutdown(now=True)
+        else:  # a pool the caller passed in stays theirs, and usable
+            executor.cancel()
         _interrupted(len(records), len(jobs), lost, st is not None)
     finally:
         if bar is not None:

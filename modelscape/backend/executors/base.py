@@ -61,6 +61,9 @@ class Executor:
         """How many jobs are running right now (lost if the sweep is interrupted)."""
         return 0
 
+    def cancel(self) -> None:
+        """Drop every job submitted and not finished (an interrupted sweep); the executor stays usable."""
+
     def shutdown(self, now: bool = False) -> None:
         """Release the workers; ``now`` kills them at once (an interrupted sweep) instead of asking."""
 

@@ -56,3 +56,6 @@ class InProcessExecutor(Executor):
 
     def in_flight(self) -> int:
         return self._running
+
+    def cancel(self) -> None:
+        self._queue.clear()

@@ -349,6 +349,15 @@ class PoolExecutor(Executor):
     def in_flight(self) -> int:
         return sum(w.job is not None for w in self._workers)
 
+    def cancel(self) -> None:
+        """Drop the jobs not started and replace the workers running one: the pool stays usable."""
+        self._pending.clear()
+        for w in list(self._workers):
+            if w.job is not None:
+                w.proc.kill()
+                w.job = None
+                self._replace(w)
+
     def wait_ready(self, timeout: float = 120.0) -> float:
         """Block until every worker has started (torch imported, warmed up); returns the seconds waited.
 
