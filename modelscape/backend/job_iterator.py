@@ -189,7 +189,7 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
             executor.shutdown(now=True)
         else:  # a pool the caller passed in stays theirs, and usable
             executor.cancel()
-        _interrupted(len(records), len(jobs), lost, st is not None)
+        _interrupted(len(records), len(jobs), lost, st is not None, after_bar=bar is not None)
     finally:
         if bar is not None:
             bar.close()
@@ -202,11 +202,12 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
     return result
 
 
-def _interrupted(n_done, n_jobs, lost, stored):
+def _interrupted(n_done, n_jobs, lost, stored, after_bar):
     """Ctrl-C: one line instead of a traceback; exit status 130 (SIGINT's) from a script, and the
     KeyboardInterrupt itself in an interactive session (a notebook's cell stops as usual)."""
     what = "re-run to resume" if stored else "nothing was stored (store=False)"
-    print(f"\ninterrupted: {n_done} of {n_jobs} jobs done, {lost} lost in flight; {what}", file=sys.stderr,
+    start = "" if after_bar else "\n"  # else after the terminal's ^C
+    print(f"{start}interrupted: {n_done} of {n_jobs} jobs done, {lost} lost in flight; {what}", file=sys.stderr,
           flush=True)
     if _interactive():
         raise KeyboardInterrupt
