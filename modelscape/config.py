@@ -87,14 +87,22 @@ SCHEMA: tuple[HP, ...] = (
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
        range="[0, inf)"),
-    HP("EXECUTOR", str, "auto", "Where jobs run: auto, inprocess or pool.", choices=("auto", "inprocess", "pool"),
+    HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), or inprocess "
+       "(for debugging; unprotected from a job that crashes or hangs).", choices=("auto", "inprocess", "pool"),
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution", range="[0, inf)"),
+    HP("THREADS", int, 0, "Torch threads per job; 0 = the idle cores (cores less the load average) divided "
+       "among the jobs that run at once (1 each when a pool fills the cores).", group="execution",
+       range="[0, inf)"),
+    HP("JOB_TIMEOUT", float, None, "Seconds a job may run: past it, its worker process is killed and replaced and "
+       "the job recorded as `timeout` (None: no limit; the pool only).", group="execution", range="(0, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
+    HP("RETRY_FAILED", bool, False, "On resume, also re-run the jobs stored as `crashed` (killed their worker "
+       "twice) or `timeout`; `failed` jobs are always re-run.", group="results"),
     HP("CLAIM_TIMEOUT", float, 30.0, "Seconds without a heartbeat after which another driver on the same store "
        "takes over a driver's jobs (a dead driver on the same host is noticed at once).", group="results",
        range="(0, inf)"),

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 SCALAR_FIELDS = ("train_loss", "test_loss", "steps", "wall_time")
+# Statuses of a job that gave no numbers: it raised, killed its worker twice, or ran past JOB_TIMEOUT.
+NO_RESULT = ("failed", "crashed", "timeout")
 
 
 def axis_label(v):
@@ -190,7 +192,7 @@ class SweepResults(Mapping):
         """An ExptTrace of ``fn(record)`` over the jobs that did not fail (the others masked in ``get``)."""
         t = ExptTrace(self.axis_names, dict(zip(self.axis_names, self.axis_values)))
         for r in self.records:
-            if r["status"] != "failed":
+            if r["status"] not in NO_RESULT:
                 t[self.key(r)] = fn(r)
         return t
 
@@ -211,8 +213,9 @@ class SweepResults(Mapping):
         return counts
 
     def failed(self) -> list:
-        """Records of failed jobs (their ``error`` holds the traceback)."""
-        return [r for r in self.records if r["status"] == "failed"]
+        """Records of the jobs that gave no result: ``failed`` (``error`` holds the traceback), ``crashed``
+        and ``timeout`` (``error`` says how the worker ended)."""
+        return [r for r in self.records if r["status"] in NO_RESULT]
 
     def get(self, var="test_loss", **sel):
         """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256)``)."""
@@ -244,7 +247,7 @@ class SweepResults(Mapping):
         index = {n: {lab: i for i, lab in enumerate(labels)} for n, labels in coords.items()}
         shape = [len(coords[n]) for n in self.axis_names]
         recs = [(tuple(index[n][k] for n, k in zip(self.axis_names, self.key(r))), r) for r in self.records]
-        ok = [(i, r) for i, r in recs if r["status"] != "failed"]
+        ok = [(i, r) for i, r in recs if r["status"] not in NO_RESULT]
         dims = list(self.axis_names)
         data = {}
 

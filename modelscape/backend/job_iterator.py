@@ -79,16 +79,47 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         global_config: the hyperparameters (``vars(parse_args())``), ``otherreturns`` grabs and user keys.
         bfn_config: ``base_bfn`` (or ``bfn_file`` + ``bfn_name``) and the batch function's arguments.
         use_mp: the seed's switch: True = worker pool, False = in-process, None = EXECUTOR from the config.
-        executor: an ``Executor`` instance, or ``'auto' | 'inprocess' | 'pool'``.
+        executor: an ``Executor`` instance, or ``'auto' | 'pool'`` (each job in a worker process: the default)
+            or ``'inprocess'`` (for debugging: unprotected from a job that crashes or hangs).
         store: a path, a ``Store``, None (RESULTS_DIR/EXPT_NAME from the config) or False (keep nothing).
         resume: skip jobs already stored as done (default: RESUME from the config).
         progress: show a progress bar and the closing summary.
 
     Each job's config is a copy of ``global_config`` updated with its axis values. Its seeds derive from
     SEED and its trial only, so results do not depend on the executor or the number of workers.
+
+    Ctrl-C stops the sweep with one line (jobs done, jobs lost in flight): exit status 130 from a script, a
+    ``KeyboardInterrupt`` in an interactive session. The stored jobs are kept; a re-run resumes.
     """
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
+    # Start the workers first: they spawn and import torch (seconds) while this process validates and hashes.
+    if use_mp is not None and executor is None:
+        executor = "pool" if use_mp else "inprocess"
+    own_executor = executor is None or isinstance(executor, str)
+    if own_executor:
+        executor = _make_executor(executor, global_config)
+    try:
+        return _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store,
+                          resume, progress)
+    finally:
+        if own_executor:
+            executor.shutdown()
+
+
+def _make_executor(kind, global_config):
+    """The executor the config asks for, from its execution keys alone (checked here, before the rest)."""
+    keys = ("EXECUTOR", "DEVICES", "WORKERS_PER_DEVICE", "THREADS", "JOB_TIMEOUT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once, by the full validation that follows
+        cfg = canonicalize({k: v for k, v in global_config.items() if k in keys}, where="global_config")
+    check_job_config(cfg)
+    return make_executor(kind or cfg["EXECUTOR"], cfg["DEVICES"], cfg["WORKERS_PER_DEVICE"], cfg["THREADS"],
+                         cfg["JOB_TIMEOUT"])
+
+
+def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store, resume,
+               progress):
     names, values = _materialize(iterators, iterator_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -119,14 +150,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if st is not None:
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
-    records = _stored_records(st, ids) if resume else {}
-
-    if use_mp is not None and executor is None:
-        executor = "pool" if use_mp else "inprocess"
-    executor = executor or base["EXECUTOR"]
-    own_executor = isinstance(executor, str)
-    if own_executor:
-        executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"])
+    records = _stored_records(st, ids, base["RETRY_FAILED"]) if resume else {}
 
     # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
@@ -153,13 +177,20 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
             if bar is not None:
                 bar.set_postfix_str(_postfix(counts, record), refresh=False)
                 bar.update(1)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        lost = executor.in_flight()
+        if own_executor:
+            executor.shutdown(now=True)
+        else:  # a pool the caller passed in stays theirs, and usable
+            executor.cancel()
+        _interrupted(len(records), len(jobs), lost, st is not None, after_bar=bar is not None)
     finally:
         if dispatch is not None:
             dispatch.close()  # stops the heartbeat and releases this driver's claims now, even on an error
         if bar is not None:
             bar.close()
-        if own_executor:
-            executor.shutdown()
         if own_store:
             st.close()
     order = ids if st is not None else list(range(len(jobs)))
@@ -211,12 +242,12 @@ def _file_code(cfg, bfn_config) -> dict:
     return out
 
 
-def _stored_records(st, ids) -> dict:
-    """``{job id: record}`` of this sweep's jobs stored with a status other than failed and readable; a
-    damaged row is left out (with a warning), so its job runs again."""
+def _stored_records(st, ids, retry_failed=False) -> dict:
+    """``{job id: record}`` of this sweep's jobs that a resume skips (see ``Store.done_ids``) and that are
+    readable; a damaged row is left out (with a warning), so its job runs again."""
     if st is None:
         return {}
-    done = st.done_ids()
+    done = st.done_ids(retry_failed)
     return {r["job_id"]: r for r in st.records([j for j in ids if j in done])}
 
 
@@ -331,6 +362,25 @@ class _Claims:
             self.driver.stop()
 
 
+def _interrupted(n_done, n_jobs, lost, stored, after_bar):
+    """Ctrl-C: one line instead of a traceback; exit status 130 (SIGINT's) from a script, and the
+    KeyboardInterrupt itself in an interactive session (a notebook's cell stops as usual)."""
+    what = "re-run to resume" if stored else "nothing was stored (store=False)"
+    start = "" if after_bar else "\n"  # else after the terminal's ^C
+    print(f"{start}interrupted: {n_done} of {n_jobs} jobs done, {lost} lost in flight; {what}", file=sys.stderr,
+          flush=True)
+    if _interactive():
+        raise KeyboardInterrupt
+    raise SystemExit(130)
+
+
+def _interactive() -> bool:
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
 def _open_store(store, cfg):
     """``(store, opened_here)``: the caller's Store as it is, or one opened on a path (closed after the sweep)."""
     if store is False:
@@ -381,9 +431,10 @@ def _postfix(counts, r):
 def summary(result: SweepResults) -> str:
     """A few lines: jobs by status, and the first line of each failed job's error."""
     counts = result.status_counts()
-    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "not_reached", "diverged", "failed"))
+    shown = ("done", "not_reached", "diverged", "failed") + tuple(s for s in ("crashed", "timeout") if s in counts)
+    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in shown)
              + " (done = every threshold reached; not_reached = stopped at MAX_ITER)"]
     for r in result.failed():
         err = (r.get("error") or "").strip().splitlines()
-        lines.append(f"  failed {r['axes']}: {err[-1] if err else 'unknown error'}")
+        lines.append(f"  {r['status']} {r['axes']}: {err[-1] if err else 'unknown error'}")
     return "\n".join(lines)
