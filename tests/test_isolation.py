@@ -267,9 +267,9 @@ def test_thread_defaults_share_the_cores_and_threads_overrides(monkeypatch):
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("THREADS", -1, ["THREADS", ">= 0"]),
-    ("JOB_TIMEOUT", 0, ["JOB_TIMEOUT", "positive"]),
-    ("JOB_TIMEOUT", -5, ["JOB_TIMEOUT", "positive"]),
+    ("THREADS", -1, ["THREADS", "[0, inf)"]),
+    ("JOB_TIMEOUT", 0, ["JOB_TIMEOUT", "(0, inf)"]),
+    ("JOB_TIMEOUT", -5, ["JOB_TIMEOUT", "(0, inf)"]),
     ("JOB_TIMEOUT", "soon", ["JOB_TIMEOUT", "'soon'"]),
     ("RETRY_FAILED", "maybe", ["RETRY_FAILED", "'maybe'"]),
 ])
