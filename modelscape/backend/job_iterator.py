@@ -17,7 +17,7 @@ from modelscape.results import SweepResults, axis_label
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
 AXIS_ALIASES = {"ntrain": "N_SAMPLES", "n_train": "N_SAMPLES", "bsz": "N_SAMPLES", "n_samples": "N_SAMPLES",
-                "lr": "LR", "gamma": "GAMMA", **ALIASES}
+                "lr": "LR", "gamma": "GAMMA", "TRIAL": "trial", "trials": "trial", **ALIASES}
 TRIAL = "trial"
 _INTERNAL = ("oom",)
 

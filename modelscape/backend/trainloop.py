@@ -49,7 +49,8 @@ def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
         except Exception as e:
             raise RuntimeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) raised "
                                f"{type(e).__name__}: {e}") from e
-        vals[name] = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
+        v = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
+        vals[name] = v.item() if v.ndim == 0 else v  # a number stays a number (a float, int, bool or str)
     return vals
 
 
