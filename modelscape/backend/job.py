@@ -245,17 +245,25 @@ def _post_init(cfg, model, opt):
     keys its signature names (all of them if it takes ``**kwargs``), plus ``gamma`` = GAMMA if it names
     ``gamma``; it returns ``(model, opt)`` or works in place. Returns ``(model, opt, hook_rescales)``: a hook
     that takes ``gamma`` divides the output by it itself (``rescale(model, gamma)``), so the caller must not."""
-    hook = cfg["post_init_fn"]
-    names = signature_names(hook)
-    inputs = {**cfg, "model": model, "opt": opt, "lr": cfg["LR"]}
-    takes_gamma = "gamma" in names
+    inputs = {**cfg, "lr": cfg["LR"]}
+    takes_gamma = "gamma" in signature_names(cfg["post_init_fn"])
     if takes_gamma:
         inputs["gamma"] = cfg["GAMMA"]
+    model, opt = call_post_init(cfg["post_init_fn"], model, opt, inputs)
+    return model, opt, takes_gamma
+
+
+def call_post_init(hook, model, opt, inputs: dict):
+    """Call ``hook`` with ``model``, ``opt`` and the ``inputs`` its signature names (all of them if it takes
+    ``**kwargs``), as the original did; returns ``(model, opt)``: the hook's pair if it returns one, else the
+    ones it changed in place."""
+    inputs = {**inputs, "model": model, "opt": opt}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(hook).parameters.values())
+    names = signature_names(hook)
     ret = hook(**(inputs if takes_all else {k: v for k, v in inputs.items() if k in names}))
     if isinstance(ret, tuple) and len(ret) == 2:
-        model, opt = ret
-    return model, opt, takes_gamma
+        return ret
+    return model, opt
 
 
 def failed_record(axes: dict | None, exc: BaseException, device="cpu", wall_time=0.0, error=None) -> dict:
