@@ -467,3 +467,15 @@ def test_all_failed_sweep_raises_and_a_script_exits_with_one_line(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith("error: all 1 jobs of the sweep failed")
     assert "Traceback" not in p.stderr
+
+
+def test_original_keys_are_read_as_schema_keys_and_conflicts_are_errors():
+    from modelscape.config import canonicalize, defaults
+    with _quiet():
+        out = canonicalize({**defaults(), "optimizer": "Adam", "loss": "CrossEntropyLoss", "momentum": 0.9,
+                            "model_name": "Net", "POST_INIT_FN": print, "WIDTH": [32]})
+    assert (out["OPTIMIZER"], out["LOSS"], out["MOMENTUM"], out["MODEL_NAME"]) == ("Adam", "CrossEntropyLoss", 0.9,
+                                                                                   "Net")
+    assert out["post_init_fn"] is print and out["WIDTH"] == 32 and "optimizer" not in out
+    with pytest.raises(ConfigError, match="optimizer.*OPTIMIZER"):
+        canonicalize({"OPTIMIZER": "AdamW", "optimizer": "Adam"})
