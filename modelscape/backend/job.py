@@ -244,9 +244,10 @@ def _post_init(cfg, model, opt):
     """Run the user's ``post_init_fn`` as the original did: it gets ``model``, ``opt``, ``lr`` and the config
     keys its signature names (all of them if it takes ``**kwargs``), plus ``gamma`` = GAMMA if it names
     ``gamma``; it returns ``(model, opt)`` or works in place. Returns ``(model, opt, hook_rescales)``: a hook
-    that takes ``gamma`` divides the output by it itself (``rescale(model, gamma)``), so the caller must not."""
+    whose signature names ``gamma`` (or ``GAMMA``) divides the output by it itself (``rescale(model, gamma)``),
+    so the caller must not; ``**kwargs`` alone does not count."""
     inputs = {**cfg, "lr": cfg["LR"]}
-    takes_gamma = "gamma" in signature_names(cfg["post_init_fn"])
+    takes_gamma = bool({"gamma", "GAMMA"} & signature_names(cfg["post_init_fn"]))
     if takes_gamma:
         inputs["gamma"] = cfg["GAMMA"]
     model, opt = call_post_init(cfg["post_init_fn"], model, opt, inputs)
@@ -315,7 +316,7 @@ def run_job(device_id, job, global_config, bfn_config, iterator_names, job_index
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
     axes = dict(zip(list(iterator_names or []), job))
-    known = set().union(set(), *(signature_names(f) for f in consumers(global_config, bfn_config)))
+    known = set().union(*(signature_names(f) for f in consumers(global_config, bfn_config)))
     overrides = {axis_target(name, known): value for name, value in axes.items()}
     device = torch.device(f"cuda:{device_id}") if torch.cuda.is_available() else torch.device("cpu")
     rec = run_config({**global_config, **overrides}, bfn_config, device, axes)
