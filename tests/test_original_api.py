@@ -479,3 +479,28 @@ def test_original_keys_are_read_as_schema_keys_and_conflicts_are_errors():
     assert out["post_init_fn"] is print and out["WIDTH"] == 32 and "optimizer" not in out
     with pytest.raises(ConfigError, match="optimizer.*OPTIMIZER"):
         canonicalize({"OPTIMIZER": "AdamW", "optimizer": "Adam"})
+
+
+class PlainMomentum(torch.optim.Optimizer):
+    """A custom optimizer muP cannot classify (not an SGD or Adam subclass), like the original's example Muon."""
+
+    def __init__(self, params, lr=0.01, momentum=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_default_muP_uses_sgd_rules_for_an_unknown_optimizer_and_explicit_muP_refuses_it():
+    lrs = lambda opt, **kw: np.array([g["lr"] for g in opt.param_groups])  # noqa: E731
+    with pytest.warns(UserWarning, match="PlainMomentum.*SGD"):
+        *_, got = run_job(0, (8, 0), small(OPTIMIZER_CLASS=PlainMomentum, momentum=0.5, otherreturns={"lr": lrs}),
+                          dict(base_bfn=gauss_bfn), ["ntrain", "trial"])
+    assert len(got) == 3  # one group per layer: parameterized with muP's SGD rule (factor 1 per layer)
+    np.testing.assert_allclose(got, 0.05)
+    with pytest.raises(ValueError, match="PlainMomentum"):
+        run_one(small(OPTIMIZER_CLASS=PlainMomentum, PARAMETERIZATION="mup"))

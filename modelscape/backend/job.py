@@ -211,7 +211,7 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
     if param == "auto":  # a hook parameterizes the model itself (the original's mupify hooks do)
         param = "sp" if hook is not None else "mup"
     opt = mup.parameterize(model, param, opt_cls, mup.gamma_lr(cfg["LR"], gamma), relu_gain=cfg["RELU_GAIN"],
-                           **opt_kwargs)
+                           update_rule=_default_update_rule(cfg, param, opt_cls), **opt_kwargs)
     hook_rescales = False
     if hook is not None:
         model, opt, hook_rescales = _post_init(cfg, model, opt)
@@ -238,6 +238,22 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
     out.update(axes=axes, error=None, device=str(device), seed=base_seed, trial=trial,
                wall_time=time.perf_counter() - t0)
     return out
+
+
+def _default_update_rule(cfg, param, opt_cls):
+    """None (parameterize reads the rule from the optimizer class), except under the default
+    PARAMETERIZATION=auto with an optimizer it does not know: then SGD's rule, as mupify applies to every
+    optimizer, with a warning. An explicit PARAMETERIZATION with such an optimizer stays an error."""
+    if cfg["PARAMETERIZATION"] != "auto" or param == "sp":
+        return None
+    try:
+        mup.update_rule_of(opt_cls)
+        return None
+    except ValueError:
+        warnings.warn(f"optimizer {qualname(opt_cls)} is neither SGD nor Adam-like: muP (the default "
+                      "parameterization) uses SGD's learning-rate rule for it, as mupify does; set "
+                      "PARAMETERIZATION explicitly to choose", stacklevel=3)
+        return "sgd"
 
 
 def _post_init(cfg, model, opt):
