@@ -504,3 +504,21 @@ def test_default_muP_uses_sgd_rules_for_an_unknown_optimizer_and_explicit_muP_re
     np.testing.assert_allclose(got, 0.05)
     with pytest.raises(ValueError, match="PlainMomentum"):
         run_one(small(OPTIMIZER_CLASS=PlainMomentum, PARAMETERIZATION="mup"))
+
+
+def test_worker_runs_queued_jobs_until_none_and_reports_errors():
+    import queue
+    from modelscape.backend.worker import worker
+    jobs, results = queue.Queue(), queue.Queue()
+    for item in [("job", 0, (8, 0)), (4, 1), None]:
+        jobs.put(item)
+    with _quiet():
+        worker(0, jobs, results, small(), dict(base_bfn=gauss_bfn), ["ntrain", "trial"])
+    (k1, p1), (k2, p2) = results.get_nowait(), results.get_nowait()
+    assert (k1, k2) == ("ok", "ok") and p1[0] == (8, 0) and p2[0] == (4, 1) and isinstance(p1[1], np.ndarray)
+    jobs.put((4, 0))
+    jobs.put(None)
+    with _quiet():
+        worker(0, jobs, results, small(), dict(base_bfn=broken_bfn), ["ntrain", "trial"])
+    kind, (job, err) = results.get_nowait()
+    assert kind == "err" and job == (4, 0) and "no data today" in err
