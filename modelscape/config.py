@@ -190,10 +190,9 @@ def canonicalize(config: dict, consumers: Iterable[Callable] = (), where: str = 
             warnings.warn(f"{where}: key {key!r} is read as {name!r}; please rename it", stacklevel=3)
         if name in merged and not _same(merged[name], value):
             # parse_args() / base_args() fill every canonical key with its default, so a default means "not set"
-            default = BY_NAME[name].default if name in BY_NAME else None
-            if _same(value, default):
+            if _is_default(name, value):
                 continue
-            if not _same(merged[name], default):
+            if not _is_default(name, merged[name]):
                 raise ConfigError(f"{where}: both {key!r} (read as {name}) and {name!r} are set, "
                                   f"to {value!r} and {merged[name]!r}; keep one")
         merged[name] = value
@@ -217,6 +216,14 @@ def canonicalize(config: dict, consumers: Iterable[Callable] = (), where: str = 
         warnings.warn(f"{where}: keys {sorted(unknown)} are not hyperparameters and no model, batch function "
                       "or grab names them; they are passed on to grabs' **kwargs as they are", stacklevel=3)
     return out
+
+
+def _is_default(name: str, value) -> bool:
+    """Whether ``value`` is ``name``'s default as parse_args()/base_args() give it (a sweepable key's default
+    comes as a one-value list)."""
+    hp = BY_NAME.get(name)
+    default = hp.default if hp is not None else None
+    return _same(value, default) or (hp is not None and hp.sweepable and _same(value, [default]))
 
 
 def _same(a, b) -> bool:

@@ -479,6 +479,10 @@ def test_original_keys_are_read_as_schema_keys_and_conflicts_are_errors():
     assert out["post_init_fn"] is print and out["WIDTH"] == 32 and "optimizer" not in out
     with pytest.raises(ConfigError, match="optimizer.*OPTIMIZER"):
         canonicalize({"OPTIMIZER": "AdamW", "optimizer": "Adam"})
+    # the original's style on top of parse_args(): args.__dict__ holds WIDTH=[8192], the script sets width
+    with _quiet():
+        assert canonicalize({**vars(base_args()), "width": 64})["WIDTH"] == 64
+        assert canonicalize({**vars(base_args()), "WIDTH": [32], "width": [8192]})["WIDTH"] == 32
 
 
 class PlainMomentum(torch.optim.Optimizer):

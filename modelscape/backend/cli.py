@@ -59,8 +59,9 @@ def parse_args(argv=None, defaults: dict | None = None, description: str | None 
 
     Lists take several values (``--LOSS_CHECKPOINTS 0.1 0.05``); sweepable keys (N_SAMPLES, LR, DEPTH, WIDTH,
     GAMMA) always come back as lists of axis values (``--WIDTH 64 128 256``; ``[8192]`` by default), so
-    ``iterators=[args.WIDTH, ...]`` works; a one-value list that is not swept reads as that value. Ints accept ``1e5``; bools accept
-    true/false. An unknown flag is an error that suggests the closest known names. ``defaults`` are a
+    ``iterators=[args.WIDTH, ...]`` works; a one-value list that is not swept reads as that value.
+    ``--width``/``--depth`` are the original's spellings of ``--WIDTH``/``--DEPTH``. Ints accept ``1e5``;
+    bools accept true/false. An unknown flag is an error that suggests the closest known names. ``defaults`` are a
     script's own defaults for some keys (``{"WIDTH": [64, 256], "MAX_ITER": 500}``): checked against the
     schema, shown by ``--help``, and overridden by flags on the command line. ``description`` heads ``--help``.
     """
