@@ -15,14 +15,12 @@ from modelscape import mup
 from modelscape.config import BY_NAME, SILENT_ALIASES, canonicalize, check_job_config, signature_names
 from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
 from modelscape.models import BUILTIN_MODELS, Centered
-from modelscape.backend.trainloop import train_loop
+from modelscape.backend.trainloop import GRAB_ARGS, train_loop
 from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
 
 BFN_KEYS = ("base_bfn", "bfn_file", "bfn_name")
 _LOSSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss, "ce": nn.CrossEntropyLoss,
            "crossentropy": nn.CrossEntropyLoss}
-# What a grab's own arguments are called: config keys of the same name would collide with them.
-_GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
 
 
 def get_base_bfn(bfn_config: dict):
@@ -226,7 +224,7 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
                 net.remember(t)
 
     sync = cfg["SYNC_EVERY"] or (16 if device.type == "cuda" else 1)
-    grab_kwargs = {k: v for k, v in cfg.items() if k not in _GRAB_ARGS and k != "otherreturns"}
+    grab_kwargs = {k: v for k, v in cfg.items() if k not in GRAB_ARGS and k != "otherreturns"}
     grab_kwargs["trial"] = trial
     # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
     grab_kwargs["trained_model"] = net

@@ -41,6 +41,10 @@ def match_shapes(out, y):
     return out
 
 
+# What a grab's own arguments are called: config keys of the same name would collide with them.
+GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
+
+
 def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
     vals = {}
     for name, fn in grabs.items():
@@ -171,9 +175,6 @@ def _stack(name, vals):
 # The original modelscape's face: train_model(model, batch_function, lr, ...)
 # --------------------------------------------------------------------------------------------------------
 
-_GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
-
-
 def _pop_first(kwargs, *names):
     found = None
     for name in names:  # pop them all, so none is passed on to grabs as data
@@ -247,7 +248,7 @@ def train_model(model, batch_function, lr=1e-2, max_iter=int(1e3), loss_checkpoi
     net = centeredmodel(model).to(next(model.parameters()).device)
 
     grabs = kwargs.get("otherreturns") or {}
-    grab_kwargs = {k: v for k, v in kwargs.items() if k not in _GRAB_ARGS and k != "otherreturns"}
+    grab_kwargs = {k: v for k, v in kwargs.items() if k not in GRAB_ARGS and k != "otherreturns"}
     out = train_loop(net, batch_function, opt, loss_fn, max_iter=int(max_iter),
                      thresholds=loss_checkpoints if has_abs else percent_thresholds, relative=has_rel,
                      ema_smoother=ema_smoother, X_te=X_te, y_te=y_te, only_thresholds=only_thresholds,
