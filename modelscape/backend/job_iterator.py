@@ -19,9 +19,34 @@ from modelscape.results import SweepResults, axis_label
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
 AXIS_ALIASES = {"ntrain": "N_SAMPLES", "n_train": "N_SAMPLES", "bsz": "N_SAMPLES", "n_samples": "N_SAMPLES",
-                "lr": "LR", "gamma": "GAMMA", **ALIASES}
+                "lr": "LR", "gamma": "GAMMA", "TRIAL": "trial", "trials": "trial", **ALIASES}
 TRIAL = "trial"
 _INTERNAL = ("oom",)
+
+
+class SweepFailed(RuntimeError):
+    """Every job of a sweep failed. ``.result`` holds the SweepResults (each record's ``error`` has its
+    traceback). A script that does not catch it ends with this one line on stderr and exit status 1."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+def _one_line_for_sweep_failed(previous):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, SweepFailed):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+    hook._modelscape = True
+    return hook
+
+
+if not getattr(sys.excepthook, "_modelscape", False):
+    # scripts written for the original end with their sweep: an all-failed sweep must stop them with a clear
+    # line and a non-zero status, not a page of traceback (the errors were already summarised) nor exit 0
+    sys.excepthook = _one_line_for_sweep_failed(sys.excepthook)
 
 
 def axis_target(name: str, known: set) -> str:
@@ -90,6 +115,8 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
 
     Ctrl-C stops the sweep with one line (jobs done, jobs lost in flight): exit status 130 from a script, a
     ``KeyboardInterrupt`` in an interactive session. The stored jobs are kept; a re-run resumes.
+
+    Raises ``SweepFailed`` (results attached) if every job failed.
     """
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
@@ -197,6 +224,10 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
     result = SweepResults(names, values, [records[k] for k in order if k in records])
     if progress:
         print(summary(result), file=sys.stderr)
+    if result.records and all(r["status"] == "failed" for r in result.records):
+        first = (result.failed()[0].get("error") or "").strip().splitlines()
+        raise SweepFailed(f"all {len(result.records)} jobs of the sweep failed; the first with: "
+                          f"{first[-1] if first else 'unknown error'}", result)
     return result
 
 
