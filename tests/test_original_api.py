@@ -252,10 +252,11 @@ def test_optimizer_keys_and_forwarded_ctor_kwargs():
         names.append(type(opt).__name__)
         return 0.0
 
-    for key, value in [("optimizer", "Adam"), ("OPTIMIZER_CLASS", torch.optim.Adam), ("optimizer_class", "AdamW"),
-                       ("OPTIMIZER_FN", torch.optim.RMSprop)]:
+    for key, value, expected in [("optimizer", "Adam", "Adam"), ("OPTIMIZER_CLASS", torch.optim.Adam, "Adam"),
+                                 ("optimizer_class", "AdamW", "AdamW"), ("OPTIMIZER_FN", torch.optim.RMSprop, "RMSprop")]:
+        names.clear()  # the grab also runs once before training (the store's pre-check): every call must agree
         run_one(small(**{key: value}, otherreturns={"n": opt_name}))
-    assert names == ["Adam", "Adam", "AdamW", "RMSprop"]
+        assert names and set(names) == {expected}, key
     *_, state = run_one(small(momentum=0.9, nesterov=True, weight_decay=0.01, otherreturns={"s": opt_state}))
     np.testing.assert_allclose(state, [0.9, 1.0, 0.01])
 
@@ -410,7 +411,7 @@ def test_train_model_optimizer_loss_hook_and_thresholds():
     used = []
     train_model(model, bfn, max_iter=1, loss_checkpoints=[0.1], OPTIMIZER_INSTANCE=inst, only_thresholds=True,
                 LOSS_INSTANCE=nn.CrossEntropyLoss(), otherreturns={"o": lambda opt, **k: used.append(opt) or 0.0})
-    assert used == [inst]
+    assert used and all(o is inst for o in used)  # before training (the pre-check) and at the end
     with pytest.raises(ValueError, match="exactly one"):
         train_model(model, bfn, loss_checkpoints=[0.1], percent_thresholds=[0.5])
 

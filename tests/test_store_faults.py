@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from modelscape import cli
-from modelscape.backend.job_iterator import main
+from modelscape.backend.job_iterator import SweepFailed, main
 from modelscape.backend.store import Store, load
 from modelscape.config import SCHEMA, ConfigError
 
@@ -162,8 +162,10 @@ def grab_number(model, **kw):
 @pytest.mark.parametrize("grab, type_name", [(grab_none, "NoneType"), (grab_dict, "dict"), (grab_object, "object")])
 def test_a_grab_that_cannot_be_stored_fails_its_job_before_training(tmp_path, grab, type_name, only):
     STEPS.clear()
-    res = run(dict(otherreturns={"good": grab_number, "bad": grab}, ONLYTHRESHOLDS=only, EVAL_EVERY=5),
-              dict(base_bfn=stepping_bfn), tmp_path / "expt")
+    with pytest.raises(SweepFailed) as info:  # every job of this sweep fails
+        run(dict(otherreturns={"good": grab_number, "bad": grab}, ONLYTHRESHOLDS=only, EVAL_EVERY=5),
+            dict(base_bfn=stepping_bfn), tmp_path / "expt")
+    res = info.value.result
     assert [r["status"] for r in res.records] == ["failed", "failed"]
     for r in res.records:
         assert f"grab 'bad' ({grab.__qualname__}) returned a {type_name}" in r["error"]
