@@ -183,8 +183,11 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
                 raise ValueError(f"{key}={cfg[key]} but optimizer {qualname(opt_cls)} takes no {arg!r}")
             opt_kwargs.setdefault(arg, cfg[key])
     gamma = cfg["GAMMA"]
-    opt = mup.parameterize(model, cfg["PARAMETERIZATION"], opt_cls, mup.gamma_lr(cfg["LR"], gamma),
-                           relu_gain=cfg["RELU_GAIN"], **opt_kwargs)
+    # A slice of data the model trains or is tested on: the forward pass that checks the read-in / read-out
+    # must not draw from the batch function's generator.
+    example = (X_tr if X_tr is not None else X_te)[:8]
+    opt = mup.parameterize(model, cfg["PARAMETERIZATION"], opt_cls, mup.gamma_lr(cfg["LR"], gamma, opt_cls),
+                           relu_gain=cfg["RELU_GAIN"], example_input=example, **opt_kwargs)
     mup.rescale(model, gamma)
     if cfg.get("post_init_fn") is not None:
         model, opt = _post_init(cfg, model, opt)
