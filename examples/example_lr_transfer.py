@@ -4,10 +4,10 @@ Widths x learning rates, under the standard parameterization (``sp``: PyTorch's 
 learning rate) and under muP (``mup``), on two tasks:
 
 - ``digits``: an MLP (DEPTH 2) trained full-batch on a fixed set of ``N_SAMPLES`` digit images (10-class
-  cross-entropy; scikit-learn's bundled digits, no download), widths 32 to 512;
+  cross-entropy; scikit-learn's bundled digits, no download), widths 32 to 512, 50 steps;
 - ``gpt``: ``modelscape.models.GPT`` (DEPTH 2 blocks) trained online on a synthetic language, a random
   second-order Markov chain (``modelscape.data.markov_bfn``; ``N_SAMPLES`` sequences of ``seq_len`` tokens
-  per step), widths 64 to 512.
+  per step), widths 64 to 512, 200 steps.
 
 Every job trains for ``MAX_ITER`` Adam steps and records its final (EMA) train loss. Under sp the best learning
 rate falls as the network widens (Adam moves every weight entry by about lr, so a layer's output moves by
@@ -15,7 +15,7 @@ lr x fan-in); under muP it stays put, so it can be tuned on a small model and re
 parameterizations have their own learning-rate grids, each around its optimum (muP's learning rates are in
 units of "how far a layer's output moves per step", so they are larger).
 
-    python examples/example_lr_transfer.py                   # both tasks: digits ~1 min, gpt ~15 min on a CPU
+    python examples/example_lr_transfer.py                   # both tasks: digits ~2 min, gpt ~30 min on a CPU
     python examples/example_lr_transfer.py --task digits --WIDTH 64 256 1024 --NUM_TRIALS 3
     python examples/example_lr_transfer.py --task gpt --PARAMETERIZATION mup --LR 0.03 0.06 0.125 0.25
 
@@ -47,8 +47,10 @@ COMMON = {"OPTIMIZER": "Adam", "LOSS": "cross_entropy", "DEPTH": 2, "NUM_TRIALS"
 # vocab_size and seq_len from the config.
 LANGUAGE = {"vocab_size": 16, "seq_len": 16, "order": 2, "branching": 3}
 TASKS = {
-    "digits": {"config": {"MODEL": "MLP", "ONLINE": False, "N_SAMPLES": 256, "WIDTH": [32, 128, 512]},
-               "lrs": {"sp": OCTAVES(-13, -4), "mup": OCTAVES(-6, 1)}},
+    # 50 full-batch steps on 1024 images: long enough to separate the learning rates, short of memorising
+    "digits": {"config": {"MODEL": "MLP", "ONLINE": False, "N_SAMPLES": 1024, "MAX_ITER": 50,
+                          "WIDTH": [32, 128, 512]},
+               "lrs": {"sp": OCTAVES(-12, 0), "mup": OCTAVES(-8, 3)}},
     "gpt": {"config": {"MODEL": "GPT", "ONLINE": True, "N_SAMPLES": 16, "N_TEST": 256,
                        "WIDTH": [64, 128, 256, 512], **LANGUAGE},
             "lrs": {"sp": OCTAVES(-13, -5), "mup": OCTAVES(-7, 0)}},
