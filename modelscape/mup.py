@@ -182,11 +182,6 @@ class Anatomy:
         return next(layer for layer in self.layers if layer.role == "readout")
 
 
-def _weight_layers(model: nn.Module) -> list:
-    """(path, module) of every Linear/Conv/Embedding layer, in module order, without judging the rest."""
-    return [(path, mod) for path, mod in model.named_modules() if isinstance(mod, WEIGHT_LAYERS + EMBEDDINGS)]
-
-
 def _describe(path, mod):
     return f"{path or '<model>'!r} ({type(mod).__name__})"
 
@@ -261,7 +256,8 @@ def anatomy(model: nn.Module, input_layer=None, output_layer=None, example_input
                              "one in_proj_weight, which muP cannot split into layers; use "
                              "modelscape.models.SelfAttention (or CausalSelfAttention), built from nn.Linear "
                              "layers, or PARAMETERIZATION='sp' for this model")
-        elif own:
+        elif "weight" in own or any(p.ndim >= 2 for p in own.values()):
+            # (a module with only small vector or scalar parameters of its own keeps the base lr, unscaled)
             names = ", ".join(sorted(own))
             raise ValueError(f"module {_describe(path, mod)} has parameters ({names}) that muP cannot classify: "
                              "parameterize handles nn.Linear, nn.Conv1d/2d/3d, nn.Embedding and "
@@ -329,7 +325,7 @@ def update_rule_of(optimizer) -> str:
 
 def _check_rule_args(param, role, update_rule):
     if param not in PARAMETERIZATIONS or param == "sp":
-        raise ValueError(f"takes one of {[p for p in PARAMETERIZATIONS if p != 'sp']}, got {param!r}")
+        raise ValueError(f"param must be one of {[p for p in PARAMETERIZATIONS if p != 'sp']}, got {param!r}")
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if update_rule not in UPDATE_RULES:
@@ -477,7 +473,8 @@ def _recorder(store: dict, path: str):
 
 def _recorded_layers(model: nn.Module) -> list:
     """(path, module) of the layers a coordinate check records: weight layers and norms, in module order."""
-    return [(path, mod) for path, mod in model.named_modules() if isinstance(mod, WEIGHT_LAYERS + EMBEDDINGS + NORMS)]
+    recorded = WEIGHT_LAYERS + EMBEDDINGS + NORMS
+    return [(path, mod) for path, mod in model.named_modules() if isinstance(mod, recorded)]
 
 
 def _record(model: nn.Module, names: list, X) -> tuple:

@@ -1,6 +1,5 @@
 """muP for transformers: vector-like parameters, weight decay, GAMMA under Adam, explicit layer roles, the GPT
 and its synthetic language, and agreement with Microsoft's ``mup`` package."""
-import copy
 import math
 
 import numpy as np
