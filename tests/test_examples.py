@@ -135,6 +135,15 @@ def test_lr_transfer_example(tmp_path):
     assert res.axis_values[0] == ["mup"] and len(res.records) == 1
 
 
+def test_coord_check_example_on_the_gpt(tmp_path):
+    out = tmp_path / "cc"
+    stdout = run_example("example_coord_check.py", out, "--model", "gpt", "--optimizer", "Adam", "--widths", 16, 32,
+                         "--steps", 1)
+    for param in ("sp", "mup"):
+        check_png(out / f"coord_check_gpt_adam_{param}.png")
+    assert "mup: largest max/min ratio across widths" in stdout
+
+
 def _kernel_manager(tmp_path):
     """A KernelManager whose kernel runs this interpreter, whatever kernels the machine has installed."""
     from jupyter_client.kernelspec import KernelSpecManager
