@@ -25,15 +25,16 @@ differ only at the read-out, whose effective init is ``1/sqrt(n)`` times smaller
 optimizers (Adam and friends) get their own learning-rate factors; see ``effective_scales``.
 
 Vector-like parameters (one dimension that grows with width: biases, LayerNorm / RMSNorm / GroupNorm gains
-and biases, Embedding tables) follow Tensor Programs V (Table 3), which treats them like input weights: a
-bias is a weight on a constant input 1, an embedding row is read by a one-hot input, so both are weights with
-fan-in 1 in the table above. Their effective init is width-independent (biases 0, norm gains 1, embeddings
-std 1), their effective Adam learning rate is width-independent and their effective SGD learning rate grows
-like the width (``a**2``), so their updates, and what those updates do to the activations, do not change with
-width. A bias shares its layer's multiplier (init and lr factor are divided by it); norms and embeddings have
-none. Every ``nn.ReLU`` gets the multiplier sqrt(2) (``relu_gain``), and attention modules with ``attn_mult``
-and ``d_head`` (``modelscape.models.SelfAttention``, ``CausalSelfAttention``) get muP's ``1/d_head`` attention
-scale under the mup family.
+and biases, Embedding tables) follow Tensor Programs V (Table 3), which treats them like input weights. A bias
+is a weight on a constant input coordinate, so it learns like one weight of the read-in: effective SGD rate
+``a**2 / d_in`` (``d_in`` the read-in's fan-in; at the read-out ``1 / d_in``), growing like the width under
+muP, and the read-in's width-independent effective Adam rate; its effective init is width-independent (biases
+0, norm gains 1). An embedding is a read-in whose one-hot input has fan-in 1 (init std 1); when it is the
+model's read-in, as in a GPT, d_in is 1. Their updates, and what those updates do to the activations, then do
+not change with width, and at width ``d_in`` they learn as they did before this rule. A bias shares its
+layer's multiplier (init and lr factor are divided by it); norms and embeddings have none. Every ``nn.ReLU``
+gets the multiplier sqrt(2) (``relu_gain``), and attention modules with ``attn_mult`` and ``d_head``
+(``modelscape.models.SelfAttention``) get muP's ``1/d_head`` attention scale under the mup family.
 
 Weight decay is divided by each group's learning-rate factor, so that ``lr x weight_decay``, the decay per
 step, is the same for every parameter at every width and in every parameterization of a family (as
@@ -170,6 +171,7 @@ class Anatomy:
     layers: list = field(default_factory=list)
     width: int = 0
     norms: list = field(default_factory=list)
+    readin_path: str = ""
 
     def __str__(self):
         rows = [f"  {layer.role:8s} {layer.path or '<model>'}: {type(layer.module).__name__} "
@@ -301,7 +303,7 @@ def anatomy(model: nn.Module, input_layer=None, output_layer=None, example_input
         shape = mod.weight.shape
         layers.append(Layer(path, mod, role, int(np.prod(shape[1:])), int(shape[0])))
     width = max(layer.fan_out for layer in layers if layer.role != "readout")
-    return Anatomy(layers, width, norms)
+    return Anatomy(layers, width, norms, readin)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -349,8 +351,8 @@ def effective_scales(param: str, role: str, fan_in: int, width: int, update_rule
     output moves by about ``lr`` per Adam step, so useful Adam learning rates under the mup family are larger
     than under sp (0.03 to 1 rather than 1e-3).
 
-    ``fan_in=1`` gives the vector-like parameters: biases (a weight on a constant input), norm gains and biases
-    (role 'hidden') and embeddings (role 'readin').
+    Embeddings are read-ins with ``fan_in=1``; biases and norm parameters take the read-in's fan-in (they
+    learn like one read-in weight; see the module docstring).
     """
     _check_rule_args(param, role, update_rule)
     a2 = float(width) if param in MUP_FAMILY else 1.0
@@ -377,9 +379,10 @@ def layer_scales(param: str, role: str, fan_in: int, width: int, update_rule: st
     return mult, lr / (mult ** 2 if update_rule == "sgd" else mult), std / mult
 
 
-def _vector_lr_factor(param, role, width, update_rule, mult=1.0):
-    """Learning-rate factor of a vector-like parameter (a weight with fan-in 1) seen through ``mult``."""
-    _, lr = effective_scales(param, role, 1, width, update_rule)
+def _vector_lr_factor(param, role, width, update_rule, readin_fan_in, mult=1.0):
+    """Learning-rate factor of a vector-like parameter seen through ``mult``: it learns like one weight of the
+    read-in (a bias is a weight on a constant input coordinate), so its effective rate is the read-in's."""
+    _, lr = effective_scales(param, role, readin_fan_in, width, update_rule)
     return lr / (mult ** 2 if update_rule == "sgd" else mult)
 
 
@@ -415,6 +418,7 @@ def parameterize(model: nn.Module, param: str, optimizer, lr: float, relu_gain: 
         raise ValueError(f"update_rule must be one of {UPDATE_RULES} or None, got {update_rule!r}")
     anat = anatomy(model, input_layer, output_layer, example_input)
     width = anat.width
+    readin_fan_in = next(layer.fan_in for layer in anat.layers if layer.path == anat.readin_path)
     factors = []  # (parameter, its path, lr factor)
     with torch.no_grad():
         for layer in anat.layers:
@@ -432,10 +436,10 @@ def parameterize(model: nn.Module, param: str, optimizer, lr: float, relu_gain: 
             if mod.bias is not None:
                 mod.bias.zero_()
                 factors.append((mod.bias, f"{layer.path}.bias",
-                                _vector_lr_factor(param, layer.role, width, update_rule, mult)))
+                                _vector_lr_factor(param, layer.role, width, update_rule, readin_fan_in, mult)))
             _ensure_hook(mod)
             mod._mup_mult = float(mult)
-        norm_factor = _vector_lr_factor(param, "hidden", width, update_rule)
+        norm_factor = _vector_lr_factor(param, "hidden", width, update_rule, readin_fan_in)
         for path, mod in anat.norms:
             mod.reset_parameters()
             factors.extend((p, f"{path}.{name}", norm_factor) for name, p in mod.named_parameters(recurse=False))

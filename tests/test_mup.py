@@ -54,13 +54,14 @@ def expected(param, role, fan_in, width, rule):
     return mult, lr, std
 
 
-def expected_bias_lr(param, role, width, rule, mult):
-    """A bias is a weight on the constant input 1 (Tensor Programs V): effective SGD rate a**2 (1 at the
-    read-out), effective Adam rate a / sqrt(width) (1 at the read-out), seen through its layer's multiplier."""
+def expected_bias_lr(param, role, width, rule, mult, d_in=D_IN):
+    """A bias learns like one read-in weight (Tensor Programs V): effective SGD rate a**2 / d_in (1 / d_in at
+    the read-out), effective Adam rate a / (sqrt(width) * d_in) (1 / d_in at the read-out), seen through its
+    layer's multiplier."""
     a = math.sqrt(width) if param in ("mup", "mfp", "mup-lr") else 1.0
     if rule == "sgd":
-        return (a * a if role != "readout" else 1.0) / mult ** 2
-    return (a / math.sqrt(width) if role != "readout" else 1.0) / mult
+        return (a * a if role != "readout" else 1.0) / d_in / mult ** 2
+    return (a / math.sqrt(width) if role != "readout" else 1.0) / d_in / mult
 
 
 def group_lr(opt, p):
@@ -109,12 +110,12 @@ def test_adam_factors_concrete_numbers():
     model = mlp(256)
     opt = mup.parameterize(model, "mup", torch.optim.AdamW, 1.0)
     assert [group_lr(opt, l.weight) for l in layers_of(model)] == pytest.approx([1 / 64, 1 / 256, 1 / 16])
-    # SGD: mup has no lr factor on weights; a bias moves like a weight on the constant input 1: effective rate
-    # width = 256, raw rate 256 / mult**2 (read-in multiplier 4, read-out 1/16)
+    # SGD: mup has no lr factor on weights; a bias learns like a read-in weight: effective rate 256 / 16 = 16
+    # (1 / 16 at the read-out), raw rate effective / mult**2 (read-in multiplier 4, read-out 1/16)
     model = mlp(256)
     opt = mup.parameterize(model, "mup", torch.optim.SGD, 1.0)
     assert [group_lr(opt, l.weight) for l in layers_of(model)] == pytest.approx([1, 1, 1])
-    assert [group_lr(opt, l.bias) for l in layers_of(model)] == pytest.approx([16, 256, 256])
+    assert [group_lr(opt, l.bias) for l in layers_of(model)] == pytest.approx([1, 16, 16])
 
 
 def test_relu_gain_off_and_optimizer_settings_kept():
@@ -379,7 +380,7 @@ def _train_and_measure(param, width, opt_cls, lr, steps=4):
 WIDTHS = (64, 256, 1024)
 
 
-@pytest.mark.parametrize("opt_cls,lr_sp,lr_mup", [(torch.optim.SGD, 0.5, 0.1), (torch.optim.Adam, 0.01, 0.1)])
+@pytest.mark.parametrize("opt_cls,lr_sp,lr_mup", [(torch.optim.SGD, 0.5, 0.5), (torch.optim.Adam, 0.01, 0.1)])
 def test_mup_updates_are_width_stable_sp_updates_grow(opt_cls, lr_sp, lr_mup):
     # columns: activation RMS, activation change RMS, spectral norm of the weight update; rows: widths
     sp = np.stack([_train_and_measure("sp", w, opt_cls, lr_sp) for w in WIDTHS])
@@ -394,10 +395,10 @@ def test_mup_updates_are_width_stable_sp_updates_grow(opt_cls, lr_sp, lr_mup):
 
 def test_coord_check_and_plot(tmp_path):
     bfn = powerlaw_bfn(64, gen=torch.Generator().manual_seed(0), dim=D_IN)
-    kwargs = dict(model_fn=lambda w: MLP(D_IN, w, 2, 1), widths=(64, 256, 1024), batch_fn=bfn, steps=3,
+    kwargs = dict(model_fn=lambda w: MLP(D_IN, w, 2, 1), widths=(64, 256, 1024), batch_fn=bfn, steps=3, lr=0.5,
                   measure="delta")
-    mu = mup.coord_check(param="mup", lr=0.1, **kwargs)
-    sp = mup.coord_check(param="sp", lr=0.5, **kwargs)
+    mu = mup.coord_check(param="mup", **kwargs)
+    sp = mup.coord_check(param="sp", **kwargs)
     assert mu.dims == ("width", "step", "layer")
     assert list(mu["layer"].values) == ["input_layer", "hidden_layers.0", "output_layer"]
     assert list(mu["step"].values) == [0, 1, 2, 3] and list(mu["width"].values) == [64, 256, 1024]
