@@ -98,7 +98,7 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-residual attention then MLP, no LayerNorm (its weights would be one more layer type to classify)."""
+    """Residual attention then MLP, without LayerNorm (``GPTBlock`` is the pre-LayerNorm block)."""
 
     def __init__(self, width, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
         super().__init__()
