@@ -256,7 +256,7 @@ def anatomy(model: nn.Module, input_layer=None, output_layer=None, example_input
         elif isinstance(mod, nn.MultiheadAttention):
             raise ValueError(f"module {_describe(path, mod)} packs its query, key and value projections into "
                              "one in_proj_weight, which muP cannot split into layers; use "
-                             "modelscape.models.SelfAttention (or CausalSelfAttention), built from nn.Linear "
+                             "modelscape.models.SelfAttention (causal=True for a decoder), built from nn.Linear "
                              "layers, or PARAMETERIZATION='sp' for this model")
         elif "weight" in own or any(p.ndim >= 2 for p in own.values()):
             # (a module with only small vector or scalar parameters of its own keeps the base lr, unscaled)
