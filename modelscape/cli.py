@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError
+from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError, StoreUnion
 
 SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
 # netCDF engines in xarray's order of preference, by the module that provides each
@@ -122,7 +122,7 @@ def _matches(label, text: str) -> bool:
     return False
 
 
-def sweep_rows(store: Store, sweep=None):
+def sweep_rows(store: StoreUnion, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
     order (None where a job is not stored yet, ``{"status": "running"}`` where a live driver holds it,
     ``{"status": "damaged", "error": why}`` where its row cannot be read), or every stored job when the store
@@ -148,7 +148,7 @@ def sweep_rows(store: Store, sweep=None):
     return sweep, res.axis_names, rows
 
 
-def sweep_meta(store: Store, sweep) -> dict:
+def sweep_meta(store: StoreUnion, sweep) -> dict:
     """The meta a sweep was recorded with (command line, time, provenance, fixed hyperparameters), or {}."""
     return next((s["meta"] or {} for s in store.sweeps() if s["id"] == sweep), {}) if sweep is not None else {}
 
@@ -182,7 +182,7 @@ def cmd_ls(args) -> int:
     table, bad = [], 0
     for name, db in stores:
         try:
-            with Store(db, readonly=True) as st:
+            with StoreUnion(db) as st:
                 table.append((name, st.status_counts(), len(st.sweeps())))
         except StoreError as e:
             bad += 1
@@ -197,7 +197,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_show(args) -> int:
-    with Store(args.path, readonly=True) as st:
+    with StoreUnion(args.path) as st:
         sweep, names, rows = sweep_rows(st, args.sweep)
         meta = sweep_meta(st, sweep)
     footer = provenance_lines(meta, [r for _, r in rows])
@@ -241,7 +241,7 @@ def cmd_export(args) -> int:
 
 
 def _export_csv(args) -> int:
-    with Store(args.path, readonly=True) as st:
+    with StoreUnion(args.path) as st:
         _, names, rows = sweep_rows(st, args.sweep)
     recs = [(axes, r) for axes, r in rows if r is not None]
     if not recs:
@@ -275,7 +275,7 @@ def _export_netcdf(args) -> int:
         print("modelscape: error: writing netCDF needs one of the packages netCDF4, h5netcdf or scipy, and none "
               "is installed; run `pip install scipy` (or export --csv)", file=sys.stderr)
         return 1
-    with Store(args.path, readonly=True) as st:
+    with StoreUnion(args.path) as st:
         sweep = args.sweep if args.sweep is not None else st.latest_sweep()
         if sweep is None:
             raise StoreError(f"{st.path} holds no recorded sweep; netCDF export needs one (try --csv)")

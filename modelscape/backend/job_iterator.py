@@ -212,12 +212,15 @@ def _file_code(cfg, bfn_config) -> dict:
 
 
 def _stored_records(st, ids) -> dict:
-    """``{job id: record}`` of this sweep's jobs stored with a status other than failed and readable; a
-    damaged row is left out (with a warning), so its job runs again."""
+    """``{job id: record}`` of this sweep's jobs stored with a status other than failed and readable, in the
+    store's file or a shard file beside it (``StoreUnion``); a damaged row is left out (with a warning), so its
+    job runs again."""
     if st is None:
         return {}
-    done = st.done_ids()
-    return {r["job_id"]: r for r in st.records([j for j in ids if j in done])}
+    from modelscape.backend.store import StoreUnion
+    with StoreUnion(st.path) as union:
+        done = union.done_ids()
+        return {r["job_id"]: r for r in union.records([j for j in ids if j in done])}
 
 
 def sweep_meta(base: dict, axis_keys: set) -> dict:
