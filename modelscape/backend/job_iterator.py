@@ -126,7 +126,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     executor = executor or base["EXECUTOR"]
     own_executor = isinstance(executor, str)
     if own_executor:
-        executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"])
+        executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"], base["RAY_ADDRESS"])
 
     # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.

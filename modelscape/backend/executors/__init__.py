@@ -36,8 +36,13 @@ def slots(devices, workers_per_device) -> list[str]:
     return ["cpu"] * n
 
 
-def make_executor(kind: str, devices=(0,), workers_per_device: int = 1) -> Executor:
-    """``inprocess``, ``pool``, or ``auto`` (in-process for a single slot, else a pool over every slot)."""
+def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, ray_address=None) -> Executor:
+    """``inprocess``, ``pool``, ``auto`` (in-process for a single slot, else a pool over every slot), or
+    ``ray`` (tasks on the Ray at ``ray_address``; None starts a local one). ``slurm`` is not an executor of
+    single jobs: the job iterator hands a whole sweep to ``executors.slurm``."""
+    if kind == "ray":
+        from modelscape.backend.executors.ray_executor import RayExecutor  # optional: imported only here
+        return RayExecutor(ray_address, workers_per_device)
     where = slots(devices, workers_per_device)
     if kind == "auto":
         kind = "inprocess" if len(where) == 1 else "pool"
@@ -45,7 +50,7 @@ def make_executor(kind: str, devices=(0,), workers_per_device: int = 1) -> Execu
         return InProcessExecutor(where[0])
     if kind == "pool":
         return PoolExecutor(where)
-    raise ValueError(f"EXECUTOR={kind!r}; choose auto, inprocess or pool")
+    raise ValueError(f"EXECUTOR={kind!r}; choose auto, inprocess, pool or ray")
 
 
 __all__ = ["Executor", "JobSpec", "InProcessExecutor", "PoolExecutor", "make_executor", "slots"]
