@@ -124,21 +124,66 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if use_mp is not None and executor is None:
         executor = "pool" if use_mp else "inprocess"
     executor = executor or base["EXECUTOR"]
+    todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
+    if executor == "slurm":  # the whole sweep goes to Slurm array tasks, each running the loop below
+        from modelscape.backend.executors.slurm import run_sweep
+        try:
+            records.update(run_sweep(jobs, ids, codes, todo, st, (global_config, bfn_config), base))
+        finally:
+            if own_store:
+                st.close()
+        return _result(names, values, ids, records, progress)
     own_executor = isinstance(executor, str)
     if own_executor:
         executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"], base["RAY_ADDRESS"])
 
-    # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
-    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
-    context, context_id = (global_config, bfn_config), uuid.uuid4().hex
-    todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
     bar = _progress(len(jobs), len(jobs) - len(todo), progress)
-    counts, dispatch = {}, None
+    counts, run = {}, None
     try:
-        def spec_of(i):
-            return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+        run = run_jobs(executor, jobs, ids, codes, todo, st, (global_config, bfn_config), since,
+                       base["CLAIM_TIMEOUT"])
+        for i, record in run:
+            records[ids[i] if ids[i] is not None else i] = record
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+            if bar is not None:
+                bar.set_postfix_str(_postfix(counts, record), refresh=False)
+                bar.update(1)
+    finally:
+        if run is not None:
+            run.close()  # stops the heartbeat and releases this driver's claims now, even on an error
+        if bar is not None:
+            bar.close()
+        if own_executor:
+            executor.shutdown()
+        if own_store:
+            st.close()
+    return _result(names, values, ids, records, progress)
 
-        dispatch = _dispatch(executor, spec_of, todo, ids, st, since, base["CLAIM_TIMEOUT"])
+
+def _result(names, values, ids, records, progress) -> SweepResults:
+    """The sweep's SweepResults in product order (``records`` keyed by job id, or by index without a store)."""
+    order = ids if ids and ids[0] is not None else list(range(len(ids)))
+    result = SweepResults(names, values, [records[k] for k in order if k in records])
+    if progress:
+        print(summary(result), file=sys.stderr)
+    return result
+
+
+def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout):
+    """The engine's loop: run the jobs ``todo`` (indices into ``jobs``, a list of ``(axes, overrides,
+    config)``) on ``executor`` and yield ``(index, record)`` as each finishes, its record stored in ``st``
+    (None: keep nothing) the moment it arrives. ``context`` is ``(global_config, bfn_config)``. A job that
+    another driver on ``st`` stored meanwhile is yielded with that driver's record. Close the generator to
+    release this driver's claims early."""
+    # A fresh id per run: id(context) can be reused by a later sweep once this one's context is freed, and
+    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
+    context_id = uuid.uuid4().hex
+
+    def spec_of(i):
+        return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+
+    dispatch = _dispatch(executor, spec_of, todo, ids, st, since, claim_timeout)
+    try:
         for i, record, ran_here in dispatch:
             if ran_here:
                 for k in _INTERNAL:
@@ -148,25 +193,9 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
                 if st is not None:
                     record["code"] = codes[i]
                     record = _store_record(st, record, jobs[i][2])
-            records[ids[i] if ids[i] is not None else i] = record
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
-            if bar is not None:
-                bar.set_postfix_str(_postfix(counts, record), refresh=False)
-                bar.update(1)
+            yield i, record
     finally:
-        if dispatch is not None:
-            dispatch.close()  # stops the heartbeat and releases this driver's claims now, even on an error
-        if bar is not None:
-            bar.close()
-        if own_executor:
-            executor.shutdown()
-        if own_store:
-            st.close()
-    order = ids if st is not None else list(range(len(jobs)))
-    result = SweepResults(names, values, [records[k] for k in order if k in records])
-    if progress:
-        print(summary(result), file=sys.stderr)
-    return result
+        dispatch.close()
 
 
 def check_names(jobs) -> None:
