@@ -44,7 +44,8 @@ class RayExecutor(Executor):
         self._own = not ray.is_initialized()
         if self._own:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            # a local Ray needs no dashboard; a cluster's head has its own settings
+            ray.init(address=address, **({} if address else dict(include_dashboard=False)))
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus:
