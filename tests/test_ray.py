@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sweep import config, notebook, read_log  # noqa: E402
 
-from modelscape.backend.executors import make_executor  # noqa: E402
+from modelscape.backend.executors import JobSpec, make_executor  # noqa: E402
 from modelscape.backend.job_iterator import main  # noqa: E402
 from modelscape.backend.store import Store  # noqa: E402
 
@@ -69,3 +69,15 @@ def test_ray_resume_runs_only_what_is_not_done(ray_executor, tmp_path):
         after = st.statuses()
     for job_id, (status, created) in after.items():
         assert (created > before[job_id][1]) == (status == "failed")  # only failed jobs ran again
+
+
+def test_ray_task_that_raises_outside_the_job_is_a_failed_record(ray_executor):
+    ns = {}
+    exec("class Poison:\n    def __reduce__(self):\n        return (explode, ())\n"
+         "def explode():\n    raise RuntimeError('this context cannot be unpickled')\n", ns)
+    spec = JobSpec(0, {"WIDTH": 8}, {"WIDTH": 8}, "poisoned", ({}, {"data": ns["Poison"]()}))
+    fut = ray_executor.submit(spec)
+    assert list(ray_executor.as_completed([fut])) == [fut]
+    record = fut.result()
+    assert record["status"] == "failed" and record["axes"] == {"WIDTH": 8}
+    assert "the Ray task failed" in record["error"] and "this context cannot be unpickled" in record["error"]

@@ -20,6 +20,9 @@ the file as ours):
   ``heartbeat``, ``release``, ``live_claims``). A schema-1 store gains the table when it is opened for writing.
 
 A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
+
+Other writers (the array tasks of a Slurm sweep) each write their own ``shard-*.db`` beside ``results.db``;
+``StoreUnion`` reads the directory as one store.
 """
 from __future__ import annotations
 
