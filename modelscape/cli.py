@@ -1,6 +1,7 @@
 """The ``modelscape`` command: look inside results stores without opening a notebook.
 
-    modelscape ls PATH                      experiments under PATH: jobs by status, sweeps
+    modelscape ls PATH                      experiments under PATH: stored jobs by status, jobs running now
+                                            (when any), sweeps
     modelscape show PATH [--status S] [--where AXIS=VALUE ...] [--sweep N]
                                             one row per job of a sweep (default: the latest), then
                                             where it ran (host, git commit, versions) and its code versions
@@ -183,15 +184,18 @@ def cmd_ls(args) -> int:
     for name, db in stores:
         try:
             with StoreUnion(db) as st:
-                table.append((name, st.status_counts(), len(st.sweeps())))
+                running = len({c["job_id"] for c in st.live_claims()})  # held by a live driver or array task
+                table.append((name, st.status_counts(), running, len(st.sweeps())))
         except StoreError as e:
             bad += 1
             print(f"modelscape: error: {e}", file=sys.stderr)
     if table:
-        statuses = [s for s in STATUSES if any(s in c for _, c, _ in table)]
-        statuses += sorted({s for _, c, _ in table for s in c} - set(statuses))
-        header = ["experiment", "jobs", *statuses, "sweeps"]
-        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], n] for name, c, n in table]
+        statuses = [s for s in STATUSES if any(s in c for _, c, _, _ in table)]
+        statuses += sorted({s for _, c, _, _ in table for s in c} - set(statuses))
+        show_running = any(r for _, _, r, _ in table)
+        header = ["experiment", "jobs", *statuses, *(["running"] if show_running else []), "sweeps"]
+        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], *([r] if show_running else []), n]
+                for name, c, r, n in table]
         print_table(header, rows, [False] + [True] * (len(header) - 1))
     return 1 if bad else 0
 

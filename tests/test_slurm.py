@@ -87,6 +87,9 @@ def test_shards_killed_part_way_and_rerun_trains_only_the_missing(tmp_path, caps
     with Store(shards[0], readonly=True) as st:
         claims = st.live_claims()
     assert len(claims) == 1
+    assert cli.main(["ls", str(tmp_path)]) == 0  # progress: five stored, one running in an array task
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-2:] == ["running", "sweeps"] and out[1].split()[1] == "5" and out[1].split()[-2] == "1"
     os.kill(claims[0]["pid"], signal.SIGKILL)  # the array task dies (preempted, out of time) mid-job
     (tmp_path / "log.go").touch()
     wait_for(lambda: not live_claims(shards[0]), "the dead task's claim to lapse", 30)
