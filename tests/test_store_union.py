@@ -59,3 +59,11 @@ def test_cli_reads_the_directory_as_one(expt, capsys):
     rows = capsys.readouterr().out.splitlines()
     status = {int(ln.split()[0]): ln.split()[1] for ln in rows[1:5]}
     assert status == {8: "done", 16: "done", 32: "failed", 64: "pending"}
+
+
+def test_a_shard_file_being_created_is_skipped_with_a_warning(expt):
+    d, ids = expt
+    (d / "shard-new.db").write_bytes(b"")  # an array task has just created its file
+    with pytest.warns(UserWarning, match="shard file shard-new.db is skipped"):
+        with StoreUnion(d) as u:
+            assert len(u.stores) == 3 and u.done_ids() == {ids[0], ids[1]}

@@ -1138,12 +1138,12 @@ class StoreUnion:
         self.primary = Store(path, readonly=True)
         self.path = self.primary.path
         self.stores = [self.primary]
-        try:
-            if self.path.name == DB_NAME:  # a store directory: shards live beside its results.db
-                self.stores += [Store(f, readonly=True) for f in sorted(self.path.parent.glob(SHARD_GLOB))]
-        except BaseException:
-            self.close()
-            raise
+        if self.path.name == DB_NAME:  # a store directory: shards live beside its results.db
+            for f in sorted(self.path.parent.glob(SHARD_GLOB)):
+                try:
+                    self.stores.append(Store(f, readonly=True))
+                except StoreError as e:  # e.g. an array task creating its file right now: read the rest
+                    warnings.warn(f"shard file {f.name} is skipped: {e}", stacklevel=2)
 
     @property
     def damaged(self) -> dict:
