@@ -1,6 +1,7 @@
 """The ``modelscape`` command: look inside results stores without opening a notebook.
 
-    modelscape ls PATH                      experiments under PATH: jobs by status, sweeps
+    modelscape ls PATH                      experiments under PATH: stored jobs by status, jobs running now
+                                            (when any), sweeps
     modelscape show PATH [--status S] [--where AXIS=VALUE ...] [--sweep N]
                                             one row per job of a sweep (default: the latest), then
                                             where it ran (host, git commit, versions) and its code versions
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError
+from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError, StoreUnion
 from modelscape.results import NO_RESULT
 
 SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
@@ -123,7 +124,7 @@ def _matches(label, text: str) -> bool:
     return False
 
 
-def sweep_rows(store: Store, sweep=None):
+def sweep_rows(store: StoreUnion, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
     order (None where a job is not stored yet, ``{"status": "running"}`` where a live driver holds it,
     ``{"status": "damaged", "error": why}`` where its row cannot be read), or every stored job when the store
@@ -149,7 +150,7 @@ def sweep_rows(store: Store, sweep=None):
     return sweep, res.axis_names, rows
 
 
-def sweep_meta(store: Store, sweep) -> dict:
+def sweep_meta(store: StoreUnion, sweep) -> dict:
     """The meta a sweep was recorded with (command line, time, provenance, fixed hyperparameters), or {}."""
     return next((s["meta"] or {} for s in store.sweeps() if s["id"] == sweep), {}) if sweep is not None else {}
 
@@ -183,22 +184,25 @@ def cmd_ls(args) -> int:
     table, bad = [], 0
     for name, db in stores:
         try:
-            with Store(db, readonly=True) as st:
-                table.append((name, st.status_counts(), len(st.sweeps())))
+            with StoreUnion(db) as st:
+                running = len({c["job_id"] for c in st.live_claims()})  # held by a live driver or array task
+                table.append((name, st.status_counts(), running, len(st.sweeps())))
         except StoreError as e:
             bad += 1
             print(f"modelscape: error: {e}", file=sys.stderr)
     if table:
-        statuses = [s for s in STATUSES if any(s in c for _, c, _ in table)]
-        statuses += sorted({s for _, c, _ in table for s in c} - set(statuses))
-        header = ["experiment", "jobs", *statuses, "sweeps"]
-        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], n] for name, c, n in table]
+        statuses = [s for s in STATUSES if any(s in c for _, c, _, _ in table)]
+        statuses += sorted({s for _, c, _, _ in table for s in c} - set(statuses))
+        show_running = any(r for _, _, r, _ in table)
+        header = ["experiment", "jobs", *statuses, *(["running"] if show_running else []), "sweeps"]
+        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], *([r] if show_running else []), n]
+                for name, c, r, n in table]
         print_table(header, rows, [False] + [True] * (len(header) - 1))
     return 1 if bad else 0
 
 
 def cmd_show(args) -> int:
-    with Store(args.path, readonly=True) as st:
+    with StoreUnion(args.path) as st:
         sweep, names, rows = sweep_rows(st, args.sweep)
         meta = sweep_meta(st, sweep)
     footer = provenance_lines(meta, [r for _, r in rows])
@@ -242,7 +246,7 @@ def cmd_export(args) -> int:
 
 
 def _export_csv(args) -> int:
-    with Store(args.path, readonly=True) as st:
+    with StoreUnion(args.path) as st:
         _, names, rows = sweep_rows(st, args.sweep)
     recs = [(axes, r) for axes, r in rows if r is not None]
     if not recs:
@@ -276,7 +280,7 @@ def _export_netcdf(args) -> int:
         print("modelscape: error: writing netCDF needs one of the packages netCDF4, h5netcdf or scipy, and none "
               "is installed; run `pip install scipy` (or export --csv)", file=sys.stderr)
         return 1
-    with Store(args.path, readonly=True) as st:
+    with StoreUnion(args.path) as st:
         sweep = args.sweep if args.sweep is not None else st.latest_sweep()
         if sweep is None:
             raise StoreError(f"{st.path} holds no recorded sweep; netCDF export needs one (try --csv)")

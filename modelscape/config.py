@@ -90,9 +90,32 @@ SCHEMA: tuple[HP, ...] = (
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
        range="[0, inf)"),
-    HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), or inprocess "
-       "(for debugging; unprotected from a job that crashes or hangs).", choices=("auto", "inprocess", "pool"),
+    HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), inprocess "
+       "(for debugging; unprotected from a job that crashes or hangs), ray (pip install modelscape[ray]) or "
+       "slurm (pip install modelscape[slurm]).", choices=("auto", "inprocess", "pool", "ray", "slurm"),
        group="execution"),
+    HP("RAY_ADDRESS", str, None, "EXECUTOR=ray: the Ray cluster to join ('auto', or an address such as "
+       "ray://head:10001); None starts a local Ray.", group="cluster"),
+    HP("SLURM_PARTITION", str, None, "EXECUTOR=slurm: sbatch --partition.", group="cluster"),
+    HP("SLURM_TIME", int, 60, "EXECUTOR=slurm: sbatch --time, in minutes, per array task.", group="cluster",
+       range="[1, inf)"),
+    HP("SLURM_GPUS_PER_NODE", int, 0, "EXECUTOR=slurm: sbatch --gpus-per-node for each array task (its jobs "
+       "spread over them, WORKERS_PER_DEVICE per GPU).", group="cluster", range="[0, inf)"),
+    HP("SLURM_CPUS_PER_TASK", int, 2, "EXECUTOR=slurm: sbatch --cpus-per-task.", group="cluster",
+       range="[1, inf)"),
+    HP("SLURM_MEM", str, None, "EXECUTOR=slurm: sbatch --mem, e.g. '32G'.", group="cluster"),
+    HP("SLURM_ACCOUNT", str, None, "EXECUTOR=slurm: sbatch --account.", group="cluster"),
+    HP("SLURM_QOS", str, None, "EXECUTOR=slurm: sbatch --qos.", group="cluster"),
+    HP("SLURM_EXTRA", str, [], "EXECUTOR=slurm: extra sbatch lines, e.g. '--constraint=a100' (without "
+       "'#SBATCH').", is_list=True, group="cluster"),
+    HP("SLURM_SHARDS", int, 8, "EXECUTOR=slurm: array tasks the pending jobs are split into (fewer if fewer "
+       "jobs).", group="cluster", range="[1, inf)"),
+    HP("SLURM_ARRAY_PARALLELISM", int, 64, "EXECUTOR=slurm: array tasks running at once.", group="cluster",
+       range="[1, inf)"),
+    HP("SLURM_LOG_DIR", str, None, "EXECUTOR=slurm: where submitit keeps its scripts and logs (default: "
+       "RESULTS_DIR/EXPT_NAME/slurm).", group="cluster"),
+    HP("DETACH", bool, False, "EXECUTOR=slurm: return once the array is submitted (follow it with "
+       "`modelscape ls`) instead of waiting for it.", group="cluster"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution", range="[0, inf)"),
     HP("THREADS", int, 0, "Torch threads per job; 0 = the idle cores (cores less the load average) divided "

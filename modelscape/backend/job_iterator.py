@@ -130,19 +130,23 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         return _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store,
                           resume, progress)
     finally:
-        if own_executor:
+        if own_executor and executor != "slurm":
             executor.shutdown()
 
 
 def _make_executor(kind, global_config):
-    """The executor the config asks for, from its execution keys alone (checked here, before the rest)."""
-    keys = ("EXECUTOR", "DEVICES", "WORKERS_PER_DEVICE", "THREADS", "JOB_TIMEOUT")
+    """The executor the config asks for, from its execution keys alone (checked here, before the rest);
+    ``"slurm"`` as it is, since Slurm takes the whole sweep (``executors.slurm``), not single jobs."""
+    keys = ("EXECUTOR", "DEVICES", "WORKERS_PER_DEVICE", "THREADS", "JOB_TIMEOUT", "RAY_ADDRESS")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once, by the full validation that follows
         cfg = canonicalize({k: v for k, v in global_config.items() if k in keys}, where="global_config")
     check_job_config(cfg)
-    return make_executor(kind or cfg["EXECUTOR"], cfg["DEVICES"], cfg["WORKERS_PER_DEVICE"], cfg["THREADS"],
-                         cfg["JOB_TIMEOUT"])
+    kind = kind or cfg["EXECUTOR"]
+    if kind == "slurm":
+        return kind
+    return make_executor(kind, cfg["DEVICES"], cfg["WORKERS_PER_DEVICE"], cfg["THREADS"], cfg["JOB_TIMEOUT"],
+                         cfg["RAY_ADDRESS"])
 
 
 def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store, resume,
@@ -178,27 +182,22 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
     records = _stored_records(st, ids, base["RETRY_FAILED"]) if resume else {}
-
-    # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
-    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
-    context, context_id = (global_config, bfn_config), uuid.uuid4().hex
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
-    bar = _progress(len(jobs), len(jobs) - len(todo), progress)
-    counts, dispatch = {}, None
-    try:
-        def spec_of(i):
-            return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+    if executor == "slurm":  # the whole sweep goes to Slurm array tasks, each running run_jobs on its node
+        from modelscape.backend.executors.slurm import run_sweep
+        try:
+            records.update(run_sweep(jobs, ids, codes, todo, st, (global_config, bfn_config), base))
+        finally:
+            if own_store:
+                st.close()
+        return _result(names, values, ids, records, progress)
 
-        dispatch = _dispatch(executor, spec_of, todo, ids, st, since, base["CLAIM_TIMEOUT"])
-        for i, record, ran_here in dispatch:
-            if ran_here:
-                for k in _INTERNAL:
-                    record.pop(k, None)
-                record["job_id"] = ids[i]
-                record["axes"] = jobs[i][0]
-                if st is not None:
-                    record["code"] = codes[i]
-                    record = _store_record(st, record, jobs[i][2])
+    bar = _progress(len(jobs), len(jobs) - len(todo), progress)
+    counts, run = {}, None
+    try:
+        run = run_jobs(executor, jobs, ids, codes, todo, st, (global_config, bfn_config), since,
+                       base["CLAIM_TIMEOUT"])
+        for i, record in run:
             records[ids[i] if ids[i] is not None else i] = record
             counts[record["status"]] = counts.get(record["status"], 0) + 1
             if bar is not None:
@@ -214,13 +213,19 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
             executor.cancel()
         _interrupted(len(records), len(jobs), lost, st is not None, after_bar=bar is not None)
     finally:
-        if dispatch is not None:
-            dispatch.close()  # stops the heartbeat and releases this driver's claims now, even on an error
+        if run is not None:
+            run.close()  # stops the heartbeat and releases this driver's claims now, even on an error
         if bar is not None:
             bar.close()
         if own_store:
             st.close()
-    order = ids if st is not None else list(range(len(jobs)))
+    return _result(names, values, ids, records, progress)
+
+
+def _result(names, values, ids, records, progress) -> SweepResults:
+    """The sweep's SweepResults in product order (``records`` keyed by job id, or by index without a store);
+    ``SweepFailed`` if every job failed."""
+    order = ids if ids and ids[0] is not None else list(range(len(ids)))
     result = SweepResults(names, values, [records[k] for k in order if k in records])
     if progress:
         print(summary(result), file=sys.stderr)
@@ -229,6 +234,35 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
         raise SweepFailed(f"all {len(result.records)} jobs of the sweep failed; the first with: "
                           f"{first[-1] if first else 'unknown error'}", result)
     return result
+
+
+def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout):
+    """The engine's loop: run the jobs ``todo`` (indices into ``jobs``, a list of ``(axes, overrides,
+    config)``) on ``executor`` and yield ``(index, record)`` as each finishes, its record stored in ``st``
+    (None: keep nothing) the moment it arrives. ``context`` is ``(global_config, bfn_config)``. A job that
+    another driver on ``st`` stored meanwhile is yielded with that driver's record. Close the generator to
+    release this driver's claims early."""
+    # A fresh id per run: id(context) can be reused by a later sweep once this one's context is freed, and
+    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
+    context_id = uuid.uuid4().hex
+
+    def spec_of(i):
+        return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+
+    dispatch = _dispatch(executor, spec_of, todo, ids, st, since, claim_timeout)
+    try:
+        for i, record, ran_here in dispatch:
+            if ran_here:
+                for k in _INTERNAL:
+                    record.pop(k, None)
+                record["job_id"] = ids[i]
+                record["axes"] = jobs[i][0]
+                if st is not None:
+                    record["code"] = codes[i]
+                    record = _store_record(st, record, jobs[i][2])
+            yield i, record
+    finally:
+        dispatch.close()
 
 
 def check_names(jobs) -> None:
@@ -275,11 +309,14 @@ def _file_code(cfg, bfn_config) -> dict:
 
 def _stored_records(st, ids, retry_failed=False) -> dict:
     """``{job id: record}`` of this sweep's jobs that a resume skips (see ``Store.done_ids``) and that are
-    readable; a damaged row is left out (with a warning), so its job runs again."""
+    readable, in the store's file or a shard file beside it (``StoreUnion``); a damaged row is left out (with
+    a warning), so its job runs again."""
     if st is None:
         return {}
-    done = st.done_ids(retry_failed)
-    return {r["job_id"]: r for r in st.records([j for j in ids if j in done])}
+    from modelscape.backend.store import StoreUnion
+    with StoreUnion(st.path) as union:
+        done = union.done_ids(retry_failed)
+        return {r["job_id"]: r for r in union.records([j for j in ids if j in done])}
 
 
 def sweep_meta(base: dict, axis_keys: set) -> dict:

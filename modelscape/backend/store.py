@@ -20,6 +20,9 @@ the file as ours):
   ``heartbeat``, ``release``, ``live_claims``). A schema-1 store gains the table when it is opened for writing.
 
 A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
+
+Other writers (the array tasks of a Slurm sweep) each write their own ``shard-*.db`` beside ``results.db``;
+``StoreUnion`` reads the directory as one store.
 """
 from __future__ import annotations
 
@@ -56,7 +59,10 @@ IDENTITY_VERSION = 2  # bump when the identity recipe changes, so old and new id
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
 # VERBOSE on still finds the jobs already stored.
 NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVICE", "RESULTS_DIR", "EXPT_NAME",
-                             "RESUME", "CLAIM_TIMEOUT", "THREADS", "JOB_TIMEOUT", "RETRY_FAILED"})
+                             "RESUME", "CLAIM_TIMEOUT", "THREADS", "JOB_TIMEOUT", "RETRY_FAILED", "RAY_ADDRESS",
+                             "SLURM_PARTITION", "SLURM_TIME", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK",
+                             "SLURM_MEM", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_EXTRA", "SLURM_SHARDS",
+                             "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH"})
 
 # crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
 STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
@@ -987,6 +993,11 @@ class Store:
         return [c for c in map(_claim_dict, rows) if _claim_live(c, now, stale_after)]
 
     # --- reading ---
+    def statuses(self) -> dict:
+        """``{job id: (status, time written)}`` of every stored job, without reading their arrays."""
+        with self._guard("reading job statuses") as conn:
+            return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT job_id, status, created FROM jobs")}
+
     def done_ids(self, retry_failed: bool = False) -> set:
         """Ids of the jobs a resumed sweep skips: every stored status but ``failed`` (and, with
         ``retry_failed``, but ``crashed`` and ``timeout`` too)."""
@@ -1110,12 +1121,119 @@ def _ordered_counts(counts: dict) -> dict:
     return {k: counts[k] for k in sorted(counts, key=lambda s: (order.get(s, len(order)), s))}
 
 
+SHARD_GLOB = "shard-*.db"  # results files written beside results.db by other writers (Slurm array tasks)
+
+
+def shard_path(directory, name: str) -> Path:
+    """The results file of one extra writer (``name``: letters, digits, '-' and '_') in a store directory."""
+    return Path(directory) / f"shard-{name}.db"
+
+
+class StoreUnion:
+    """A store directory read as one store: its ``results.db`` and every ``shard-*.db`` beside it.
+
+    Each file has one writer (a driver, a Slurm array task), so nothing writes one SQLite file from several
+    machines; readers see the union. A job appears once whichever file holds it: a record with a status other
+    than failed wins over a failed one, then the newest. The sweeps (axes, job order, meta) are those
+    recorded in ``results.db``. Read-only; offers the reading methods of ``Store``.
+    """
+
+    def __init__(self, path):
+        self.primary = Store(path, readonly=True)
+        self.path = self.primary.path
+        self.stores = [self.primary]
+        if self.path.name == DB_NAME:  # a store directory: shards live beside its results.db
+            for f in sorted(self.path.parent.glob(SHARD_GLOB)):
+                try:
+                    self.stores.append(Store(f, readonly=True))
+                except StoreError as e:  # e.g. an array task creating its file right now: read the rest
+                    warnings.warn(f"shard file {f.name} is skipped: {e}", stacklevel=2)
+
+    @property
+    def damaged(self) -> dict:
+        return {j: why for st in self.stores for j, why in st.damaged.items()}
+
+    def _best(self) -> dict:
+        """``{job id: (status, created, store)}`` of the record each job is read from."""
+        best = {}
+        for st in self.stores:
+            for job_id, (status, created) in st.statuses().items():
+                old = best.get(job_id)
+                if old is None or (status != "failed", created) > (old[0] != "failed", old[1]):
+                    best[job_id] = (status, created, st)
+        return best
+
+    def done_ids(self, retry_failed: bool = False) -> set:
+        return set().union(*(st.done_ids(retry_failed) for st in self.stores))
+
+    def records(self, job_ids=None) -> list[dict]:
+        best = self._best()
+        if job_ids is None:
+            job_ids = sorted(best, key=lambda j: best[j][1])
+        job_ids = [str(j) for j in job_ids]
+        found = {}
+        for st in self.stores:
+            mine = [j for j in dict.fromkeys(job_ids) if j in best and best[j][2] is st]
+            if mine:
+                found.update((r["job_id"], r) for r in st.records(mine))
+        return [found[j] for j in job_ids if j in found]
+
+    def status_counts(self, sweep_id: int | None = None) -> dict:
+        best = self._best()
+        ids = best if sweep_id is None else self.primary.sweep_job_ids(self._check_sweep(sweep_id))
+        counts = {}
+        for j in ids:
+            status = best[j][0] if j in best else "missing"
+            counts[status] = counts.get(status, 0) + 1
+        return _ordered_counts(counts)
+
+    def _check_sweep(self, sweep_id):
+        ids = [s["id"] for s in self.primary.sweeps()]
+        if sweep_id not in ids:
+            raise StoreError(f"{self.path} has no sweep {sweep_id}; its sweeps are {ids}")
+        return sweep_id
+
+    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
+        return [c for st in self.stores for c in st.live_claims(stale_after)]
+
+    def sweeps(self) -> list[dict]:
+        return self.primary.sweeps()
+
+    def latest_sweep(self) -> int | None:
+        return self.primary.latest_sweep()
+
+    def sweep_job_ids(self, sweep_id: int) -> list[str]:
+        return self.primary.sweep_job_ids(sweep_id)
+
+    def results(self, sweep: int | None = None) -> SweepResults:
+        sweep = self.latest_sweep() if sweep is None else sweep
+        if sweep is None:
+            raise StoreError(f"{self.path} holds no recorded sweep")
+        info = next((s for s in self.sweeps() if s["id"] == sweep), None)
+        if info is None:
+            self._check_sweep(sweep)  # raises, naming the sweeps there are
+        return SweepResults(info["axis_names"], info["axis_values"], self.records(self.sweep_job_ids(sweep)))
+
+    def close(self) -> None:
+        for st in self.stores:
+            st.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"StoreUnion({str(self.path)!r}, {len(self.stores) - 1} shards)"
+
+
 def load(path, sweep: int | None = None) -> SweepResults:
     """Load a sweep from a results store, from any process, even while the sweep is still running.
 
     ``path``: the .db file, or the directory holding it (``RESULTS_DIR/EXPT_NAME``). ``sweep``: a sweep id
     (see ``Store(path).sweeps()``); default, the sweep run most recently. Returns the SweepResults the job
-    iterator returns, with the jobs stored so far.
+    iterator returns, with the jobs stored so far (from ``results.db`` and any shard files beside it).
     """
-    with Store(path, readonly=True) as store:
+    with StoreUnion(path) as store:
         return store.results(sweep)

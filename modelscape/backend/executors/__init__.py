@@ -36,12 +36,17 @@ def slots(devices, workers_per_device) -> list[str]:
 
 
 def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, threads: int = 0,
-                  job_timeout: float | None = None) -> Executor:
-    """``pool`` (worker processes, one per slot; ``auto`` means the same) or ``inprocess`` (this process:
-    for debugging, unprotected from a job that crashes or hangs, and unable to enforce ``job_timeout``).
+                  job_timeout: float | None = None, ray_address=None) -> Executor:
+    """``pool`` (worker processes, one per slot; ``auto`` means the same), ``inprocess`` (this process:
+    for debugging, unprotected from a job that crashes or hangs, and unable to enforce ``job_timeout``), or
+    ``ray`` (tasks on the Ray at ``ray_address``; None starts a local one). ``slurm`` is not an executor of
+    single jobs: the job iterator hands a whole sweep to ``executors.slurm``.
 
     ``threads``: torch threads per job (0 = ``default_threads``: the idle cores shared by the jobs that run
     at once)."""
+    if kind == "ray":
+        from modelscape.backend.executors.ray_executor import RayExecutor  # optional: imported only here
+        return RayExecutor(ray_address, workers_per_device)
     where = slots(devices, workers_per_device)
     if kind == "auto":
         kind = "pool"
@@ -52,7 +57,7 @@ def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, threads:
         return InProcessExecutor(where[0], threads)
     if kind == "pool":
         return PoolExecutor(where, threads, job_timeout)
-    raise ValueError(f"EXECUTOR={kind!r}; choose auto, inprocess or pool")
+    raise ValueError(f"EXECUTOR={kind!r}; choose auto, inprocess, pool or ray")
 
 
 __all__ = ["Executor", "JobSpec", "InProcessExecutor", "PoolExecutor", "make_executor", "slots", "default_threads"]

@@ -1,0 +1,128 @@
+"""Sweeps on a Slurm cluster through submitit: one array task per shard of the pending jobs.
+
+The driver (``EXECUTOR=slurm``) splits the jobs its store does not hold as done into ``SLURM_SHARDS``
+shards and submits them as one Slurm job array (at most ``SLURM_ARRAY_PARALLELISM`` tasks at once). Each array
+task runs the ordinary local engine (``job_iterator.run_jobs`` on a pool over its node's GPUs, or its CPUs)
+over its shard and writes its records to its own file, ``shard-<run>-<k>.db``, beside the store's
+``results.db``: one writer per SQLite file, so no SQLite file is written from two machines over a network
+file system. Readers (``load``, ``modelscape ls/show/export``, resume) see the directory as one store
+(``StoreUnion``), so re-running the same command submits only the jobs still missing. A task that Slurm
+preempts or times out is requeued by submitit (``checkpoint``) and skips the jobs its file already holds: it
+loses only the jobs it was running.
+
+How the config keys map to sbatch options: SLURM_PARTITION -> --partition, SLURM_TIME (minutes) -> --time,
+SLURM_GPUS_PER_NODE -> --gpus-per-node, SLURM_CPUS_PER_TASK -> --cpus-per-task, SLURM_MEM -> --mem,
+SLURM_ACCOUNT -> --account, SLURM_QOS -> --qos, SLURM_ARRAY_PARALLELISM -> the %N of --array=0-K%N,
+SLURM_EXTRA lines ('--constraint=a100', '--exclusive') -> one #SBATCH line each.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+from modelscape.backend.executors.optional import require
+from modelscape.config import ConfigError
+
+# The submitit cluster the array goes to. "local" runs the array tasks as processes on this machine, which
+# is how the tests (and a dry run before going to a cluster) exercise this path without Slurm.
+CLUSTER = "slurm"
+
+
+def sbatch_parameters(cfg: dict) -> dict:
+    """submitit ``AutoExecutor.update_parameters`` arguments from the SLURM_* keys of a config."""
+    extra = {}
+    for line in cfg.get("SLURM_EXTRA") or []:
+        text = str(line).strip()
+        text = text[len("#SBATCH"):].strip() if text.startswith("#SBATCH") else text
+        if not text.startswith("--"):
+            raise ConfigError(f"SLURM_EXTRA line {line!r}: write an sbatch long option, e.g. '--constraint=a100'")
+        key, sep, value = text[2:].partition("=")
+        extra[key] = value if sep else True
+    params = dict(timeout_min=cfg["SLURM_TIME"], gpus_per_node=cfg["SLURM_GPUS_PER_NODE"],
+                  cpus_per_task=cfg["SLURM_CPUS_PER_TASK"], slurm_array_parallelism=cfg["SLURM_ARRAY_PARALLELISM"],
+                  slurm_partition=cfg["SLURM_PARTITION"], slurm_mem=cfg["SLURM_MEM"],
+                  slurm_account=cfg["SLURM_ACCOUNT"], slurm_qos=cfg["SLURM_QOS"],
+                  slurm_additional_parameters=extra or None, name=f"modelscape-{cfg['EXPT_NAME']}")
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def split(todo: list, n: int) -> list[list]:
+    """``todo`` dealt round-robin into at most ``n`` non-empty shards (neighbouring jobs, often similar in
+    cost, go to different shards)."""
+    n = max(1, min(n, len(todo)))
+    return [todo[k::n] for k in range(n)]
+
+
+class ShardTask:
+    """One array task: the jobs of one shard, run by the local engine into the shard's own results file.
+    submitit pickles it (cloudpickle) to the node; ``checkpoint`` lets submitit requeue it on preemption or
+    timeout, and the requeued task skips the jobs its file already holds."""
+
+    def __init__(self, jobs, ids, codes, context, cfg, path):
+        self.jobs, self.ids, self.codes = jobs, ids, codes  # this shard's jobs only
+        self.context, self.cfg, self.path = context, cfg, str(path)
+
+    def __call__(self) -> int:
+        """Run the shard; returns how many of its jobs are stored in its file."""
+        import torch
+
+        from modelscape.backend.executors import make_executor
+        from modelscape.backend.job_iterator import run_jobs
+        from modelscape.backend.store import Store
+        # Slurm shows the task only the GPUs it was given (CUDA_VISIBLE_DEVICES): use every one of them.
+        devices = list(range(torch.cuda.device_count())) or [0]
+        with Store(self.path) as st:
+            done = st.done_ids()
+            todo = [i for i, job_id in enumerate(self.ids) if job_id not in done]
+            if todo:
+                with make_executor("auto", devices, self.cfg["WORKERS_PER_DEVICE"]) as executor:
+                    for _ in run_jobs(executor, self.jobs, self.ids, self.codes, todo, st, self.context,
+                                      time.time(), self.cfg["CLAIM_TIMEOUT"]):
+                        pass
+            return len(st.done_ids())
+
+    def checkpoint(self):
+        """submitit calls this on preemption or timeout: requeue the same shard."""
+        submitit = require("submitit", "slurm", "slurm")
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
+    """Submit the jobs ``todo`` of a sweep as a Slurm array. With ``DETACH`` return at once (``{}``); else wait
+    for the array and return ``{job id: record}`` of the jobs it stored."""
+    submitit = require("submitit", "slurm", "slurm")
+    from modelscape.backend.store import DB_NAME, StoreUnion, shard_path
+    if st is None or st.path.name != DB_NAME:
+        raise ConfigError(f"EXECUTOR='slurm' needs a store directory (RESULTS_DIR/EXPT_NAME, holding {DB_NAME}) "
+                          "for its array tasks to write their shard files in")
+    directory = st.path.parent
+    if not todo:
+        print(f"modelscape: every job of this sweep is stored in {directory}; nothing to submit", file=sys.stderr)
+        return {}
+    run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    tasks = [ShardTask([jobs[i] for i in shard], [ids[i] for i in shard], [codes[i] for i in shard], context, cfg,
+                       shard_path(directory, f"{run}-{k}"))
+             for k, shard in enumerate(split(todo, cfg["SLURM_SHARDS"]))]
+    executor = submitit.AutoExecutor(folder=cfg["SLURM_LOG_DIR"] or directory / "slurm" / "%j", cluster=CLUSTER)
+    executor.update_parameters(**sbatch_parameters(cfg))
+    with executor.batch():
+        submitted = [executor.submit(task) for task in tasks]
+    array = submitted[0].job_id.split("_")[0]
+    print(f"modelscape: submitted {len(todo)} jobs as {len(tasks)} array tasks (Slurm job {array}); follow "
+          f"them with `modelscape ls {directory}`", file=sys.stderr)
+    if cfg["DETACH"]:
+        return {}
+    for job in submitted:
+        try:
+            job.result()
+        except Exception as e:  # a task killed or failed: its stored jobs count, a re-run submits the rest
+            warnings.warn(f"array task {job.job_id} ended early ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); re-run the same "
+                          "command to submit the jobs it did not store", stacklevel=3)
+    with StoreUnion(directory) as union:
+        wanted = [ids[i] for i in todo]
+        return {r["job_id"]: r for r in union.records(wanted)}

@@ -1,0 +1,30 @@
+"""Ray and submitit are optional: importing modelscape never imports them, and asking for a backend whose
+package is missing is a one-line ConfigError naming the extra to install."""
+import subprocess
+import sys
+
+import pytest
+
+from modelscape.backend.executors import make_executor
+from modelscape.backend.job_iterator import main
+from modelscape.config import ConfigError
+
+
+def test_importing_modelscape_needs_neither():
+    code = ("import sys, modelscape, modelscape.backend.job_iterator, modelscape.backend.executors, modelscape.cli; "
+            "print(sorted(m for m in ('ray', 'submitit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["ray", "submitit"])
+def test_missing_package_names_the_extra(module, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, module, None)  # import now fails as if it were not installed
+    extra = {"ray": "ray", "submitit": "slurm"}[module]
+    with pytest.raises(ConfigError, match=rf"^EXECUTOR='{extra}' needs the package '{module}', which is not "
+                       rf"installed: pip install modelscape\[{extra}\]$"):
+        if module == "ray":
+            make_executor("ray")
+        else:
+            main([[8]], ["WIDTH"], {"EXECUTOR": "slurm", "MAX_ITER": 1}, {"base_bfn": lambda **kw: None},
+                 store=tmp_path / "s", progress=False)

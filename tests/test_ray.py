@@ -1,0 +1,83 @@
+"""EXECUTOR=ray on a local Ray (127.0.0.1, 2 CPUs, no dashboard, no usage reporting): the same numbers as
+in-process, a raising job and a crashed worker recorded as failed, resume. Ray starts in seconds, so one
+module fixture serves every test here."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sweep import config, notebook, read_log  # noqa: E402
+
+from modelscape.backend.executors import JobSpec, make_executor  # noqa: E402
+from modelscape.backend.job_iterator import main  # noqa: E402
+from modelscape.backend.store import Store  # noqa: E402
+
+ray = pytest.importorskip("ray", reason="the ray extra (pip install modelscape[ray]) is needed for these tests")
+
+WIDTHS = [16, 24, 32, 40]
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    ex = make_executor("ray", workers_per_device=1)
+    assert len(ex.slots) == 2  # one task per CPU Ray was given
+    yield ex
+    ex.shutdown()
+    ray.shutdown()
+
+
+def sweep(executor, tmp_path, widths=WIDTHS, store=None):
+    ns = notebook()
+    g = config(otherreturns={"nb": ns["nb_grab"]}, logfile=str(tmp_path / "log"), raise_width=24)
+    return main([widths, [0, 1]], ["WIDTH", "trial"], g, dict(base_bfn=ns["nb_bfn"], dim=8, crash_width=32),
+                executor=executor, store=store if store is not None else tmp_path / "store", progress=False)
+
+
+def test_ray_matches_inprocess_and_records_failures(ray_executor, tmp_path):
+    res = sweep(ray_executor, tmp_path)
+    by = {(r["axes"]["WIDTH"], r["axes"]["trial"]): r for r in res.records}
+    assert len(by) == 8
+    torch.set_num_threads(1)
+    ref = sweep("inprocess", tmp_path, widths=[16, 40], store=False)  # WIDTH 32 would kill this process
+    for r in ref.records:
+        got = by[(r["axes"]["WIDTH"], r["axes"]["trial"])]
+        assert got["status"] == r["status"] != "failed"
+        assert (got["train_loss"], got["test_loss"], got["steps"]) == (r["train_loss"], r["test_loss"], r["steps"])
+        assert list(got["timekeys"]) == list(r["timekeys"])
+        np.testing.assert_array_equal(got["grabs"]["nb"], r["grabs"]["nb"])
+    for t in (0, 1):
+        assert by[(24, t)]["status"] == "failed" and "grab refuses WIDTH=24" in by[(24, t)]["error"]
+        assert by[(32, t)]["status"] == "failed" and "Ray worker process died" in by[(32, t)]["error"]
+
+
+def test_ray_resume_runs_only_what_is_not_done(ray_executor, tmp_path):
+    sweep(ray_executor, tmp_path)
+    with Store(tmp_path / "store", readonly=True) as st:
+        before = st.statuses()
+    first = [e for e in read_log(tmp_path / "log") if e["kind"] == "batch0"]
+    res = sweep(ray_executor, tmp_path)
+    assert len(res.records) == 8
+    again = [e for e in read_log(tmp_path / "log") if e["kind"] == "batch0"][len(first):]
+    assert not [e for e in again if e["WIDTH"] in (16, 40)]  # done jobs are not trained again
+    with Store(tmp_path / "store", readonly=True) as st:
+        after = st.statuses()
+    for job_id, (status, created) in after.items():
+        assert (created > before[job_id][1]) == (status == "failed")  # only failed jobs ran again
+
+
+def test_ray_task_that_raises_outside_the_job_is_a_failed_record(ray_executor):
+    ns = {}
+    exec("class Poison:\n    def __reduce__(self):\n        return (explode, ())\n"
+         "def explode():\n    raise RuntimeError('this context cannot be unpickled')\n", ns)
+    spec = JobSpec(0, {"WIDTH": 8}, {"WIDTH": 8}, "poisoned", ({}, {"data": ns["Poison"]()}))
+    fut = ray_executor.submit(spec)
+    assert list(ray_executor.as_completed([fut])) == [fut]
+    record = fut.result()
+    assert record["status"] == "failed" and record["axes"] == {"WIDTH": 8}
+    assert "the Ray task failed" in record["error"] and "this context cannot be unpickled" in record["error"]

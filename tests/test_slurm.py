@@ -1,0 +1,124 @@
+"""EXECUTOR=slurm through submitit's local executor (no Slurm here): 2 shards, each an array task writing its
+own shard file; a shard killed part-way loses only its running job; a re-run trains only the missing jobs;
+the store directory reads as one (load, ls, show)."""
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sweep import config, read_log  # noqa: E402
+
+from modelscape import cli  # noqa: E402
+from modelscape.backend.executors import slurm  # noqa: E402
+from modelscape.backend.job_iterator import main  # noqa: E402
+from modelscape.backend.store import Store, StoreUnion, load  # noqa: E402
+from modelscape.config import ConfigError  # noqa: E402
+
+pytest.importorskip("submitit", reason="the slurm extra (pip install modelscape[slurm]) is needed for these tests")
+
+# Defined by exec, as in a notebook: the array tasks (fresh processes) receive it by value.
+CELL = textwrap.dedent(r'''
+    import json, os, time
+    import torch
+
+    def bfn(bsz, gen, X, y, WIDTH, logfile, hold, trial=0, dim=4):
+        """Linear teacher; logs each job it starts; the job (WIDTH, trial) == hold waits for the file
+        logfile + '.go' (at most 30 s)."""
+        with open(logfile, "a") as f:
+            f.write(json.dumps(dict(WIDTH=WIDTH, trial=trial, pid=os.getpid())) + "\n")
+        if [WIDTH, trial] == hold:
+            for _ in range(300):
+                if os.path.exists(logfile + ".go"):
+                    break
+                time.sleep(0.1)
+        w = torch.linspace(-1.0, 1.0, dim)
+
+        def batch_fn(step):
+            Xb = torch.randn(bsz, dim, generator=gen)
+            return Xb, (Xb @ w).unsqueeze(1)
+        return batch_fn
+''')
+
+WIDTHS, TRIALS = [8, 16, 24], [0, 1]
+
+
+@pytest.fixture(autouse=True)
+def local_cluster(monkeypatch):
+    monkeypatch.setattr(slurm, "CLUSTER", "local")
+
+
+def sweep(tmp_path, **kw):
+    ns = {}
+    exec(compile(CELL, "<cell>", "exec"), ns)
+    g = config(EXECUTOR="slurm", SLURM_SHARDS=2, RESULTS_DIR=str(tmp_path), EXPT_NAME="expt", MAX_ITER=50,
+               logfile=str(tmp_path / "log"), hold=[24, 0], **kw)
+    return main([WIDTHS, TRIALS], ["WIDTH", "trial"], g, dict(base_bfn=ns["bfn"]), progress=False)
+
+
+def wait_for(pred, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def live_claims(db):
+    with Store(db, readonly=True) as st:
+        return st.live_claims()
+
+
+def done_count(d):
+    with StoreUnion(d) as u:
+        return u.status_counts().get("done", 0) + u.status_counts().get("not_reached", 0)
+
+
+def test_shards_killed_part_way_and_rerun_trains_only_the_missing(tmp_path, capsys):
+    d = tmp_path / "expt"
+    res = sweep(tmp_path, DETACH=True)  # returns at once: nothing is stored yet
+    assert res.records == []
+    # Shard 0 holds jobs 0, 2, 4 (product order); job 4 is (24, 0), which waits: the other five get stored.
+    wait_for(lambda: done_count(d) == 5, "five stored jobs")
+    shards = sorted(d.glob("shard-*.db"))
+    assert len(shards) == 2
+    with Store(shards[0], readonly=True) as st:
+        claims = st.live_claims()
+    assert len(claims) == 1
+    assert cli.main(["ls", str(tmp_path)]) == 0  # progress: five stored, one running in an array task
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-2:] == ["running", "sweeps"] and out[1].split()[1] == "5" and out[1].split()[-2] == "1"
+    os.kill(claims[0]["pid"], signal.SIGKILL)  # the array task dies (preempted, out of time) mid-job
+    (tmp_path / "log.go").touch()
+    wait_for(lambda: not live_claims(shards[0]), "the dead task's claim to lapse", 30)
+
+    assert cli.main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["expt", "5"]  # one experiment, five jobs stored in its three files
+    assert cli.main(["show", str(d), "--status", "pending"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()  # the footer follows a blank line
+    assert [ln.split()[:3] for ln in table[1:]] == [["24", "0", "pending"]]
+
+    started = len(read_log(tmp_path / "log"))
+    res = sweep(tmp_path)  # the same command again: waits for the array this time
+    rerun = read_log(tmp_path / "log")[started:]
+    assert {(e["WIDTH"], e["trial"]) for e in rerun} == {(24, 0)}  # only the missing job trained
+    assert len(res.records) == 6 and res.status_counts().get("failed", 0) == 0
+    assert len(list(d.glob("shard-*.db"))) == 3  # one new shard, for the one missing job
+    assert load(d).to_xarray()["train_loss"].shape == (3, 2)
+
+
+def test_sbatch_parameters_map_keys_to_options():
+    cfg = config(SLURM_PARTITION="gpu", SLURM_TIME=90, SLURM_GPUS_PER_NODE=4, SLURM_CPUS_PER_TASK=16,
+                 SLURM_MEM="64G", SLURM_ACCOUNT="lab", SLURM_QOS="high", SLURM_ARRAY_PARALLELISM=3,
+                 SLURM_EXTRA=["--constraint=a100", "#SBATCH --exclusive"], EXPT_NAME="e")
+    assert slurm.sbatch_parameters(cfg) == dict(
+        timeout_min=90, gpus_per_node=4, cpus_per_task=16, slurm_array_parallelism=3, slurm_partition="gpu",
+        slurm_mem="64G", slurm_account="lab", slurm_qos="high", name="modelscape-e",
+        slurm_additional_parameters={"constraint": "a100", "exclusive": True})
+    with pytest.raises(ConfigError, match="SLURM_EXTRA line 'constraint=a100'"):
+        slurm.sbatch_parameters(cfg | {"SLURM_EXTRA": ["constraint=a100"]})
+    assert slurm.split(list(range(5)), 2) == [[0, 2, 4], [1, 3]]
+    assert slurm.split([7], 8) == [[7]]
