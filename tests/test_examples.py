@@ -159,9 +159,9 @@ def _kernel_manager(tmp_path):
 
 
 def test_notebook_executes_every_cell(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    import nbformat
+    import nbclient
+    import ipykernel  # noqa: F401
     out = tmp_path / "notebook"
     for k, v in env().items():
         monkeypatch.setenv(k, v)
