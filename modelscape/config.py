@@ -87,6 +87,11 @@ SCHEMA: tuple[HP, ...] = (
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution"),
+    HP("FUSE", str, "auto", "Train jobs that differ only in numbers (LR, GAMMA, trial, PARAMETERIZATION ...) of the "
+       "built-in MLP together as one stacked model (auto), or each alone (off).", choices=("auto", "off"),
+       group="execution"),
+    HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
+       "a CPU).", group="execution"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
@@ -99,7 +104,7 @@ ALIASES: dict[str, str] = {a: hp.name for hp in SCHEMA for a in hp.aliases}
 SILENT_ALIASES: dict[str, str] = {"MODEL_CLASS": "MODEL", "model_class": "MODEL"}
 
 # Keys the package reads from a config that are not hyperparameters (callables, arrays): never "unknown".
-RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial"})
+RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "fused_group"})
 
 
 def defaults() -> dict:

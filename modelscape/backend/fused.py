@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, run_config_safe
+from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
+    run_config_safe
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, read_losses
 from modelscape.models import MLP
 
@@ -444,19 +445,106 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
     for reason, ks in reasons.items():
         log.warning("fused trials: %d job(s) run one by one: %s", len(ks), reason)
     alone = [k for ks in reasons.values() for k in ks]
-    for ks in groups.values():
-        if len(ks) == 1:
-            alone += ks
-            continue
-        try:
-            for k, rec in zip(ks, train_fused([prepared[k] for k in ks])):
-                records[k] = rec
-        except Exception as e:  # a bug or a shape mismatch the checks missed: the jobs still run, one by one
-            log.warning("fused trials: a group of %d jobs failed to train fused (%s: %s); running them one by one",
-                        len(ks), type(e).__name__, e)
-            alone += ks
+    for same in groups.values():
+        cap = fuse_cap_of([prepared[k] for k in same], device)
+        for ks in (same[c:c + cap] for c in range(0, len(same), cap)):
+            if len(ks) == 1:
+                alone += ks
+                continue
+            try:
+                for k, rec in zip(ks, train_fused([prepared[k] for k in ks])):
+                    records[k] = rec
+            except Exception as e:  # a bug or a shape mismatch the checks missed: the jobs still run, one by one
+                log.warning("fused trials: a group of %d jobs failed to train fused (%s: %s); running them one by "
+                            "one", len(ks), type(e).__name__, e)
+                alone += ks
     for k in sorted(alone):
         # Prepared again from scratch: the global RNG and the data generator must be as run_config leaves them.
         config, axes = jobs[k]
         records[k] = run_config_safe(config, bfn_config, device, axes)
     return records
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sweep engine's side: forming groups, shipping them as one unit of work, splitting their records
+# --------------------------------------------------------------------------------------------------------
+
+# A fused group travels through the executors as one job whose config holds this key: the members' (axes,
+# overrides). The executors need not know: run_config_safe hands such a config to run_group_config.
+GROUP_KEY = "fused_group"
+
+
+def _fusable_name(cfg: dict) -> str | None:
+    """Why a job's config rules fusing out before anything is built (None if it may fuse)."""
+    model = cfg.get("MODEL")
+    if cfg.get("MODEL_FILE") or not (model == "MLP" or model is MLP):
+        return f"model {getattr(model, '__name__', model)} is not the built-in MLP"
+    if cfg.get("post_init_fn") is not None:
+        return "a post_init_fn may change the model in ways the fused trainer cannot see"
+    try:
+        opt = resolve_optimizer(cfg.get("OPTIMIZER"))
+    except ValueError:
+        return None  # the job itself will fail, naming the optimizer
+    if opt not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        return f"optimizer {getattr(opt, '__name__', opt)} is not SGD, Adam or AdamW"
+    return None
+
+
+def plan_units(jobs: list) -> list:
+    """Split a sweep's jobs into units of work: lists of job indices, each a fused group or a single job.
+
+    ``jobs`` is a list of ``(index, resolved config)``. Jobs with FUSE=auto and equal ``fuse_key`` form a group,
+    cut into balanced pieces of at most FUSE_MAX jobs. The pieces depend on the jobs alone, not on the executor
+    or its number of workers, so a sweep's numbers do not either (a lower FUSE_MAX spreads a group over more
+    workers). Jobs that cannot fuse are single units; the reason is logged once per reason.
+    """
+    groups, units, reasons = {}, [], {}
+    for index, cfg in jobs:
+        if cfg.get("FUSE", "auto") != "auto":
+            units.append([index])
+            continue
+        reason = _fusable_name(cfg)
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+            units.append([index])
+            continue
+        groups.setdefault(fuse_key(cfg), []).append(index)
+    for reason, n in reasons.items():
+        log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
+    for (key, members) in groups.items():
+        fuse_max = max(1, int(dict(key).get("FUSE_MAX", 64)))
+        pieces = -(-len(members) // fuse_max)
+        size = -(-len(members) // pieces)
+        units += [members[k:k + size] for k in range(0, len(members), size)]
+    return sorted(units)
+
+
+def group_overrides(members: list) -> dict:
+    """The overrides of a unit of work that runs ``members`` (a list of ``(axes, overrides)``) fused."""
+    return {GROUP_KEY: [(dict(axes), dict(overrides)) for axes, overrides in members]}
+
+
+def run_group_config(config: dict, bfn_config: dict, device="cpu") -> dict:
+    """Run the fused group a unit's config names (``group_overrides``): ``{"status": "group", "records": [...]}``
+    with one record per member, in order; ``oom`` set when a member ran out of device memory."""
+    members = config[GROUP_KEY]
+    base = {k: v for k, v in config.items() if k != GROUP_KEY}
+    try:
+        records = run_group([({**base, **overrides}, axes) for axes, overrides in members], bfn_config, device)
+    except Exception as e:  # run_group fails jobs, not itself; should it raise anyway, the unit fails as one
+        return failed_record({}, e, device)
+    return {"status": "group", "records": records, "oom": any(r.get("oom") for r in records)}
+
+
+def split_records(record: dict, n: int) -> list:
+    """The ``n`` member records of a unit's record: those ``run_group_config`` made, or, for a unit that failed
+    as a whole (its worker crashed or timed out), a copy of that failure for each member."""
+    if record.get("status") == "group":
+        return record["records"]
+    return [dict(record) for _ in range(n)]
+
+
+def fuse_cap_of(jobs: list, device) -> int:
+    """``fuse_cap`` for a list of prepared jobs (their FUSE_MAX, width, depth and batch size)."""
+    cfg = jobs[0].cfg
+    return fuse_cap(cfg.get("FUSE_MAX", 64), device, cfg.get("WIDTH", 0), cfg.get("DEPTH", 1), cfg.get("N_SAMPLES", 0))

@@ -296,8 +296,15 @@ def _caused_by_oom(exc):
 
 def run_config_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
                  quiet: bool = True) -> dict:
-    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback."""
+    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback.
+
+    A config holding ``fused_group`` is a unit of work of several jobs trained together; its record holds theirs
+    (``modelscape.backend.fused.run_group_config``).
+    """
     t0 = time.perf_counter()
+    if config.get("fused_group"):  # a unit of work holding a fused group (modelscape.backend.fused)
+        from modelscape.backend.fused import run_group_config
+        return run_group_config(config, bfn_config, device)
     try:
         return run_config(config, bfn_config, device, axes, quiet=quiet)
     except Exception as e:  # one bad job must not sink a sweep

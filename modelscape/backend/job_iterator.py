@@ -12,6 +12,7 @@ import warnings
 from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
     signature_names
 from modelscape.backend.executors import JobSpec, make_executor
+from modelscape.backend.fused import group_overrides, plan_units, split_records
 from modelscape.backend.job import consumers
 from modelscape.results import SweepResults, axis_label
 
@@ -142,21 +143,24 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
         # a reused executor's workers would then run that sweep with this sweep's (stale) config.
         context_id = uuid.uuid4().hex
-        futures = [executor.submit(JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)) for i in todo]
+        # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
+        units = plan_units([(i, jobs[i][2]) for i in todo])
+        unit_of = {unit[0]: unit for unit in units}
+        futures = [executor.submit(_unit_spec(unit, jobs, context_id, context)) for unit in units]
         for fut in executor.as_completed(futures):
-            i = fut.spec.index
-            record = fut.result()
-            for k in _INTERNAL:
-                record.pop(k, None)
-            record["job_id"] = ids[i]
-            record["axes"] = jobs[i][0]
-            if st is not None:
-                record = _store_record(st, record, jobs[i][2])
-            records[ids[i] if ids[i] is not None else i] = record
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
-            if bar is not None:
-                bar.set_postfix_str(_postfix(counts, record), refresh=False)
-                bar.update(1)
+            unit = unit_of[fut.spec.index]
+            for i, record in zip(unit, split_records(fut.result(), len(unit))):
+                for k in _INTERNAL:
+                    record.pop(k, None)
+                record["job_id"] = ids[i]
+                record["axes"] = jobs[i][0]
+                if st is not None:
+                    record = _store_record(st, record, jobs[i][2])
+                records[ids[i] if ids[i] is not None else i] = record
+                counts[record["status"]] = counts.get(record["status"], 0) + 1
+                if bar is not None:
+                    bar.set_postfix_str(_postfix(counts, record), refresh=False)
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -169,6 +173,14 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if progress:
         print(summary(result), file=sys.stderr)
     return result
+
+
+def _unit_spec(unit, jobs, context_id, context) -> JobSpec:
+    """The executor's job for a unit of work: one job, or a fused group of them (``plan_units``)."""
+    if len(unit) == 1:
+        i = unit[0]
+        return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+    return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context)
 
 
 def _open_store(store, cfg):

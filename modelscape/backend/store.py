@@ -49,7 +49,7 @@ IDENTITY_VERSION = 1  # bump when the identity recipe changes, so old and new id
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
 # VERBOSE on still finds the jobs already stored.
 NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVICE", "RESULTS_DIR", "EXPT_NAME",
-                             "RESUME"})
+                             "RESUME", "FUSE", "FUSE_MAX"})
 
 STATUSES = ("done", "not_reached", "diverged", "failed")
 
