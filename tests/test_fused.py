@@ -128,3 +128,37 @@ def test_fuse_key_ignores_numbers_only():
 
 def test_fuse_cap_on_cpu_is_bounded():
     assert fuse_cap(1000, "cpu") == 64 and fuse_cap(8, "cpu") == 8 and fuse_cap(0, "cpu") == 1
+
+
+def test_sweep_fuses_and_stores_the_same_rows_as_one_by_one(tmp_path):
+    from modelscape.backend.cli import base_args
+    from modelscape.backend.job_iterator import main
+    from modelscape.backend.store import Store
+
+    g = vars(base_args())
+    g.update(base(MAX_ITER=40, ONLYTHRESHOLDS=True), FUSE_MAX=3)
+    axes, names = [[0.05, 0.2, 50.0], [0, 1]], ["LR", "trial"]
+    out = {}
+    for fuse in ("off", "auto"):
+        res = main(axes, names, dict(g, FUSE=fuse), BFN, executor="inprocess", store=str(tmp_path / fuse),
+                   progress=False)
+        st = Store(str(tmp_path / fuse))
+        out[fuse] = (res, {r["job_id"]: r for r in st.records()})
+        st.close()
+    (res_off, rows_off), (res_on, rows_on) = out["off"], out["auto"]
+    assert sorted(rows_off) == sorted(rows_on)  # the same job identities: FUSE changes no result
+    for job_id, r in rows_off.items():
+        assert r["config"].pop("FUSE") == "off" and rows_on[job_id]["config"].pop("FUSE") == "auto"
+        assert_same_record(r, rows_on[job_id], str(r["axes"]))
+    assert res_on.status_counts() == res_off.status_counts() and "diverged" in res_on.status_counts()
+
+
+def test_plan_units_groups_fusable_jobs_and_notes_the_rest(caplog):
+    from modelscape.backend.fused import plan_units
+    jobs = [(i, canonicalize(base(LR=0.1 * (i + 1), FUSE_MAX=3))) for i in range(7)]
+    jobs += [(7, canonicalize(base(WIDTH=64))), (8, canonicalize(base(FUSE="off")))]
+    jobs += [(9 + i, canonicalize(base(MODEL=Custom))) for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger="modelscape.backend.fused"):
+        units = plan_units(jobs)
+    assert units == [[0, 1], [2, 3], [4, 5, 6], [7], [8], [9], [10]]
+    assert len(caplog.records) == 1 and "2 job(s)" in caplog.records[0].getMessage()

@@ -514,8 +514,8 @@ def plan_units(jobs: list) -> list:
     for (key, members) in groups.items():
         fuse_max = max(1, int(dict(key).get("FUSE_MAX", 64)))
         pieces = -(-len(members) // fuse_max)
-        size = -(-len(members) // pieces)
-        units += [members[k:k + size] for k in range(0, len(members), size)]
+        bounds = [len(members) * k // pieces for k in range(pieces + 1)]
+        units += [members[a:b] for a, b in zip(bounds, bounds[1:])]
     return sorted(units)
 
 
