@@ -149,6 +149,8 @@ def _column(values, like: torch.Tensor, ndim: int) -> torch.Tensor:
 class StackedMLP:
     """The members' MLPs as stacked weights: ``forward(params, X)`` maps (G, B, ...) inputs to (G, B, d_out).
 
+    ``params`` follow the model's ``named_parameters`` order, weights transposed to (G, in, out).
+
     Each layer's output is multiplied by that member's muP/GAMMA factor and the nonlinearity's by its own,
     exactly as ``mup``'s forward hook does on each member's model.
     """
@@ -166,7 +168,11 @@ class StackedMLP:
             self.layer_scales.append(scales)
         self.act_scales = [_scale(m.nonlin) for m in models]
         per_model = [dict(m.named_parameters()) for m in models]
-        self.params = [torch.stack([pm[n].detach() for pm in per_model]).requires_grad_() for n in self.names]
+        # Weights are kept transposed, (G, in, out), so that neither the forward matmul nor the weight gradient
+        # (and the optimizer's arithmetic on it) works on a strided view.
+        self.transposed = [n.endswith(".weight") for n in self.names]
+        self.params = [torch.stack([pm[n].detach().t() if t else pm[n].detach() for pm in per_model])
+                       .contiguous().requires_grad_() for n, t in zip(self.names, self.transposed)]
         self._set_scales(self.layer_scales, self.act_scales)
 
     def _set_scales(self, layer_scales, act_scales):
@@ -179,7 +185,7 @@ class StackedMLP:
         h = X.reshape(X.shape[0], X.shape[1], -1)  # MLP.forward flattens each sample
         last = len(self.layer_params) - 1
         for i, ((w, b), scale) in enumerate(zip(self.layer_params, self._layer_t)):
-            wt = params[w].transpose(1, 2)
+            wt = params[w]
             h = torch.bmm(h, wt) if b is None else torch.baddbmm(params[b].unsqueeze(1), h, wt)
             if scale is not None:
                 h = h * scale
@@ -198,8 +204,8 @@ class StackedMLP:
     def write_back(self, row: int, model: nn.Module) -> None:
         """Copy member ``row``'s current weights into its own model."""
         with torch.no_grad():
-            for stacked, p in zip(self.params, model.parameters()):
-                p.copy_(stacked[row])
+            for stacked, t, p in zip(self.params, self.transposed, model.parameters()):
+                p.copy_(stacked[row].t() if t else stacked[row])
 
 
 class StackedOptimizer:
