@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelscape.backend.fused import fuse_cap, fuse_key, run_group, train_fused, why_not_fusable
+from modelscape.backend.fused import fuse_cap, fuse_key, member_bytes, run_group, train_fused, why_not_fusable
 from modelscape.backend.job import prepare_job, run_config
 from modelscape.config import canonicalize
 from modelscape.data import powerlaw_bfn
@@ -126,8 +126,13 @@ def test_fuse_key_ignores_numbers_only():
     assert k(WIDTH=64) != k() and k(N_SAMPLES=32) != k() and k(CENTER=False) != k()
 
 
-def test_fuse_cap_on_cpu_is_bounded():
+def test_fuse_cap_bounds_groups_on_cpu_and_by_free_gpu_memory(monkeypatch):
     assert fuse_cap(1000, "cpu") == 64 and fuse_cap(8, "cpu") == 8 and fuse_cap(0, "cpu") == 1
+    job = prepare_job(base(), BFN, quiet=True)
+    need = member_bytes(job)
+    assert need >= 4 * 6 * sum(p.numel() for p in job.model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * need, 40 * need))
+    assert fuse_cap(64, "cuda:0", need) == 10 and fuse_cap(4, "cuda:0", need) == 4
 
 
 def test_sweep_fuses_and_stores_the_same_rows_as_one_by_one(tmp_path):

@@ -63,17 +63,23 @@ def _hashable(v):
     return ("object", id(v))  # functions, tensors, classes: the sweep shares one object across its jobs
 
 
-def fuse_cap(fuse_max: int, device, width: int = 0, depth: int = 1, batch: int = 0) -> int:
-    """How many jobs one group may hold: ``fuse_max``, capped on CUDA by a quarter of the free device memory
-    over an estimate of one member's footprint (weights, gradients, optimizer state, activations)."""
+def fuse_cap(fuse_max: int, device, member_bytes: int = 0) -> int:
+    """How many jobs one group may hold: ``fuse_max``, at most ``CPU_FUSE_MAX`` on a CPU, and on CUDA at most
+    half of the free device memory over ``member_bytes`` (one member's estimated footprint)."""
     cap = max(1, int(fuse_max))
     device = torch.device(device)
     if device.type != "cuda":
         return min(cap, CPU_FUSE_MAX)
     free, _ = torch.cuda.mem_get_info(device)
-    n_params = (depth - 1) * width * width + 64 * width  # hidden layers, plus read-in/read-out of modest size
-    member = 4 * (6 * n_params + 4 * batch * width * (depth + 1))
-    return max(1, min(cap, int(free // 4 // max(member, 1))))
+    return max(1, min(cap, int(free // 2 // max(int(member_bytes), 1))))
+
+
+def member_bytes(job: PreparedJob) -> int:
+    """Device memory one member of a fused group needs, roughly: its weights six times (stacked, gradient,
+    two optimizer states, centering baseline, its own model) and three activations per layer and sample."""
+    n_params = sum(p.numel() for p in job.model.parameters())
+    width, depth, batch = job.model.width, job.model.depth, job.cfg["N_SAMPLES"]
+    return 4 * (6 * n_params + 3 * batch * width * (depth + 1))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -452,7 +458,8 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
         log.warning("fused trials: %d job(s) run one by one: %s", len(ks), reason)
     alone = [k for ks in reasons.values() for k in ks]
     for same in groups.values():
-        cap = fuse_cap_of([prepared[k] for k in same], device)
+        first = prepared[same[0]]
+        cap = fuse_cap(first.cfg["FUSE_MAX"], device, member_bytes(first))
         for ks in (same[c:c + cap] for c in range(0, len(same), cap)):
             if len(ks) == 1:
                 alone += ks
@@ -548,9 +555,3 @@ def split_records(record: dict, n: int) -> list:
     if record.get("status") == "group":
         return record["records"]
     return [dict(record) for _ in range(n)]
-
-
-def fuse_cap_of(jobs: list, device) -> int:
-    """``fuse_cap`` for a list of prepared jobs (their FUSE_MAX, width, depth and batch size)."""
-    cfg = jobs[0].cfg
-    return fuse_cap(cfg.get("FUSE_MAX", 64), device, cfg.get("WIDTH", 0), cfg.get("DEPTH", 1), cfg.get("N_SAMPLES", 0))
