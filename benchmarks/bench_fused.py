@@ -26,13 +26,18 @@ import argparse
 import os
 import time
 
-import torch
-from torch import nn
+# On a shared machine, OpenMP threads that spin while waiting for each other make every multi-threaded op
+# many times slower; passive waiting keeps two-thread runs meaningful there (set before torch loads OpenMP,
+# inherited by the pool's workers; it applies to every mode alike).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from modelscape.backend.cli import base_args
-from modelscape.backend.executors import PoolExecutor
-from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.data import powerlaw_bfn, powerlaw_target
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from modelscape.backend.cli import base_args  # noqa: E402
+from modelscape.backend.executors import PoolExecutor  # noqa: E402
+from modelscape.backend.job_iterator import main as run_job_iterator  # noqa: E402
+from modelscape.data import powerlaw_bfn, powerlaw_target  # noqa: E402
 
 DIM, DEPTH, BSZ, N_TEST = 8, 2, 128, 512
 
@@ -174,7 +179,8 @@ def main():
         detail = " ".join(f"{t:.1f}/{j}" for t, j in runs[k])
         print(f"{k:28s} {r:9.1f} {r / plain:8.2f}x {r / one:9.2f}x {r / pool_best:12.2f}x   {detail}")
     load = os.getloadavg()
-    print(f"load average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"load average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
 
 if __name__ == "__main__":

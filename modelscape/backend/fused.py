@@ -361,7 +361,7 @@ def train_fused(jobs: list) -> list:
     while active:
         for r, i in enumerate(active):
             members[i].X, members[i].y = members[i].job.batch_fn(step)
-        due = [r for r, i in enumerate(active) if members[i].evals.due(step)]
+        due = [r for r, i in enumerate(active) if records[i] is None and members[i].evals.due(step)]
         if due:
             write_back(due)
             for r in due:
@@ -387,8 +387,7 @@ def train_fused(jobs: list) -> list:
         syncing = [r for r, i in enumerate(active) if step % sync == 0 or step >= members[i].max_iter]
         if not syncing:
             continue
-        block = read_losses(pending)  # (steps, rows)
-        block = block.reshape(len(pending), -1)
+        block = read_losses(pending).reshape(len(pending), -1)  # (steps, rows)
         pending.clear()
         for r, i in enumerate(active):
             members[i].unread.append(block[:, r])
