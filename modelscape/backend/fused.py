@@ -239,6 +239,7 @@ class StackedOptimizer:
 
     def _tensors(self, params):
         self.t = {k: [_column(v, p, p.ndim - 1) for v, p in zip(vals, params)] for k, vals in self.hyper.items()}
+        self.t["neg_lr"] = [-lr for lr in self.t["lr"]]
         self.uses = {k: any(x != 0 for vals in self.hyper[k] for x in vals) for k in self.hyper}
 
     @torch.no_grad()
@@ -261,7 +262,7 @@ class StackedOptimizer:
             else:
                 buf.mul_(t["momentum"][i]).add_(g)
             g = buf
-        p.sub_(t["lr"][i] * g)
+        p.addcmul_(t["neg_lr"][i], g)
 
     def _adam(self, i, p, g):
         t, state = self.t, self.state[i]
