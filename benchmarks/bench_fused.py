@@ -12,7 +12,8 @@ Measured, each through ``run_job_iterator`` (no store) unless said otherwise:
 - pool: FUSE=off, worker processes (CPU: 2 workers x 1 thread and 1 worker x 2 threads; the best is kept);
   started and warmed up before the clock starts;
 - fused, in-process: FUSE=auto (one stacked model for the whole sweep), ``--threads`` threads;
-- fused, pool: FUSE=auto with FUSE_MAX = jobs / workers, so each of 2 workers trains half of the sweep.
+- fused, pool: FUSE=auto with FUSE_MAX = jobs / workers, so each of 2 workers trains half of the sweep;
+- fused by hand: the ideal a user could write, every job in one batched-matmul loop (no thresholds, records).
 
 One-by-one runs are the slow ones: ``--sample N`` times only the first N jobs of the sweep for them (each job
 costs the same, so jobs/minute is unchanged) to keep the benchmark short on a shared machine. Every mode runs
@@ -101,6 +102,42 @@ def plain_job(args, lr, trial, device):
         return float(loss_fn(model(X_te), y_te))
 
 
+def plain_fused(args, lrs, trials, device):
+    """What a user would write by hand to train every job at once with batched matmuls (the fused ideal)."""
+    jobs = [(lr, trial) for lr in lrs for trial in trials]
+    gens = [torch.Generator(device=device).manual_seed(1000 + t) for _, t in jobs]
+    lambdas, w = (t.to(device) for t in powerlaw_target(DIM))
+    scale = lambdas.sqrt()
+    G, dims = len(jobs), [DIM] + [args.width] * DEPTH + [1]
+    Ws = [(torch.randn(G, a, b, device=device) / a ** 0.5).requires_grad_() for a, b in zip(dims, dims[1:])]
+    bs = [torch.zeros(G, 1, b, device=device, requires_grad=True) for b in dims[1:]]
+    lr = torch.tensor([lr for lr, _ in jobs], device=device).view(G, 1, 1)
+    for _ in range(args.steps):
+        X = torch.stack([torch.randn(BSZ, DIM, generator=g, device=device) for g in gens]) * scale
+        y = (X @ w).unsqueeze(-1)
+        h = X
+        for k, (W, b) in enumerate(zip(Ws, bs)):
+            h = torch.baddbmm(b, h, W)
+            if k < len(Ws) - 1:
+                h = torch.relu(h)
+        losses = (h - y).pow(2).mean(dim=(1, 2))
+        grads = torch.autograd.grad(losses.sum(), Ws + bs)
+        with torch.no_grad():
+            for p, g in zip(Ws + bs, grads):
+                p.sub_(lr * g)
+        losses.detach().cpu()
+    return G
+
+
+def time_plain_fused(args, n_jobs):
+    (lrs, trials), _ = sweep(n_jobs)
+    t = time.perf_counter()
+    n = plain_fused(args, lrs, trials, args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, n
+
+
 def time_plain(args, n_jobs):
     (lrs, trials), _ = sweep(n_jobs)
     t = time.perf_counter()
@@ -155,6 +192,7 @@ def main():
         add("plain loop (by hand)", time_plain(args, sample))
         add("one by one, in-process", time_sweep(args, "inprocess", sample, FUSE="off"))
         add("fused, in-process", time_sweep(args, "inprocess", n, FUSE="auto"))
+        add("fused by hand (bmm loop)", time_plain_fused(args, n))
     pools = [] if args.no_pool else ([(1, 1), (2, 1)] if cuda else [(2, 1), (1, 2)])
     for workers, threads in pools:
         pool = start_pool(args, workers, threads)
