@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
-    run_config_safe
+    run_config_safe, train_prepared
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, read_losses
 from modelscape.models import MLP
 
@@ -434,10 +434,10 @@ def train_fused(jobs: list) -> list:
 def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
     """Run ``jobs`` (a list of ``(config, axes)``) fused where possible; one record per job, in order.
 
-    Every job is prepared as ``run_config`` prepares it; those that can be fused (``why_not_fusable``) and share
-    their shapes are trained as one stacked model by ``train_fused``, the others one by one with
-    ``run_config_safe`` (and one note in the log per reason). Never raises: a job that fails gets a ``failed``
-    record, as with ``run_config_safe``.
+    Every job is prepared as ``run_config`` prepares it. One that cannot be fused (``why_not_fusable``; one note
+    in the log per reason) is trained at once, alone, as ``run_config`` would; the others are trained as one
+    stacked model per shape by ``train_fused``. Never raises: a job that fails gets a ``failed`` record, as with
+    ``run_config_safe``.
     """
     records: list = [None] * len(jobs)
     prepared, reasons, groups = {}, {}, {}
@@ -450,19 +450,20 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
             continue
         reason = why_not_fusable(job)
         if reason is not None:
-            reasons.setdefault(reason, []).append(k)
+            # trained before the next job is prepared: its model may draw on the global RNG prepare_job seeded
+            reasons[reason] = reasons.get(reason, 0) + 1
+            records[k] = _train_alone(job)
             continue
         prepared[k] = job
         groups.setdefault(_structure(job), []).append(k)
-    for reason, ks in reasons.items():
-        log.warning("fused trials: %d job(s) run one by one: %s", len(ks), reason)
-    alone = [k for ks in reasons.values() for k in ks]
+    for reason, n in reasons.items():
+        log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
     for same in groups.values():
         first = prepared[same[0]]
         cap = fuse_cap(first.cfg["FUSE_MAX"], device, member_bytes(first))
         for ks in (same[c:c + cap] for c in range(0, len(same), cap)):
-            if len(ks) == 1:
-                alone += ks
+            if len(ks) == 1:  # a fusable model draws nothing from the global RNG: training it later is the same
+                records[ks[0]] = _train_alone(prepared[ks[0]])
                 continue
             try:
                 for k, rec in zip(ks, train_fused([prepared[k] for k in ks])):
@@ -470,12 +471,17 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
             except Exception as e:  # a bug or a shape mismatch the checks missed: the jobs still run, one by one
                 log.warning("fused trials: a group of %d jobs failed to train fused (%s: %s); running them one by "
                             "one", len(ks), type(e).__name__, e)
-                alone += ks
-    for k in sorted(alone):
-        # Prepared again from scratch: the global RNG and the data generator must be as run_config leaves them.
-        config, axes = jobs[k]
-        records[k] = run_config_safe(config, bfn_config, device, axes)
+                for k in ks:  # prepared again: the data generators have moved on
+                    records[k] = run_config_safe(jobs[k][0], bfn_config, device, jobs[k][1])
     return records
+
+
+def _train_alone(job: PreparedJob) -> dict:
+    """``train_prepared`` that never raises, as ``run_config_safe``."""
+    try:
+        return train_prepared(job)
+    except Exception as e:
+        return failed_record(job.axes, e, job.device, time.perf_counter() - job.t0)
 
 
 # --------------------------------------------------------------------------------------------------------
