@@ -2,7 +2,8 @@
 
     modelscape ls PATH                      experiments under PATH: jobs by status, sweeps
     modelscape show PATH [--status S] [--where AXIS=VALUE ...] [--sweep N]
-                                            one row per job of a sweep (default: the latest)
+                                            one row per job of a sweep (default: the latest), then
+                                            where it ran (host, git commit, versions) and its code versions
     modelscape export PATH (--csv FILE | --netcdf FILE) [--sweep N]
 
 PATH is a results directory holding experiments (``RESULTS_DIR``), one experiment's directory
@@ -15,6 +16,7 @@ import argparse
 import csv
 import importlib.util
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
@@ -122,7 +124,9 @@ def _matches(label, text: str) -> bool:
 
 def sweep_rows(store: Store, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
-    order (None where a job is not stored yet), or every stored job when the store has no sweep."""
+    order (None where a job is not stored yet, ``{"status": "running"}`` where a live driver holds it,
+    ``{"status": "damaged", "error": why}`` where its row cannot be read), or every stored job when the store
+    has no sweep."""
     sweep = sweep if sweep is not None else store.latest_sweep()
     if sweep is None:
         records = store.records()
@@ -130,8 +134,45 @@ def sweep_rows(store: Store, sweep=None):
         return None, names, [(r.get("axes", {}), r) for r in records]
     res = store.results(sweep)
     by_key = {res.key(r): r for r in res.records}
-    rows = [(dict(zip(res.axis_names, key)), by_key.get(key)) for key in itertools.product(*res.axis_values)]
+    ids = store.sweep_job_ids(sweep)
+    running = {c["job_id"]: c for c in store.live_claims()}
+    rows = []
+    for job_id, key in zip(ids, itertools.product(*res.axis_values)):
+        rec = by_key.get(key)
+        if rec is None and job_id in store.damaged:
+            rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
+        elif rec is None and job_id in running:  # claimed by a live driver: running or about to
+            rec = {"job_id": job_id, "status": "running", "device": f"{running[job_id]['host']} pid "
+                   f"{running[job_id]['pid']}"}
+        rows.append((dict(zip(res.axis_names, key)), rec))
     return sweep, res.axis_names, rows
+
+
+def sweep_meta(store: Store, sweep) -> dict:
+    """The meta a sweep was recorded with (command line, time, provenance, fixed hyperparameters), or {}."""
+    return next((s["meta"] or {} for s in store.sweeps() if s["id"] == sweep), {}) if sweep is not None else {}
+
+
+def provenance_lines(meta: dict, records) -> list[str]:
+    """What ``show`` prints under the table: where and with what the sweep ran, and the code version of each
+    user function (when every job ran the same; otherwise the table has a ``code`` column)."""
+    lines = []
+    prov = meta.get("provenance")
+    if prov:
+        git = prov.get("git_commit")
+        git = (f"git {git[:12]}{' (dirty)' if prov.get('git_dirty') else ''}" if git else "not in a git repository")
+        lines.append(f"ran on {prov.get('host')}: {git}; python {prov.get('python')}, modelscape "
+                     f"{prov.get('modelscape')}, torch {prov.get('torch')}, numpy {prov.get('numpy')}")
+    codes = {json.dumps(r.get("code"), sort_keys=True) for r in records if r and r.get("code") is not None}
+    if len(codes) == 1:
+        code = json.loads(codes.pop())
+        lines.append("code: " + (", ".join(f"{name} {fp}" for name, fp in code.items()) or "no user functions"))
+    return lines
+
+
+def _code_cell(rec) -> str:
+    code = (rec or {}).get("code")
+    return " ".join(f"{name.rsplit('.', 1)[-1]}={fp[:8]}" for name, fp in code.items()) if code else "-"
 
 
 def cmd_ls(args) -> int:
@@ -158,6 +199,9 @@ def cmd_ls(args) -> int:
 def cmd_show(args) -> int:
     with Store(args.path, readonly=True) as st:
         sweep, names, rows = sweep_rows(st, args.sweep)
+        meta = sweep_meta(st, sweep)
+    footer = provenance_lines(meta, [r for _, r in rows])
+    several_codes = len({json.dumps(r.get("code"), sort_keys=True) for _, r in rows if r and r.get("code")}) > 1
     conds = _parse_where(args.where, names)
     out, numeric_axis = [], {n: True for n in names}
     for axes, rec in rows:
@@ -172,16 +216,21 @@ def cmd_show(args) -> int:
         wall = rec.get("wall_time")
         out.append([*[str(axes.get(n, "-")) for n in names], status, _fmt_timekeys(rec.get("timekeys")),
                     _fmt_num(rec.get("train_loss")), _fmt_num(rec.get("test_loss")), _fmt_num(rec.get("steps")),
-                    f"{wall:.2f}s" if _is_number(wall) else "-",
-                    short_error(rec.get("error")) if status == "failed" else ""])
+                    f"{wall:.2f}s" if _is_number(wall) else "-", *([_code_cell(rec)] if several_codes else []),
+                    short_error(rec.get("error")) if status in ("failed", "damaged") else ""])
     if not out:
         print("no jobs match" + (f" in sweep {sweep}" if sweep is not None else ""), file=sys.stderr)
         return 0
-    header = [*names, "status", "timekeys", "train_loss", "test_loss", "steps", "wall_time", "error"]
-    numeric = [numeric_axis[n] for n in names] + [False, False, True, True, True, True, False]
+    header = [*names, "status", "timekeys", "train_loss", "test_loss", "steps", "wall_time",
+              *(["code"] if several_codes else []), "error"]
+    numeric = [numeric_axis[n] for n in names] + [False, False, True, True, True, True] + [False] * (
+        1 + several_codes)
     if not any(r[-1] for r in out):  # no failed job shown: drop the empty error column
         header, numeric, out = header[:-1], numeric[:-1], [r[:-1] for r in out]
     print_table(header, out, numeric)
+    if footer:
+        print()
+        print("\n".join(footer))
     return 0
 
 
@@ -227,16 +276,36 @@ def _export_netcdf(args) -> int:
               "is installed; run `pip install scipy` (or export --csv)", file=sys.stderr)
         return 1
     with Store(args.path, readonly=True) as st:
-        if args.sweep is None and st.latest_sweep() is None:
+        sweep = args.sweep if args.sweep is not None else st.latest_sweep()
+        if sweep is None:
             raise StoreError(f"{st.path} holds no recorded sweep; netCDF export needs one (try --csv)")
-        res = st.results(args.sweep)
+        res = st.results(sweep)
+        meta = sweep_meta(st, sweep)
     try:
-        res.to_xarray().to_netcdf(args.netcdf, engine=engine)
+        ds = res.to_xarray().copy()
+        ds.attrs.update(netcdf_attrs(sweep, meta))
+        ds.to_netcdf(args.netcdf, engine=engine)
     except (ValueError, TypeError) as e:
         print(f"modelscape: error: cannot write {args.netcdf} as netCDF ({engine}): {e}", file=sys.stderr)
         return 1
     print(f"wrote {len(res.records)} jobs to {args.netcdf}", file=sys.stderr)
     return 0
+
+
+def netcdf_attrs(sweep: int, meta: dict) -> dict:
+    """A sweep's provenance (``host``, ``git_commit``, ``torch`` ...) and fixed hyperparameters (``hp_LR`` ...) as
+    netCDF attributes: numbers stay numbers, lists of numbers become arrays, anything else a string."""
+    def value(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+        if isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return np.asarray(v)
+        return v if isinstance(v, str) else json.dumps(v)
+
+    attrs = {"sweep": sweep, "argv": json.dumps(meta.get("argv"))}
+    attrs.update({k: value(v) for k, v in (meta.get("provenance") or {}).items()})
+    attrs.update({f"hp_{k}": value(v) for k, v in (meta.get("fixed") or {}).items()})
+    return attrs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a table of a sweep's jobs")
     show.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")
     show.add_argument("--status", action="append", metavar="S",
-                      help=f"only jobs with this status ({', '.join(STATUSES)}, pending); repeatable")
+                      help=f"only jobs with this status ({', '.join(STATUSES)}, running, pending, damaged); "
+                      "repeatable")
     show.add_argument("--where", action="append", metavar="AXIS=VALUE", help="only jobs with this axis value; "
                       "repeatable (all must hold)")
     show.add_argument("--sweep", type=int, metavar="N", help="sweep id (default: the latest)")

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 @dataclass(frozen=True)
 class HP:
     """One hyperparameter: ``type`` is the scalar type; ``is_list`` means the value is a list of ``type``;
-    ``sweepable`` means the CLI accepts several values (the script then sweeps over them)."""
+    ``sweepable`` means the CLI accepts several values (the script then sweeps over them); ``range`` (numbers
+    only) is the interval every value must lie in, written as in mathematics: ``"[1, inf)"``, ``"(0, 1]"``."""
 
     name: str
     type: type
@@ -27,6 +28,7 @@ class HP:
     aliases: tuple = ()
     cli: bool = True
     group: str = "training"
+    range: str | None = None
 
 
 PARAMETERIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
@@ -35,27 +37,27 @@ SCHEMA: tuple[HP, ...] = (
     # --- the seed README's hyperparameters -----------------------------------------------------------
     HP("ONLINE", bool, True, "Fresh batch every step (True) or one fixed training set per trial (False)."),
     HP("N_SAMPLES", int, 1024, "Samples per step (ONLINE) or size of the fixed training set (offline).",
-       sweepable=True),
+       sweepable=True, range="[1, inf)"),
     HP("N_TRAIN", int, 4000, "Size of the training pool a batch function may draw from (with N_TEST).",
-       aliases=("N_TRIAN",)),
+       aliases=("N_TRIAN",), range="[1, inf)"),
     HP("N_TEST", int, 10_000, "Test-set size; the test set is drawn once per trial from the batch function "
-       "unless X_te/y_te are given in the config."),
+       "unless X_te/y_te are given in the config.", range="[1, inf)"),
     HP("ONLYTHRESHOLDS", bool, True, "Record only final values (True) or loss curves and grabs along "
        "training (False)."),
-    HP("NUM_TRIALS", int, 1, "Number of trials (independent seeds)."),
-    HP("MAX_ITER", int, 100_000, "Maximum number of gradient steps."),
+    HP("NUM_TRIALS", int, 1, "Number of trials (independent seeds).", range="[1, inf)"),
+    HP("MAX_ITER", int, 100_000, "Maximum number of gradient steps.", range="[1, inf)"),
     HP("LR", float, 1e-2, "Base learning rate (rescaled per layer by the parameterization and by GAMMA).",
-       sweepable=True),
-    HP("DEPTH", int, 2, "Number of hidden layers (> 0).", sweepable=True, aliases=("depth",)),
-    HP("WIDTH", int, 8192, "Width of the hidden layers.", sweepable=True, aliases=("width",)),
+       sweepable=True, range="[0, inf)"),
+    HP("DEPTH", int, 2, "Number of hidden layers (> 0).", sweepable=True, aliases=("depth",), range="[1, inf)"),
+    HP("WIDTH", int, 8192, "Width of the hidden layers.", sweepable=True, aliases=("width",), range="[1, inf)"),
     HP("GAMMA", float, 1.0, "Richness: outputs / gamma; lr * gamma (gamma >= 1) or lr * gamma**2 (gamma < 1).",
-       sweepable=True),
+       sweepable=True, range="(0, inf)"),
     HP("DEVICES", int, [0], "GPU ids to spread jobs over (ignored without CUDA; then CPU cores are used).",
-       is_list=True, group="execution"),
-    HP("SEED", int, 42, "Base seed; a job's seeds derive from SEED and its trial index only."),
+       is_list=True, group="execution", range="[0, inf)"),
+    HP("SEED", int, 42, "Base seed; a job's seeds derive from SEED and its trial index only.", range="[0, inf)"),
     HP("LOSS_CHECKPOINTS", float, [0.15, 0.1], "Loss thresholds; a job stops once the EMA train loss is below "
-       "all of them.", is_list=True),
-    HP("EMA_SMOOTHER", float, 0.9, "EMA constant for the train loss: ema = s * ema + (1 - s) * loss."),
+       "all of them.", is_list=True, range="(-inf, inf)"),
+    HP("EMA_SMOOTHER", float, 0.9, "EMA constant for the train loss: ema = s * ema + (1 - s) * loss.", range="[0, 1)"),
     HP("DETERMINISTIC", bool, True, "Seed every RNG from SEED and use torch's deterministic algorithms; False "
        "draws fresh seeds.", aliases=("DETERMINSITIC",)),
     HP("VERBOSE", bool, False, "Print the loss every step."),
@@ -70,9 +72,9 @@ SCHEMA: tuple[HP, ...] = (
        group="model"),
     HP("OPTIMIZER", str, "SGD", "Optimizer: SGD, Adam, AdamW (any torch.optim name), or a class.",
        group="optimizer"),
-    HP("MOMENTUM", float, 0.0, "SGD momentum.", group="optimizer"),
+    HP("MOMENTUM", float, 0.0, "SGD momentum.", group="optimizer", range="[0, inf)"),
     HP("WEIGHT_DECAY", float, 0.0, "Weight decay (AdamW scales it by each layer's muP learning rate, as "
-       "torch does per parameter group).", group="optimizer"),
+       "torch does per parameter group).", group="optimizer", range="[0, inf)"),
     HP("OPTIMIZER_KWARGS", dict, {}, "Extra optimizer keyword arguments (JSON on the command line).",
        group="optimizer"),
     HP("LOSS", str, "mse", "Loss: mse, cross_entropy (any torch.nn loss name), or a class/callable.",
@@ -80,22 +82,27 @@ SCHEMA: tuple[HP, ...] = (
     HP("RELATIVE_THRESHOLDS", bool, False, "LOSS_CHECKPOINTS are fractions of the initial loss.",
        group="training"),
     HP("EVAL_EVERY", int, 100, "Evaluate the test loss (and grabs, with ONLYTHRESHOLDS False) every N steps; "
-       "0 = only at the end. The final test loss is always that of the final model.", group="training"),
+       "0 = only at the end. The final test loss is always that of the final model.", group="training",
+       range="[0, inf)"),
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
-       "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training"),
+       "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
+       range="[0, inf)"),
     HP("EXECUTOR", str, "auto", "Where jobs run: auto, inprocess or pool.", choices=("auto", "inprocess", "pool"),
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
-       group="execution"),
+       group="execution", range="[0, inf)"),
     HP("FUSE", str, "auto", "Train jobs that differ only in numbers (LR, GAMMA, trial, PARAMETERIZATION ...) of the "
        "built-in MLP together as one stacked model (auto), or each alone (off).", choices=("auto", "off"),
        group="execution"),
     HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
-       "a CPU).", group="execution"),
+       "a CPU).", group="execution", range="[1, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
+    HP("CLAIM_TIMEOUT", float, 30.0, "Seconds without a heartbeat after which another driver on the same store "
+       "takes over a driver's jobs (a dead driver on the same host is noticed at once).", group="results",
+       range="(0, inf)"),
 )
 
 BY_NAME: dict[str, HP] = {hp.name: hp for hp in SCHEMA}
@@ -228,18 +235,38 @@ def coerce(name: str, value: Any) -> Any:
     return _scalar(hp, value)
 
 
+def parse_range(text: str) -> tuple[float, bool, float, bool]:
+    """``"[1, inf)"`` -> ``(1.0, True, inf, False)``: low, low included, high, high included."""
+    t = text.replace(" ", "")
+    if len(t) < 5 or t[0] not in "[(" or t[-1] not in "])" or t[1:-1].count(",") != 1:
+        raise ValueError(f"bad range {text!r}; write e.g. '[1, inf)' or '(0, 1]'")
+    low, high = (float(x) for x in t[1:-1].split(","))
+    return low, t[0] == "[", high, t[-1] == "]"
+
+
+def in_range(hp: HP, v) -> bool:
+    """Whether number ``v`` lies in ``hp.range`` (NaN never does; True for a key without a range)."""
+    if hp.range is None:
+        return True
+    low, low_in, high, high_in = parse_range(hp.range)
+    above = v >= low if low_in else v > low
+    below = v <= high if high_in else v < high
+    return bool(above and below)
+
+
 def _scalar(hp: HP, v: Any) -> Any:
     try:
         if v is None and hp.default is None:
             return None
         if hp.type is bool:
             return parse_bool(v)
-        if hp.type is int:
-            return parse_int(v)
-        if hp.type is float:
+        if hp.type in (int, float):
             if isinstance(v, bool):
                 raise ValueError("a bool is not a number")
-            return float(v)
+            v = parse_int(v) if hp.type is int else float(v)
+            if not in_range(hp, v):
+                raise ValueError(f"must be in {hp.range}")
+            return v
         if hp.type is str:
             v = str(v)
             if hp.choices and v not in hp.choices:
@@ -279,19 +306,18 @@ def parse_int(v: Any) -> int:
 
 
 def check_job_config(cfg: dict) -> None:
-    """Checks that need the whole resolved config of one job (scalars where a job needs scalars)."""
+    """Checks that need the whole resolved config of one job (scalars where a job needs scalars; each value's
+    range is checked by ``coerce``, and again here for a config built by hand)."""
+    for hp in SCHEMA:
+        if hp.range is None or cfg.get(hp.name) is None:
+            continue
+        for v in cfg[hp.name] if isinstance(cfg[hp.name], list) else [cfg[hp.name]]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_range(hp, v):
+                raise ConfigError(f"bad value for {hp.name}: {v!r} (must be in {hp.range})")
     for name in ("N_SAMPLES", "LR", "DEPTH", "WIDTH", "GAMMA"):
         if isinstance(cfg.get(name), list):
             raise ConfigError(f"{name} is a list ({cfg[name]!r}) in a single job's config; make it a sweep axis "
                               f"(iterators=[...{cfg[name]!r}...], iterator_names=[...'{name}'...])")
-    if cfg["DEPTH"] < 1:
-        raise ConfigError(f"DEPTH must be >= 1, got {cfg['DEPTH']}")
-    if cfg["GAMMA"] <= 0:
-        raise ConfigError(f"GAMMA must be > 0, got {cfg['GAMMA']}")
-    if not 0 <= cfg["EMA_SMOOTHER"] < 1:
-        raise ConfigError(f"EMA_SMOOTHER must be in [0, 1), got {cfg['EMA_SMOOTHER']}")
-    if cfg["MAX_ITER"] < 1:
-        raise ConfigError(f"MAX_ITER must be >= 1, got {cfg['MAX_ITER']}")
     if not cfg["LOSS_CHECKPOINTS"]:
         raise ConfigError("LOSS_CHECKPOINTS is empty; give at least one threshold")
 
@@ -306,6 +332,8 @@ def readme_table() -> str:
         extra = ""
         if hp.choices:
             extra += " One of " + ", ".join(f"`{c}`" for c in hp.choices) + "."
+        if hp.range:
+            extra += f" Range: `{hp.range}`."
         if hp.aliases:
             extra += " Also read from " + ", ".join(f"`{a}`" for a in hp.aliases) + " (with a warning)."
         rows.append(f"| `{hp.name}` | {t} | `{hp.default!r}` | {hp.help}{extra} |")

@@ -64,20 +64,22 @@ class ExptTrace:
         return self._stack(extents, squeeze=[not isinstance(k, slice) for k in key])
 
     def _stack(self, extents, squeeze):
-        present = [np.asarray(v, dtype=float) for v in self.vals.values() if v is not None]
+        text = _is_text(self.vals.values())
+        present = [_values(v, text) for v in self.vals.values() if v is not None]
         inner = _common_shape([np.shape(v) for v in present])
-        out = np.full([len(e) for e in extents] + list(inner), np.nan)
+        fill, dtype = _fill(present, text)
+        out = np.full([len(e) for e in extents] + list(inner), fill, dtype=dtype)
         mask = np.ones(out.shape, dtype=bool)
         for idx in itertools.product(*[range(len(e)) for e in extents]):
             key = tuple(e[i] for e, i in zip(extents, idx))
             v = self.vals.get(key)
             if v is None:
                 continue
-            v = np.asarray(v, dtype=float)
+            v = _values(v, text)
             sl = idx + tuple(slice(0, s) for s in np.shape(v))
             out[sl] = v
             mask[idx] = False
-        out = np.ma.masked_array(out, mask=mask | np.isnan(out))
+        out = np.ma.masked_array(out, mask=mask if text else mask | np.isnan(out))
         drop = tuple(i for i, s in enumerate(squeeze) if s)
         return out.reshape([s for i, s in enumerate(out.shape) if i not in drop])
 
@@ -113,6 +115,21 @@ class ExptTrace:
         obj.vals = dict(data["vals"])
         obj.valshape = data["valshape"]
         return obj
+
+
+def _is_text(values) -> bool:
+    """Whether any of ``values`` (grab values) is a string or an array of strings."""
+    return any(v is not None and np.asarray(v).dtype.kind in "US" for v in values)
+
+
+def _values(v, text: bool) -> np.ndarray:
+    """A value as an array of floats, or of strings for a string-valued grab."""
+    return np.asarray(v).astype(str) if text else np.asarray(v, dtype=float)
+
+
+def _fill(arrays, text: bool):
+    """``(fill value, dtype)`` of an array gathering ``arrays``: NaN and float, or "" and the longest string dtype."""
+    return ("", np.result_type(*[a.dtype for a in arrays], np.str_)) if text else (np.nan, float)
 
 
 def _sort_key(v):
@@ -213,7 +230,8 @@ class SweepResults(Mapping):
 
         Variables: status, steps, wall_time, train_loss, test_loss, timekeys/thresholds (dim ``threshold``);
         with curves, train_curve (dim ``step``) and test_curve (dim ``eval_step``, the union of all jobs'
-        evaluation steps, NaN where a job did not evaluate); one ``grab_<name>`` per grab. Missing jobs are NaN.
+        evaluation steps, NaN where a job did not evaluate); one ``grab_<name>`` per grab (strings for a grab
+        that returns strings, "" where missing). Missing jobs are NaN.
         """
         if self._xr is not None:
             return self._xr
@@ -266,19 +284,23 @@ class SweepResults(Mapping):
             extra_coords = {"step": np.arange(n_steps), "eval_step": np.asarray(eval_steps)}
 
         for name in self.grab_names:
-            vals = [(i, r, np.asarray(r["grabs"][name], dtype=float)) for i, r in ok if name in (r.get("grabs") or {})]
+            raw = [(i, r, r["grabs"][name]) for i, r in ok if name in (r.get("grabs") or {})]
+            # a string grab becomes a variable of strings ("" where a job has none); never a float conversion
+            text = _is_text(v for _, _, v in raw)
+            vals = [(i, r, _values(v, text)) for i, r, v in raw]
+            fill, dtype = _fill([v for _, _, v in vals], text)
             along = curves and all(r.get("eval_steps") is not None for _, r, _ in vals)
             inner_shapes = [v.shape[1:] if along else v.shape for _, _, v in vals]
             inner = _common_shape(inner_shapes)
             gdims = [f"{name}_dim{k}" for k in range(len(inner))]
             if along:
-                arr = np.full(shape + [len(extra_coords["eval_step"])] + list(inner), np.nan)
+                arr = np.full(shape + [len(extra_coords["eval_step"])] + list(inner), fill, dtype=dtype)
                 for i, r, v in vals:
                     rows = [pos[int(s)] for s in r["eval_steps"]]
                     arr[i][rows] = v
                 data[f"grab_{name}"] = (dims + ["eval_step"] + gdims, arr)
             else:
-                arr = np.full(shape + list(inner), np.nan)
+                arr = np.full(shape + list(inner), fill, dtype=dtype)
                 for i, r, v in vals:
                     arr[i + tuple(slice(0, s) for s in v.shape)] = v
                 data[f"grab_{name}"] = (dims + gdims, arr)

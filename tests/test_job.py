@@ -333,7 +333,7 @@ def test_batch_function_from_a_file(tmp_path):
     seen = []
     run_config(cfg(otherreturns={"g": lambda X_te, **kw: seen.append(X_te.shape) or 0}),
             dict(bfn_file=str(src), bfn_name="my_bfn"), quiet=True)
-    assert seen == [(N_TEST, 3)]
+    assert seen == [(N_TEST, 3)] * 2  # once on the initial model (the pre-training check), once at the end
 
 
 def test_post_init_fn_receives_model_and_optimizer():

@@ -148,9 +148,10 @@ def test_each_job_got_its_own_axis_values_and_nothing_else(sweeps, name):
     res, log = sweeps[name]
     assert len(res.records) == 16 and res.status_counts().get("failed", 0) == 0
     grabs = [e for e in log if e["kind"] == "grab"]
-    # exactly one grab call per job, each seeing exactly its own combination (no value leaks between jobs)
+    # two grab calls per job (the check on the initial model, the final value), each seeing exactly its own
+    # combination (no value leaks between jobs)
     seen = sorted((e["WIDTH"], e["LR"], e["shift"], e["trial"]) for e in grabs)
-    assert seen == sorted((c["WIDTH"], c["LR"], c["shift"], c["trial"]) for c in combos())
+    assert seen == sorted((c["WIDTH"], c["LR"], c["shift"], c["trial"]) for c in combos() * 2)
     for e in grabs:
         assert e["model_width"] == e["WIDTH"]      # a hyperparameter axis reached the model
         assert e["opt_lr"] == e["LR"]              # ... and the optimizer
@@ -420,7 +421,7 @@ def touch_bfn(bsz, gen, X, y, touch, dim=8):
     ([[16, 32]], "WIDTH", TypeError, ["iterator_names", "one name per iterator"]),
     ([[16, 32], [0, "b"]], ["WIDTH", "trial"], TypeError, ["trial", "integers"]),
     ([[16, 16]], ["WIDTH"], ValueError, ["'WIDTH'", "repeat"]),
-    ([[2, 0]], ["DEPTH"], ConfigError, ["DEPTH must be >= 1"]),
+    ([[2, 0]], ["DEPTH"], ConfigError, ["DEPTH", "0", "[1, inf)"]),
     ([[16, "wide"]], ["WIDTH"], ConfigError, ["WIDTH", "'wide'"]),
 ])
 def test_bad_sweeps_fail_clearly_before_any_job_runs(tmp_path, iterators, names, exc, words):
@@ -437,7 +438,7 @@ def test_a_good_sweep_with_the_same_functions_does_run(tmp_path):
     touch = tmp_path / "ran"
     g = config(MAX_ITER=5, otherreturns={"touch": touch_grab}, touch=str(touch))
     main([[16, 32]], ["WIDTH"], g, dict(base_bfn=touch_bfn), store=False, progress=False)
-    assert touch.read_text().count("ran") == 2
+    assert touch.read_text().count("ran") == 4  # per job: the check on the initial model, the final value
 
 
 def trial_grab(trial, WIDTH, **kw):

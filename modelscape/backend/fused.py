@@ -365,12 +365,15 @@ def train_fused(jobs: list) -> list:
         due = [r for r, i in enumerate(active) if records[i] is None and members[i].evals.due(step)]
         if due:
             write_back(due)
-            for r in due:
-                m = members[active[r]]
-                try:
+        for r in (due if step else range(len(active))):  # as train_loop: record, or at step 0 check the grabs
+            m = members[active[r]]
+            try:
+                if r in due:
                     m.evals.record(step, m.X, m.y)
-                except Exception as e:
-                    fail(active[r], e)
+                else:
+                    m.evals.check(m.X, m.y)
+            except Exception as e:
+                fail(active[r], e)
         X = stack_X([members[i].X for i in active])
         Y = stack_Y([members[i].y for i in active])
         out = stack.forward(stack.params, X)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modelscape import mup
-from modelscape.config import BY_NAME, canonicalize, check_job_config, signature_names
+from modelscape.config import BY_NAME, ConfigError, canonicalize, check_job_config, signature_names
 from modelscape.models import BUILTIN_MODELS, Centered
 from modelscape.backend.trainloop import train_loop
 from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
@@ -73,6 +73,28 @@ def resolve_loss(spec):
     if isinstance(spec, type):
         return spec()
     return spec
+
+
+def optimizer_names() -> list[str]:
+    """The optimizer classes of torch.optim, by name."""
+    return sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                  and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer")
+
+
+def resolve_names(cfg: dict) -> None:
+    """Resolve a job's OPTIMIZER, LOSS and MODEL as the job will; a name that resolves to nothing is a
+    ConfigError naming the key, the value and the choices (run before the first job, not in every job)."""
+    checks = (("OPTIMIZER", resolve_optimizer, lambda: optimizer_names()),
+              ("LOSS", resolve_loss, lambda: sorted(_LOSSES) + ["any torch.nn loss class name"]),
+              ("MODEL", get_model_class, lambda: sorted(BUILTIN_MODELS)))
+    for key, resolve, choices in checks:
+        if key == "MODEL" and cfg.get("MODEL_FILE"):
+            continue  # loaded from the user's file by the job (and already by the driver, for its signature)
+        value = cfg.get(key)
+        try:
+            resolve(cfg if key == "MODEL" else value)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{e} (the names {key} takes: {', '.join(choices())})") from None
 
 
 def consumers(cfg: dict, bfn_config: dict) -> list:

@@ -1,13 +1,15 @@
-"""The sweep: expand the cartesian product, skip what is stored, dispatch, collect, store, report."""
+"""The sweep: expand the cartesian product, skip what is stored, claim, dispatch, collect, store, report."""
 from __future__ import annotations
 
 import itertools
 import numbers
 import os
 import sys
+import threading
 import time
 import uuid
 import warnings
+from collections import deque
 
 from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
     signature_names
@@ -109,20 +111,16 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
             check_job_config(cfg)
             jobs.append((axes, overrides, cfg))
 
+    check_names(jobs)
     if resume is None:
         resume = base["RESUME"]
     st, own_store = _open_store(store, base)
-    ids = [None] * len(jobs)
+    ids, codes = _identities(st, jobs, bfn_config)
+    since = time.time()  # records written from now on by another driver count as this sweep's
     if st is not None:
-        from modelscape.backend.store import identity_cache, job_identity
-        with identity_cache():  # a dataset in bfn_config is hashed once, not once per job
-            ids = [job_identity(cfg, bfn_config, axes) for axes, _, cfg in jobs]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("two jobs of this sweep have the same identity: an axis repeats a value, or an "
-                              "axis changes nothing the job sees")
         labels = [[axis_label(v) for v in vals] for vals in values]
-        st.begin_sweep(names, labels, ids, meta={"argv": sys.argv, "time": time.time()})
-    done_ids = st.done_ids() if (st is not None and resume) else set()
+        st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
+    records = _stored_records(st, ids) if resume else {}
 
     if use_mp is not None and executor is None:
         executor = "pool" if use_mp else "inprocess"
@@ -131,37 +129,39 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if own_executor:
         executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"])
 
-    context = (global_config, bfn_config)
-    todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in done_ids]
-    records = {}
-    if st is not None and len(todo) < len(jobs):
-        for r in st.records([job_id for job_id in ids if job_id in done_ids]):
-            records[r["job_id"]] = r
+    # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
+    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
+    context, context_id = (global_config, bfn_config), uuid.uuid4().hex
+    todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
     bar = _progress(len(jobs), len(jobs) - len(todo), progress)
-    counts = {}
+    counts, dispatch = {}, None
     try:
-        # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
-        # a reused executor's workers would then run that sweep with this sweep's (stale) config.
-        context_id = uuid.uuid4().hex
+        def spec_of(unit):
+            if len(unit) == 1:
+                return JobSpec(unit[0], jobs[unit[0]][0], jobs[unit[0]][1], context_id, context)
+            # a fused group travels as one job (modelscape.backend.fused)
+            return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context)
+
         # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
         units = plan_units([(i, jobs[i][2]) for i in todo])
-        unit_of = {unit[0]: unit for unit in units}
-        futures = [executor.submit(_unit_spec(unit, jobs, context_id, context)) for unit in units]
-        for fut in executor.as_completed(futures):
-            unit = unit_of[fut.spec.index]
-            for i, record in zip(unit, split_records(fut.result(), len(unit))):
+        dispatch = _dispatch(executor, spec_of, units, ids, st, since, base["CLAIM_TIMEOUT"])
+        for i, record, ran_here in dispatch:
+            if ran_here:
                 for k in _INTERNAL:
                     record.pop(k, None)
                 record["job_id"] = ids[i]
                 record["axes"] = jobs[i][0]
                 if st is not None:
+                    record["code"] = codes[i]
                     record = _store_record(st, record, jobs[i][2])
-                records[ids[i] if ids[i] is not None else i] = record
-                counts[record["status"]] = counts.get(record["status"], 0) + 1
-                if bar is not None:
-                    bar.set_postfix_str(_postfix(counts, record), refresh=False)
-                    bar.update(1)
+            records[ids[i] if ids[i] is not None else i] = record
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+            if bar is not None:
+                bar.set_postfix_str(_postfix(counts, record), refresh=False)
+                bar.update(1)
     finally:
+        if dispatch is not None:
+            dispatch.close()  # stops the heartbeat and releases this driver's claims now, even on an error
         if bar is not None:
             bar.close()
         if own_executor:
@@ -175,12 +175,171 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     return result
 
 
-def _unit_spec(unit, jobs, context_id, context) -> JobSpec:
-    """The executor's job for a unit of work: one job, or a fused group of them (``plan_units``)."""
-    if len(unit) == 1:
-        i = unit[0]
-        return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
-    return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context)
+def check_names(jobs) -> None:
+    """Resolve every job's OPTIMIZER, LOSS and MODEL before anything runs (ConfigError naming the key, the
+    value and the choices); each distinct value is resolved once."""
+    from modelscape.backend.job import resolve_names
+    seen = set()
+    for _, _, cfg in jobs:
+        key = tuple(repr(cfg.get(k)) for k in ("OPTIMIZER", "LOSS", "MODEL", "MODEL_FILE", "MODEL_NAME"))
+        if key not in seen:
+            seen.add(key)
+            resolve_names(cfg)
+
+
+def _identities(st, jobs, bfn_config):
+    """``(ids, code versions)`` per job: their identities in the store and the code fingerprints of the user
+    functions each job runs (None without a store)."""
+    if st is None:
+        return [None] * len(jobs), [None] * len(jobs)
+    from modelscape.backend.store import code_versions, identity_cache, job_identity
+    with identity_cache():  # a dataset in bfn_config, and each function's code, is hashed once, not once per job
+        ids, codes = [], []
+        for axes, _, cfg in jobs:
+            code = {**bfn_config, **_file_code(cfg, bfn_config)}
+            ids.append(job_identity(cfg, code, axes))
+            codes.append(code_versions(cfg, code))
+    if len(set(ids)) != len(ids):
+        raise ConfigError("two jobs of this sweep have the same identity: an axis repeats a value, or an "
+                          "axis changes nothing the job sees")
+    return ids, codes
+
+
+def _file_code(cfg, bfn_config) -> dict:
+    """The functions a job loads from files (``bfn_file``/``bfn_name``, ``MODEL_FILE``/``MODEL_NAME``), so that
+    their code, not only the file's name, enters the job's identity."""
+    from modelscape.backend.job import get_base_bfn, get_model_class
+    out = {}
+    if bfn_config.get("base_bfn") is None and bfn_config.get("bfn_file"):
+        out["bfn_file_code"] = get_base_bfn(bfn_config)
+    if cfg.get("MODEL_FILE"):
+        out["model_file_code"] = get_model_class(cfg)
+    return out
+
+
+def _stored_records(st, ids) -> dict:
+    """``{job id: record}`` of this sweep's jobs stored with a status other than failed and readable; a
+    damaged row is left out (with a warning), so its job runs again."""
+    if st is None:
+        return {}
+    done = st.done_ids()
+    return {r["job_id"]: r for r in st.records([j for j in ids if j in done])}
+
+
+def sweep_meta(base: dict, axis_keys: set) -> dict:
+    """What a sweep records besides its jobs: the command line, the time, provenance (git commit, versions,
+    host) and the hyperparameters every job shares (``fixed``)."""
+    from modelscape.backend.store import NON_RESULT_KEYS, jsonable, provenance
+    fixed = {k: v for k, v in base.items() if k in BY_NAME and k not in axis_keys and k not in NON_RESULT_KEYS}
+    return {"argv": sys.argv, "time": time.time(), "provenance": provenance(), "fixed": jsonable(fixed)}
+
+
+def _window(executor) -> int:
+    """How many jobs to keep submitted (and claimed) at once: one per slot and a few queued, so that a slot
+    never waits for the driver and another driver still finds most jobs unclaimed."""
+    return len(getattr(executor, "slots", None) or [None]) + 2
+
+
+def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
+    """Run ``units`` (lists of job indices: one job, or a fused group) on ``executor``, about ``_window`` of them
+    submitted at a time; yield ``(index, record, ran_here)`` as each job finishes.
+
+    With a store, each job is claimed right before its unit is submitted: a job a live driver holds is left
+    out of its unit and looked at again every second, until that driver has stored it (yielded with
+    ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
+    here, alone). A claim is released once the caller has stored the record (on the generator's next step)
+    and all at the end.
+    """
+    pending, waiting, inflight = deque(units), [], {}
+    claims = _Claims(st, stale_after) if st is not None else None
+    window, poll = _window(executor), min(1.0, stale_after / 10)
+    next_poll = time.monotonic() + poll
+    try:
+        while pending or waiting or inflight:
+            while pending and len(inflight) < window:
+                claimed = []
+                for i in pending.popleft():
+                    outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
+                    if outcome == "busy":
+                        waiting.append([i])
+                    elif outcome == "stored":
+                        yield i, claims.record(ids[i]), False
+                    else:
+                        claimed.append(i)
+                if claimed:
+                    inflight[executor.submit(spec_of(claimed))] = claimed
+            if inflight:
+                for fut in _finished(executor, inflight):
+                    unit = inflight.pop(fut)
+                    for i, record in zip(unit, split_records(fut.result(), len(unit))):
+                        yield i, record, True
+                        if claims is not None:
+                            claims.release(ids[i])
+            elif waiting:
+                time.sleep(max(0.0, next_poll - time.monotonic()))
+            if waiting and not pending and time.monotonic() >= next_poll:
+                pending.extend(waiting)
+                waiting.clear()
+                next_poll = time.monotonic() + poll
+    finally:
+        if claims is not None:
+            claims.close()
+
+
+def _finished(executor, inflight) -> list:
+    """The submitted futures that are done: those done already (an executor may finish several at once and
+    hand over only the first), else the next one ``as_completed`` gives."""
+    done = [f for f in inflight if f.done()]
+    if done:
+        return done
+    for fut in executor.as_completed(list(inflight)):
+        return [fut] + [f for f in inflight if f.done() and f is not fut]
+    raise RuntimeError(f"the executor {executor!r} returned no result for {len(inflight)} submitted jobs")
+
+
+class _Claims:
+    """This driver's claims on one store, kept alive by a heartbeat thread until ``close``."""
+
+    def __init__(self, st, stale_after):
+        from modelscape.backend.store import Driver
+        self.st, self.stale_after = st, stale_after
+        self.driver = Driver.start()
+        self.owners = set()  # other drivers already named to the user
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="modelscape-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        while not self._stop.wait(max(0.2, self.stale_after / 6)):
+            try:
+                self.st.heartbeat(self.driver)
+            except Exception:  # busy or closing: the next beat tries again, well within stale_after
+                pass
+
+    def claim(self, job_id, since) -> str:
+        outcome, owner = self.st.claim(job_id, self.driver, since, self.stale_after)
+        if outcome == "stored" and not self.st.records([job_id]):  # its record is damaged: run it again
+            outcome, owner = self.st.claim(job_id, self.driver, None, self.stale_after)
+        if owner is not None and owner["driver"] not in self.owners:
+            self.owners.add(owner["driver"])
+            what = ("is running jobs of this sweep: they are left to it, and taken over if it stops"
+                    if outcome == "busy" else "stopped (its heartbeat or process is gone): its jobs are taken over")
+            print(f"modelscape: another driver ({owner['host']} pid {owner['pid']}) {what}", file=sys.stderr)
+        return outcome
+
+    def record(self, job_id) -> dict:
+        return self.st.records([job_id])[0]
+
+    def release(self, job_id):
+        self.st.release(self.driver, [job_id])
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.st.release(self.driver)
+        finally:
+            self.driver.stop()
 
 
 def _open_store(store, cfg):

@@ -15,6 +15,9 @@ the file as ours):
 - ``sweeps``: one row per distinct sweep (axis names, axis values as labels, meta); re-running the same sweep
   reuses its row and bumps ``last_run``.
 - ``sweep_jobs``: which job ids, in product order, make up a sweep.
+- ``claims`` (schema 2): which driver (host, pid, start time, last heartbeat) is running each job right now, so
+  that several drivers on one store share a sweep's jobs instead of training each twice (``claim``,
+  ``heartbeat``, ``release``, ``live_claims``). A schema-1 store gains the table when it is opened for writing.
 
 A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
 """
@@ -27,29 +30,33 @@ import io
 import json
 import math
 import os
+import socket
 import sqlite3
 import sys
 import threading
 import time
+import uuid
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from modelscape.results import SweepResults, axis_label
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the claims table
 APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite files
 DB_NAME = "results.db"
 PAGE_SIZE = 32768
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
-IDENTITY_VERSION = 1  # bump when the identity recipe changes, so old and new ids never collide
+IDENTITY_VERSION = 2  # bump when the identity recipe changes, so old and new ids never collide (2: code)
 
 # Hyperparameters that cannot change a job's numbers: where it runs, how loudly, where results go, whether
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
 # VERBOSE on still finds the jobs already stored.
 NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVICE", "RESULTS_DIR", "EXPT_NAME",
-                             "RESUME", "FUSE", "FUSE_MAX"})
+                             "RESUME", "CLAIM_TIMEOUT", "FUSE", "FUSE_MAX"})
 
 STATUSES = ("done", "not_reached", "diverged", "failed")
 
@@ -96,11 +103,80 @@ CREATE TABLE sweep_jobs (
 );
 CREATE INDEX sweep_jobs_job ON sweep_jobs(job_id);
 """
-_OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}
+_CLAIMS_SQL = """
+CREATE TABLE claims (
+    job_id    TEXT PRIMARY KEY,
+    driver    TEXT NOT NULL,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    started   REAL NOT NULL,
+    claimed   REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+CREATE INDEX claims_driver ON claims(driver);
+"""
+_OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}  # every schema version has these
 
 
 class StoreError(Exception):
     """A results store that cannot be used: missing, corrupt, foreign, or written by a newer version."""
+
+
+# --- drivers and their claims -----------------------------------------------------------------------------
+
+DEFAULT_STALE_AFTER = 30.0  # seconds without a heartbeat after which a driver's claims may be taken over
+_CLAIM_COLS = "job_id, driver, host, pid, started, claimed, heartbeat"
+_ACTIVE_DRIVERS: set = set()  # ids of the drivers running in this process
+
+
+@dataclass(frozen=True)
+class Driver:
+    """The process running a sweep, as its claims name it: ``Driver.start()`` makes one for this process."""
+
+    id: str
+    host: str
+    pid: int
+    started: float
+
+    @classmethod
+    def start(cls) -> "Driver":
+        """A new driver of this process, registered as active until ``stop``."""
+        host, pid, started = socket.gethostname(), os.getpid(), time.time()
+        d = cls(f"{host}:{pid}:{started:.6f}:{uuid.uuid4().hex[:8]}", host, pid, started)
+        _ACTIVE_DRIVERS.add(d.id)
+        return d
+
+    def stop(self) -> None:
+        """This driver is done: any claim of it left behind (a crash) is dead to drivers of this host at once."""
+        _ACTIVE_DRIVERS.discard(self.id)
+
+
+def _claim_dict(row) -> dict:
+    return dict(zip(_CLAIM_COLS.split(", "), row))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return True  # cannot tell: trust the heartbeat
+    return True
+
+
+def _claim_live(claim: dict, now: float, stale_after: float) -> bool:
+    """Whether the driver that holds ``claim`` is alive: its heartbeat is recent and, on this host, its pid
+    exists (this process: the driver is still registered)."""
+    if now - claim["heartbeat"] > stale_after:
+        return False
+    if claim["host"] == socket.gethostname():
+        if claim["pid"] == os.getpid():
+            return claim["driver"] in _ACTIVE_DRIVERS
+        return _pid_alive(claim["pid"])
+    return True
 
 
 # --- identity and JSON ----------------------------------------------------------------------------------
@@ -197,9 +273,10 @@ def _canon(obj, depth=0):
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if isinstance(obj, functools.partial):
-        return {"__partial__": _qualname(obj.func), "args": _canon(obj.args, d), "kwargs": _canon(obj.keywords, d)}
+        return {"__partial__": _qualname(obj.func), "code": code_fingerprint(obj.func),
+                "args": _canon(obj.args, d), "kwargs": _canon(obj.keywords, d)}
     if callable(obj):
-        return {"__callable__": _qualname(obj)}
+        return {"__callable__": _qualname(obj), "code": code_fingerprint(obj)}
     if hasattr(obj, "__dict__"):
         return {"__object__": _qualname(type(obj)), "state": _canon(vars(obj), d)}
     r = repr(obj)
@@ -209,6 +286,157 @@ def _canon(obj, depth=0):
 
 def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+# --- code fingerprints ------------------------------------------------------------------------------------
+
+# Code from these top-level modules counts by its name: its version is recorded with each sweep (provenance),
+# and hashing torch's own classes would tie every id to one torch build.
+_LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "builtins", "scipy", "sklearn"}
+_CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                         "__firstlineno__", "__static_attributes__", "__parameters__", "__orig_bases__"})
+_fingerprinting: set = set()  # ids of the objects being fingerprinted right now (a class naming itself)
+_unreadable_warned: set = set()
+
+
+def _is_library(obj) -> bool:
+    mod = getattr(obj, "__module__", None) or ""
+    return mod.split(".")[0] in _LIBRARIES
+
+
+def code_fingerprint(obj) -> str | None:
+    """sha256 of the code of a user function or class; None (after a warning, once) if it cannot be read.
+
+    A function counts by its bytecode, constants (nested functions' code included), the names it uses, its
+    default arguments, the values its closure captured, and the user functions, classes and plain constants
+    (numbers, strings) it names as globals; its docstring, comments, formatting and line numbers do not count.
+    A class counts by the code of its methods (properties, static and class methods included), its plain class
+    attributes and its user-defined base classes; a callable object by its class. Code of the standard
+    library, torch, numpy, scipy and scikit-learn counts by name. Stable across processes; bytecode differs
+    between Python versions, so a new Python version means new ids.
+    """
+    cache = _digest_cache
+    key = ("code", id(obj))
+    if cache is not None and key in cache:
+        return cache[key][1]
+    if _is_library(obj) and not isinstance(obj, functools.partial):
+        digest = hashlib.sha256(_qualname(obj).encode()).hexdigest()
+    else:
+        items = _code_items(obj)
+        if items is None:
+            name = _qualname(obj)
+            if name not in _unreadable_warned:
+                _unreadable_warned.add(name)
+                warnings.warn(f"cannot read the code of {name} ({type(obj).__name__}); the job identity counts it "
+                              "by its name only, so edits to it will not retrain stored jobs", stacklevel=3)
+            return None
+        digest = hashlib.sha256(_dumps(items).encode()).hexdigest()
+    if cache is not None and not _fingerprinting:  # inside a cycle (a recursive function) the digest is partial
+        cache[key] = (obj, digest)
+    return digest
+
+
+def _code_items(obj):
+    """A JSON-able structure standing for ``obj``'s code, or None if there is none to read."""
+    import inspect
+    import types
+    if id(obj) in _fingerprinting:
+        return {"cycle": _qualname(obj)}
+    _fingerprinting.add(id(obj))
+    try:
+        if isinstance(obj, functools.partial):
+            return {"partial": _code_items(obj.func), "args": _canon(obj.args), "kwargs": _canon(obj.keywords)}
+        if _is_library(obj):
+            return {"library": _qualname(obj)}
+        if inspect.ismethod(obj):
+            return {"method": _code_items(obj.__func__)}
+        if isinstance(obj, types.FunctionType):
+            return _function_items(obj)
+        if isinstance(obj, type):
+            return _class_items(obj)
+        if isinstance(getattr(type(obj), "__call__", None), types.FunctionType):  # an object with a Python __call__
+            return {"instance_of": _code_items(type(obj))}
+        return None  # compiled code (a C or Cython function) has nothing to read
+    finally:
+        _fingerprinting.discard(id(obj))
+
+
+def _code_object_items(co, doc=None):
+    import inspect
+    consts = [c for k, c in enumerate(co.co_consts) if not (k == 0 and doc is not None and c == doc)]
+    return {"bytecode": co.co_code.hex(), "names": list(co.co_names), "args": [co.co_argcount, co.co_kwonlyargcount],
+            "consts": [_code_object_items(c) if inspect.iscode(c) else _canon(c) for c in consts]}
+
+
+def _function_items(fn):
+    import types
+    out = _code_object_items(fn.__code__, fn.__doc__)
+    out["defaults"] = _canon([fn.__defaults__, fn.__kwdefaults__])
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(_canon(cell.cell_contents))
+        except ValueError:  # an empty cell
+            cells.append(None)
+    out["closure"] = cells
+    refs = {}
+    for name in fn.__code__.co_names:
+        if name not in fn.__globals__:
+            continue
+        v = fn.__globals__[name]
+        if isinstance(v, (types.FunctionType, type, functools.partial)):
+            if not _is_library(v):
+                refs[name] = code_fingerprint(v) or _qualname(v)
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            refs[name] = _canon(v)
+    out["globals"] = refs
+    if getattr(fn, "__wrapped__", None) is not None:  # functools.wraps: the decorated function counts too
+        out["wrapped"] = _code_items(fn.__wrapped__)
+    return out
+
+
+def _class_items(cls):
+    import types
+    members = {}
+    for name, v in sorted(vars(cls).items()):
+        if name in _CLASS_SKIP:
+            continue
+        if isinstance(v, (staticmethod, classmethod)):
+            v = v.__func__
+        if isinstance(v, property):
+            members[name] = [_code_items(f) for f in (v.fget, v.fset, v.fdel) if f is not None]
+        elif isinstance(v, (types.FunctionType, type)):
+            members[name] = _code_items(v)
+        elif v is None or isinstance(v, (bool, int, float, str, tuple, list, frozenset)):
+            members[name] = _canon(v)
+    bases = [_code_items(b) for b in cls.__bases__ if b is not object]
+    return {"class": members, "bases": bases}
+
+
+def code_versions(*objs) -> dict:
+    """``{module.qualname: first 12 hex digits of its code_fingerprint}`` of every user callable in ``objs``
+    (walking dicts, lists and tuples), e.g. the config and bfn_config of a job. Library code is left out;
+    a function whose code cannot be read shows ``"name-only"``."""
+    out = {}
+
+    def walk(obj, depth=0):
+        if depth > 20:
+            return
+        if isinstance(obj, Mapping):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif isinstance(obj, functools.partial):
+            walk(obj.func, depth + 1)
+        elif callable(obj) and not _is_library(obj) and not _torch_tensor(obj):
+            fp = code_fingerprint(obj)
+            out[_qualname(obj)] = fp[:12] if fp else "name-only"
+
+    for o in objs:
+        walk(o)
+    return dict(sorted(out.items()))
 
 
 def _identity_axis_value(name, value):
@@ -230,10 +458,10 @@ def job_identity(config: dict, bfn_config: dict, axes: dict) -> str:
     that change numbers, and user keys), every entry of ``bfn_config``, and the axis values ``axes`` (schema
     hyperparameters coerced to their type, so LR=1 and LR=1.0 agree). Within these, arrays and tensors count by
     dtype, shape and bytes (a numpy array and a tensor with equal contents agree); callables (the base batch
-    function, a model class, grabs in ``otherreturns``, ``post_init_fn``) count by ``module.qualname`` only,
-    so editing a function's body does not change the id (re-run with RESUME=False after such an edit); dicts
+    function, a model class, grabs in ``otherreturns``, ``post_init_fn``, a LOSS or OPTIMIZER given as code)
+    count by ``module.qualname`` and ``code_fingerprint``, so editing a function's body trains anew; dicts
     count independently of key order; other objects by their type and attributes. Stable across processes
-    and machines (no ``hash()``).
+    and machines (no ``hash()``, no addresses).
     """
     payload = {
         "version": IDENTITY_VERSION,
@@ -274,6 +502,30 @@ def jsonable(obj):
     if callable(obj):
         return _qualname(obj)
     return str(obj)
+
+
+def provenance(cwd=None) -> dict:
+    """Where and with what a sweep runs: host, Python, modelscape, torch and numpy versions, and the git commit
+    of ``cwd`` (default: the working directory) with ``git_dirty`` (uncommitted changes); git fields are None
+    outside a repository or without git."""
+    import platform
+    import subprocess
+
+    import modelscape
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd or os.getcwd(), capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    torch = sys.modules.get("torch")
+    return {"host": socket.gethostname(), "python": platform.python_version(), "modelscape": modelscape.__version__,
+            "torch": getattr(torch, "__version__", None), "numpy": np.__version__,
+            "git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
 # --- records <-> rows ---------------------------------------------------------------------------------
@@ -368,8 +620,9 @@ def _dumps_store(obj) -> str:
     return json.dumps(obj, allow_nan=True, separators=(",", ":"))
 
 
+# CAST: a damaged row may hold text where the blob belongs; read as bytes, it fails to decode as that row alone
 _SELECT = ("SELECT job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, "
-           "test_loss, layout, arrays FROM jobs")
+           "test_loss, layout, CAST(arrays AS BLOB) FROM jobs")
 
 
 def _decode(row) -> dict:
@@ -421,13 +674,13 @@ def resolve_db_path(path, create: bool = False) -> Path:
     with ``create`` the missing directories are made, without it a missing store is a StoreError.
     """
     p = Path(os.fspath(path)).expanduser()
-    if p.is_dir():
+    if p.exists():  # checked first: another process may be creating the directory right now
+        if not p.is_dir():
+            return p
         db = p / DB_NAME
         if not create and not db.exists():
             raise StoreError(f"no results store in {p}: it holds no {DB_NAME}")
         return db
-    if p.exists():
-        return p
     if not create:
         raise StoreError(f"no results store at {p}: no such file or directory")
     if p.suffix.lower() in DB_SUFFIXES:
@@ -437,13 +690,20 @@ def resolve_db_path(path, create: bool = False) -> Path:
     return p / DB_NAME
 
 
+def _run_script(conn, sql):
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
 class Store:
     """The SQLite results store of one experiment. ``Store(path)`` opens (creating it if needed) ``path``
     if it is a .db file, else ``path/results.db``; ``readonly=True`` opens an existing store for reading only.
 
-    Only the sweep's driver writes; any number of processes may read meanwhile. A file that is not a
-    modelscape store raises ``StoreError`` naming it. Usable as a context manager; safe to share between
-    threads of one process (calls are serialized).
+    Drivers write (several may share a store: see ``claim``); any number of processes may read meanwhile.
+    A file that is not a modelscape store raises ``StoreError`` naming it. Usable as a context manager; safe
+    to share between threads of one process (calls are serialized). A read-only store in a directory SQLite
+    cannot write to is opened as an immutable file (``immutable`` is then True).
     """
 
     def __init__(self, path, readonly: bool = False, timeout: float = 30.0):
@@ -451,22 +711,17 @@ class Store:
         self.path = resolve_db_path(path, create=not readonly)
         self._lock = threading.RLock()
         self._conn = None
+        self.immutable = False  # opened read-only in a place where SQLite cannot even make its -shm file
+        self.damaged: dict[str, str] = {}  # job id -> why its row could not be read (filled by readers)
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a results database")
         self._check_header()
         try:
-            if readonly:
-                uri = f"{self.path.resolve().as_uri()}?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
-                                       check_same_thread=False)
-            else:
-                conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-            self._conn = conn
-            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._conn = self._connect(timeout)
             self._check_schema()
             if not readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                self._enable_wal(timeout)
+                self._conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(f"{self.path} is not a usable results store: {e}") from None
@@ -474,27 +729,86 @@ class Store:
             self.close()
             raise
 
+    def _enable_wal(self, timeout):
+        """Switch the file to WAL (once: the mode is stored in the file). The switch needs the file to itself
+        and SQLite reports "locked" at once, without waiting, while another process has it open (several
+        processes opening a new store together): try again until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _connect(self, timeout):
+        def connect(target, uri=False):
+            conn = sqlite3.connect(target, uri=uri, timeout=timeout, isolation_level=None, check_same_thread=False)
+            # Text that is not UTF-8 (a damaged row) must not fail a whole query: it decodes with U+FFFD marks,
+            # and the row's JSON then fails to parse, which names that one row as damaged.
+            conn.text_factory = lambda b: b.decode("utf-8", "replace")
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            return conn
+
+        if not self.readonly:
+            return connect(self.path)
+        uri = self.path.resolve().as_uri()
+        conn = connect(f"{uri}?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            conn.close()
+            msg = str(e).lower()
+            if "readonly" not in msg and "read-only" not in msg and "unable to open" not in msg:
+                raise
+        # A WAL database needs its -shm file even to read; in a read-only directory SQLite cannot create it.
+        # Nobody can be writing there either, so the file can be read as immutable (no locks, no WAL).
+        self.immutable = True
+        return connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
     def _check_header(self):
         # sqlite only notices a foreign file at the first query, with a bare "file is not a database"
+        for attempt in range(40):
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                return
+            if size == 0:
+                if self.readonly:
+                    raise StoreError(f"{self.path} is an empty file, not a results store")
+                return
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+            if head == b"SQLite format 3\x00":
+                return
+            # Another process may be writing the first page of a store it is creating right now: a header read
+            # in the middle of that write is short or zeros. Look again before calling the file foreign.
+            if len(head) == 16 and any(head):
+                break
+            time.sleep(0.05)
+        raise StoreError(f"{self.path} is not a modelscape results store (not an SQLite database; "
+                         f"it starts with {head[:8]!r})")
+
+    def _schema_state(self):
+        """``(application_id, user_version, tables)`` read in one transaction: read one by one, they could
+        straddle another process's creation of the schema and look like a foreign database."""
+        conn = self._conn
+        conn.execute("BEGIN")
         try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size == 0:
-            if self.readonly:
-                raise StoreError(f"{self.path} is an empty file, not a results store")
-            return
-        with open(self.path, "rb") as f:
-            head = f.read(16)
-        if head != b"SQLite format 3\x00":
-            raise StoreError(f"{self.path} is not a modelscape results store (not an SQLite database; "
-                             f"it starts with {head[:8]!r})")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.execute("COMMIT")
+        return app_id, version, tables
 
     def _check_schema(self):
-        conn = self._conn
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        app_id, version, tables = self._schema_state()
+        if app_id == 0 and not tables and not self.readonly:
+            self._create_schema()
+            app_id, version, tables = self._schema_state()
         if app_id == APPLICATION_ID:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer modelscape (store schema {version}; this "
@@ -502,9 +816,8 @@ class Store:
             if not _OUR_TABLES <= tables:
                 raise StoreError(f"{self.path} is a damaged results store: tables "
                                  f"{sorted(_OUR_TABLES - tables)} are missing")
-            return
-        if app_id == 0 and not tables and not self.readonly:
-            self._create_schema()
+            if version < 2 and not self.readonly:
+                self._migrate()
             return
         what = f"its tables are {sorted(tables)}" if tables else "it holds no tables"
         raise StoreError(f"{self.path} is an SQLite database but not a modelscape results store ({what})")
@@ -514,15 +827,27 @@ class Store:
         # Rows carry blobs of 0.1-10 MB; 32 KiB pages halve the write time of a 4 MB grab against SQLite's
         # default 4 KiB for ~3% more space. Only possible while the file is empty.
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write_transaction(conn):
             # another process may have created it between our check and the lock
-            if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'").fetchone()[0] == 0:
-                for stmt in _SCHEMA_SQL.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                _run_script(conn, _SCHEMA_SQL + _CLAIMS_SQL)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate(self):
+        """Schema 1 -> 2: add the claims table (a schema-1 store is otherwise unchanged)."""
+        conn = self._conn
+        with self._write_transaction(conn):
+            if conn.execute("PRAGMA user_version").fetchone()[0] < 2:  # not done by another process meanwhile
+                _run_script(conn, _CLAIMS_SQL)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _write_transaction(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -569,26 +894,20 @@ class Store:
         fingerprint = hashlib.sha256(_dumps([axis_names, labels, job_ids]).encode()).hexdigest()
         now = time.time()
         meta_json = _dumps_store(jsonable(meta)) if meta is not None else None
-        with self._guard("recording a sweep") as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT id FROM sweeps WHERE fingerprint = ?", (fingerprint,)).fetchone()
-                if row is not None:
-                    sweep_id = row[0]
-                    conn.execute("UPDATE sweeps SET last_run = ?, runs = runs + 1, meta = coalesce(?, meta) "
-                                 "WHERE id = ?", (now, meta_json, sweep_id))
-                else:
-                    cur = conn.execute(
-                        "INSERT INTO sweeps (created, last_run, runs, fingerprint, axis_names, axis_values, meta) "
-                        "VALUES (?, ?, 1, ?, ?, ?, ?)",
-                        (now, now, fingerprint, _dumps_store(axis_names), _dumps_store(labels), meta_json))
-                    sweep_id = cur.lastrowid
-                    conn.executemany("INSERT INTO sweep_jobs (sweep_id, position, job_id) VALUES (?, ?, ?)",
-                                     [(sweep_id, i, j) for i, j in enumerate(job_ids)])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._guard("recording a sweep") as conn, self._write_transaction(conn):
+            row = conn.execute("SELECT id FROM sweeps WHERE fingerprint = ?", (fingerprint,)).fetchone()
+            if row is not None:
+                sweep_id = row[0]
+                conn.execute("UPDATE sweeps SET last_run = ?, runs = runs + 1, meta = coalesce(?, meta) "
+                             "WHERE id = ?", (now, meta_json, sweep_id))
+            else:
+                cur = conn.execute(
+                    "INSERT INTO sweeps (created, last_run, runs, fingerprint, axis_names, axis_values, meta) "
+                    "VALUES (?, ?, 1, ?, ?, ?, ?)",
+                    (now, now, fingerprint, _dumps_store(axis_names), _dumps_store(labels), meta_json))
+                sweep_id = cur.lastrowid
+                conn.executemany("INSERT INTO sweep_jobs (sweep_id, position, job_id) VALUES (?, ?, ?)",
+                                 [(sweep_id, i, j) for i, j in enumerate(job_ids)])
         return sweep_id
 
     def write(self, record: Mapping) -> None:
@@ -610,6 +929,62 @@ class Store:
         if self.readonly:
             raise StoreError(f"store {self.path} was opened read-only")
 
+    # --- claims: which driver runs which job ---
+    def claim(self, job_id: str, driver: "Driver", since: float | None = None,
+              stale_after: float = DEFAULT_STALE_AFTER) -> tuple[str, dict | None]:
+        """Try to make ``driver`` the one that runs ``job_id``, in one transaction. Returns ``(outcome, owner)``:
+
+        - ``("stored", None)``: a record of the job was written at or after ``since`` (another driver ran it
+          while this one was going; pass the time the driver started);
+        - ``("busy", owner)``: a live driver holds it (``owner`` is its claim: driver, host, pid, started,
+          heartbeat); skip it for now;
+        - ``("claimed", None)``: it is ``driver``'s now; ``("taken_over", owner)``: it was, until now, claimed by
+          a driver that is dead (on this host its pid is gone) or silent for more than ``stale_after`` seconds.
+        """
+        self._writable()
+        now = time.time()
+        with self._guard(f"claiming job {job_id}") as conn, self._write_transaction(conn):
+            if since is not None and conn.execute("SELECT 1 FROM jobs WHERE job_id = ? AND created >= ?",
+                                                  (job_id, since)).fetchone():
+                return "stored", None
+            row = conn.execute(f"SELECT {_CLAIM_COLS} FROM claims WHERE job_id = ?", (job_id,)).fetchone()
+            owner = _claim_dict(row) if row is not None else None
+            if owner is not None and owner["driver"] != driver.id and _claim_live(owner, now, stale_after):
+                return "busy", owner
+            conn.execute("INSERT OR REPLACE INTO claims (job_id, driver, host, pid, started, claimed, heartbeat) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (job_id, driver.id, driver.host, driver.pid, driver.started, now, now))
+        if owner is not None and owner["driver"] != driver.id:
+            return "taken_over", owner
+        return "claimed", None
+
+    def heartbeat(self, driver: "Driver") -> int:
+        """Mark every claim of ``driver`` alive now; returns how many it holds."""
+        self._writable()
+        with self._guard("refreshing claims") as conn:
+            return conn.execute("UPDATE claims SET heartbeat = ? WHERE driver = ?",
+                                (time.time(), driver.id)).rowcount
+
+    def release(self, driver: "Driver", job_ids=None) -> None:
+        """Drop ``driver``'s claims on ``job_ids`` (all of them if None): the jobs are finished or abandoned."""
+        self._writable()
+        with self._guard("releasing claims") as conn:
+            if job_ids is None:
+                conn.execute("DELETE FROM claims WHERE driver = ?", (driver.id,))
+            else:
+                conn.executemany("DELETE FROM claims WHERE job_id = ? AND driver = ?",
+                                 [(str(j), driver.id) for j in job_ids])
+
+    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
+        """The claims of drivers that are alive (see ``claim``): job_id, driver, host, pid, started, claimed,
+        heartbeat. Empty for a schema-1 store opened read-only."""
+        with self._guard("reading claims") as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'claims'").fetchone():
+                return []
+            rows = conn.execute(f"SELECT {_CLAIM_COLS} FROM claims ORDER BY claimed").fetchall()
+        now = time.time()
+        return [c for c in map(_claim_dict, rows) if _claim_live(c, now, stale_after)]
+
     # --- reading ---
     def done_ids(self) -> set:
         """Ids of the jobs stored with a status other than ``failed`` (a resumed sweep skips these)."""
@@ -624,7 +999,8 @@ class Store:
 
     def _records(self, conn, job_ids):
         if job_ids is None:
-            return [self._decode(r) for r in conn.execute(_SELECT + " ORDER BY created, rowid")]
+            rows = conn.execute(_SELECT + " ORDER BY created, rowid").fetchall()
+            return [r for r in map(self._decode, rows) if r is not None]
         job_ids = [str(j) for j in job_ids]
         found = {}
         unique = list(dict.fromkeys(job_ids))
@@ -634,16 +1010,20 @@ class Store:
             for r in conn.execute(q, chunk):
                 found[r[0]] = r
         decoded = {j: self._decode(r) for j, r in found.items()}
-        return [decoded[j] for j in job_ids if j in decoded]
+        return [decoded[j] for j in job_ids if decoded.get(j) is not None]
 
     def _decode(self, row):
+        """The record of a row, or None for a damaged row: it is named in a warning and in ``self.damaged``,
+        and readers go on without it (a resumed sweep trains the job again and overwrites the row)."""
         try:
             return _decode(row)
-        except StoreError:
-            raise
         except Exception as e:  # a damaged blob or layout: SQLite keeps no checksums of its contents
-            raise StoreError(f"job {row[0]} in {self.path} is damaged and cannot be read: "
-                             f"{type(e).__name__}: {e}") from e
+            why = f"{type(e).__name__}: {e}"
+            if row[0] not in self.damaged:
+                warnings.warn(f"job {row[0]} in {self.path} is damaged and is skipped ({why}); a resumed sweep "
+                              "trains it again", stacklevel=4)
+            self.damaged[row[0]] = why
+            return None
 
     def sweeps(self) -> list[dict]:
         """The recorded sweeps, oldest first: id, created, last_run, runs, axis_names, axis_values (labels),

@@ -41,6 +41,10 @@ def match_shapes(out, y):
     return out
 
 
+# What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
+_STORABLE_KINDS = "biufcU"
+
+
 def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
     vals = {}
     for name, fn in grabs.items():
@@ -49,8 +53,23 @@ def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
         except Exception as e:
             raise RuntimeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) raised "
                                f"{type(e).__name__}: {e}") from e
-        vals[name] = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
+        arr = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
+        if arr.dtype.kind not in _STORABLE_KINDS:  # None, a dict, any object: dtype object
+            raise TypeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) returned a {type(v).__name__}, "
+                            "which cannot be stored: return a number, a string, or an array or tensor of numbers")
+        vals[name] = arr
     return vals
+
+
+def check_grabs(grabs, model, X, y, X_te, y_te, opt, grab_kwargs) -> None:
+    """Call every grab once on the model as it is (before training) and raise TypeError naming a grab whose
+    value cannot be stored, so a bad grab costs no training. The RNG states are put back afterwards, so the
+    check changes no number of the job."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=cuda):
+        _grab_values(grabs, model, X, y, X_te, y_te, opt, grab_kwargs)
+    np.random.set_state(np_state)
 
 
 class LossTracker:
@@ -136,6 +155,11 @@ class Evaluations:
     def _grab(self, X, y):
         return _grab_values(self.grabs, self.grab_model, X, y, self.X_te, self.y_te, self.opt, self.grab_kwargs)
 
+    def check(self, X, y) -> None:
+        """Call the grabs once on the untrained model (``check_grabs``), where step 0 is not recorded anyway."""
+        if self.grabs:
+            check_grabs(self.grabs, self.grab_model, X, y, self.X_te, self.y_te, self.opt, self.grab_kwargs)
+
     def record(self, step: int, X, y, test_loss: float | None = None) -> None:
         """Record the test loss and grabs of the model as it is now, at ``step``; ``X, y`` its current batch."""
         self.eval_steps.append(step)
@@ -176,6 +200,9 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     are crossed, after ``max_iter`` steps, or at the first NaN/inf loss (status ``diverged``). Losses are read
     back every ``sync_every`` steps so a GPU is not stalled every step; timekeys are exact regardless.
 
+    Every grab is called once before the first update (``check_grabs``): one returning something the store
+    cannot keep (None, a dict, an object) fails the job there, before any training.
+
     Returns a dict: status, steps, thresholds, timekeys, train_loss (final EMA), test_loss (final model),
     and unless ``only_thresholds``: train_curve (EMA per step), train_raw (loss per step), eval_steps,
     test_curve; grabs: ``{name: value}`` at the end, or stacked over ``eval_steps`` along the curve.
@@ -191,6 +218,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
         X, y = batch_fn(step)
         if evals.due(step):
             evals.record(step, X, y)
+        elif step == 0:
+            evals.check(X, y)
         out = model(X)
         loss = loss_fn(match_shapes(out, y), y)
         opt.zero_grad(set_to_none=True)
