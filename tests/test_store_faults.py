@@ -317,7 +317,7 @@ OUT_OF_RANGE = [("WIDTH", 0), ("WIDTH", -1), ("N_SAMPLES", 0), ("N_TRAIN", 0), (
                 ("MAX_ITER", 0), ("LR", -0.1), ("LR", float("nan")), ("DEPTH", 0), ("GAMMA", 0.0),
                 ("DEVICES", [-1]), ("SEED", -1), ("LOSS_CHECKPOINTS", [float("inf")]), ("EMA_SMOOTHER", 1.0),
                 ("MOMENTUM", -0.5), ("WEIGHT_DECAY", -1e-4), ("EVAL_EVERY", -1), ("SYNC_EVERY", -1),
-                ("WORKERS_PER_DEVICE", -1), ("CLAIM_TIMEOUT", 0.0)]
+                ("WORKERS_PER_DEVICE", -1), ("CLAIM_TIMEOUT", 0.0), ("FUSE_MAX", 0)]
 
 
 def test_every_numeric_key_has_a_range_and_the_bad_values_above_cover_them_all():
