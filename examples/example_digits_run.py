@@ -106,8 +106,9 @@ def report(res, cfg, binary, n_test):
     acc = final_values(ds["grab_acc"])  # dims WIDTH, GAMMA, trial
     widths, gammas = ds["WIDTH"].values, ds["GAMMA"].values
     task = "even vs odd (binary, MSE)" if binary else "10 classes (cross-entropy)"
-    print(f"\ndigits, {task}, {cfg['PARAMETERIZATION']}, {cfg['N_SAMPLES']} training images, {n_test} held-out "
-          f"test images, LR {cfg['LR']:g}, at most {cfg['MAX_ITER']} steps")
+    n_samples, lr = as_list(cfg["N_SAMPLES"])[0], as_list(cfg["LR"])[0]  # parse_args gives sweepables as lists
+    print(f"\ndigits, {task}, {cfg['PARAMETERIZATION']}, {n_samples} training images, {n_test} held-out "
+          f"test images, LR {lr:g}, at most {cfg['MAX_ITER']} steps")
     print("final test accuracy (mean over trials):")
     print("WIDTH " + "".join(f"{'GAMMA=' + format(g, 'g'):>12s}" for g in gammas) + f"{'all GAMMA':>12s}")
     for i, w in enumerate(widths):

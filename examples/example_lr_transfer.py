@@ -72,7 +72,7 @@ def main(argv=None):
 
 def report(res, best_lr, cfg):
     ds = res.to_xarray()
-    print(f"\ndigits, 10 classes, {cfg['N_SAMPLES']} training images, {cfg['MAX_ITER']} SGD steps per job")
+    print(f"\ndigits, 10 classes, {as_list(cfg['N_SAMPLES'])[0]} training images, {cfg['MAX_ITER']} SGD steps per job")
     print("best learning rate per width (lowest final train loss, mean over trials):")
     for p, by_width in best_lr.items():
         print(f"  {p:>4s}: " + ", ".join(f"width {int(w)} -> LR {lr:g}" for w, lr in by_width.items()))

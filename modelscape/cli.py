@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError
+from modelscape.results import NO_RESULT
 
 SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
 # netCDF engines in xarray's order of preference, by the module that provides each
@@ -217,7 +218,7 @@ def cmd_show(args) -> int:
         out.append([*[str(axes.get(n, "-")) for n in names], status, _fmt_timekeys(rec.get("timekeys")),
                     _fmt_num(rec.get("train_loss")), _fmt_num(rec.get("test_loss")), _fmt_num(rec.get("steps")),
                     f"{wall:.2f}s" if _is_number(wall) else "-", *([_code_cell(rec)] if several_codes else []),
-                    short_error(rec.get("error")) if status in ("failed", "damaged") else ""])
+                    short_error(rec.get("error")) if status in NO_RESULT + ("damaged",) else ""])
     if not out:
         print("no jobs match" + (f" in sweep {sweep}" if sweep is not None else ""), file=sys.stderr)
         return 0

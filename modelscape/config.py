@@ -62,7 +62,8 @@ SCHEMA: tuple[HP, ...] = (
        "draws fresh seeds.", aliases=("DETERMINSITIC",)),
     HP("VERBOSE", bool, False, "Print the loss every step."),
     # --- what modelscape adds ------------------------------------------------------------------------
-    HP("PARAMETERIZATION", str, "mup", "Layerwise parameterization.", choices=PARAMETERIZATIONS,
+    HP("PARAMETERIZATION", str, "auto", "Layerwise parameterization; auto = mup, or sp when a post_init_fn "
+       "is given (the hook parameterizes the model itself).", choices=("auto",) + PARAMETERIZATIONS,
        group="model"),
     HP("MODEL", str, "MLP", "Model: MLP, CNN, Transformer, or a class given in the config.", group="model"),
     HP("MODEL_FILE", str, None, "Python file holding the model class (with MODEL_NAME).", group="model"),
@@ -87,10 +88,16 @@ SCHEMA: tuple[HP, ...] = (
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
        range="[0, inf)"),
-    HP("EXECUTOR", str, "auto", "Where jobs run: auto, inprocess or pool.", choices=("auto", "inprocess", "pool"),
+    HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), or inprocess "
+       "(for debugging; unprotected from a job that crashes or hangs).", choices=("auto", "inprocess", "pool"),
        group="execution"),
     HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
        group="execution", range="[0, inf)"),
+    HP("THREADS", int, 0, "Torch threads per job; 0 = the idle cores (cores less the load average) divided "
+       "among the jobs that run at once (1 each when a pool fills the cores).", group="execution",
+       range="[0, inf)"),
+    HP("JOB_TIMEOUT", float, None, "Seconds a job may run: past it, its worker process is killed and replaced and "
+       "the job recorded as `timeout` (None: no limit; the pool only).", group="execution", range="(0, inf)"),
     HP("FUSE", str, "auto", "Train jobs that differ only in numbers (LR, GAMMA, trial, PARAMETERIZATION ...) of the "
        "built-in MLP together as one stacked model (auto), or each alone (off).", choices=("auto", "off"),
        group="execution"),
@@ -100,6 +107,8 @@ SCHEMA: tuple[HP, ...] = (
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
+    HP("RETRY_FAILED", bool, False, "On resume, also re-run the jobs stored as `crashed` (killed their worker "
+       "twice) or `timeout`; `failed` jobs are always re-run.", group="results"),
     HP("CLAIM_TIMEOUT", float, 30.0, "Seconds without a heartbeat after which another driver on the same store "
        "takes over a driver's jobs (a dead driver on the same host is noticed at once).", group="results",
        range="(0, inf)"),
@@ -107,8 +116,15 @@ SCHEMA: tuple[HP, ...] = (
 
 BY_NAME: dict[str, HP] = {hp.name: hp for hp in SCHEMA}
 ALIASES: dict[str, str] = {a: hp.name for hp in SCHEMA for a in hp.aliases}
-# The seed's code and scripts use these spellings on purpose; mapping them needs no warning.
-SILENT_ALIASES: dict[str, str] = {"MODEL_CLASS": "MODEL", "model_class": "MODEL"}
+# The original modelscape's config keys: its scripts use these spellings on purpose, so they map without a
+# warning, each to the key that does what it did there.
+SILENT_ALIASES: dict[str, str] = {
+    **dict.fromkeys(("MODEL_CLASS", "model_class"), "MODEL"),
+    **dict.fromkeys(("OPTIMIZER_CLASS", "optimizer_class", "OPTIMIZER_FN", "optimizer_fn", "optimizer"), "OPTIMIZER"),
+    **dict.fromkeys(("LOSS_CLASS", "loss_class", "LOSS_FN", "loss_fn", "loss"), "LOSS"),
+    "momentum": "MOMENTUM", "weight_decay": "WEIGHT_DECAY", "model_file": "MODEL_FILE", "model_name": "MODEL_NAME",
+    "POST_INIT_FN": "post_init_fn",
+}
 
 # Keys the package reads from a config that are not hyperparameters (callables, arrays): never "unknown".
 RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "fused_group"})
@@ -185,16 +201,20 @@ def canonicalize(config: dict, consumers: Iterable[Callable] = (), where: str = 
     consumer_names = set(extra_known)
     for fn in consumers:
         consumer_names |= signature_names(fn)
-    merged = {SILENT_ALIASES.get(k, k): v for k, v in config.items() if k not in ALIASES}
+    merged = {k: v for k, v in config.items() if k not in ALIASES and k not in SILENT_ALIASES}
     for key, value in config.items():
-        if key not in ALIASES:
+        name = ALIASES.get(key) or SILENT_ALIASES.get(key)
+        if name is None:
             continue
-        name = ALIASES[key]
-        warnings.warn(f"{where}: key {key!r} is read as {name!r}; please rename it", stacklevel=3)
-        # base_args() fills every canonical key with its default, so a default there means "not set"
-        if name in merged and merged[name] != BY_NAME[name].default and merged[name] != value:
-            raise ConfigError(f"{where}: both {key!r} (an alias of {name}) and {name!r} are set, "
-                              f"to {value!r} and {merged[name]!r}; keep one")
+        if key in ALIASES:
+            warnings.warn(f"{where}: key {key!r} is read as {name!r}; please rename it", stacklevel=3)
+        if name in merged and not _same(merged[name], value):
+            # parse_args() / base_args() fill every canonical key with its default, so a default means "not set"
+            if _is_default(name, value):
+                continue
+            if not _is_default(name, merged[name]):
+                raise ConfigError(f"{where}: both {key!r} (read as {name}) and {name!r} are set, "
+                                  f"to {value!r} and {merged[name]!r}; keep one")
         merged[name] = value
     out = defaults()
     unknown = []
@@ -218,6 +238,24 @@ def canonicalize(config: dict, consumers: Iterable[Callable] = (), where: str = 
     return out
 
 
+def _is_default(name: str, value) -> bool:
+    """Whether ``value`` is ``name``'s default as parse_args()/base_args() give it (a sweepable key's default
+    comes as a one-value list)."""
+    hp = BY_NAME.get(name)
+    default = hp.default if hp is not None else None
+    return _same(value, default) or (hp is not None and hp.sweepable and _same(value, [default]))
+
+
+def _same(a, b) -> bool:
+    """Equality that tolerates values (arrays, classes) whose ``==`` is not a plain bool."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
 def coerce(name: str, value: Any) -> Any:
     """Check and convert one value against the schema; ConfigError names the key and the value."""
     hp = BY_NAME[name]
@@ -231,7 +269,9 @@ def coerce(name: str, value: Any) -> Any:
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         return [_scalar(hp, v) for v in values]
     if hp.sweepable and isinstance(value, (list, tuple)):
-        return [_scalar(hp, v) for v in value]  # a list of values to sweep, as the seed's scripts keep them
+        # parse_args()/base_args() give sweepable keys as lists; one value is that value, several are a sweep
+        values = [_scalar(hp, v) for v in value]
+        return values[0] if len(values) == 1 else values
     return _scalar(hp, value)
 
 
@@ -318,6 +358,11 @@ def check_job_config(cfg: dict) -> None:
         if isinstance(cfg.get(name), list):
             raise ConfigError(f"{name} is a list ({cfg[name]!r}) in a single job's config; make it a sweep axis "
                               f"(iterators=[...{cfg[name]!r}...], iterator_names=[...'{name}'...])")
+    if cfg.get("post_init_fn") is not None and cfg["PARAMETERIZATION"] not in ("auto", "sp"):
+        raise ConfigError(f"post_init_fn ({getattr(cfg['post_init_fn'], '__qualname__', cfg['post_init_fn'])}) and "
+                          f"PARAMETERIZATION={cfg['PARAMETERIZATION']!r} are both set: a hook that parameterizes the "
+                          "model would be parameterized on top of. Leave PARAMETERIZATION unset (auto) or 'sp' to let "
+                          "the hook do it, or drop the hook (call modelscape.mup.parameterize inside it if you need both)")
     if not cfg["LOSS_CHECKPOINTS"]:
         raise ConfigError("LOSS_CHECKPOINTS is empty; give at least one threshold")
 

@@ -41,7 +41,7 @@ from torch import nn
 from modelscape.backend.trainloop import match_shapes
 from modelscape.config import PARAMETERIZATIONS
 
-__all__ = ["gamma_lr", "rescale", "parameterize", "anatomy", "Anatomy", "Layer", "layer_scales", "update_rule_of",
+__all__ = ["gamma_lr", "rescale", "mupify", "parameterize", "anatomy", "Anatomy", "Layer", "layer_scales", "update_rule_of",
            "coord_check", "plot_coord_check"]
 
 MUP_FAMILY = ("mup", "mfp", "mup-lr")  # a = sqrt(width); ntp and ntp-lr have a = 1
@@ -103,6 +103,36 @@ def rescale(model: nn.Module, gamma: float) -> None:
         return
     _ensure_hook(target)
     target._mup_gamma = gamma
+
+
+def mupify(model: nn.Module, optimizer: torch.optim.Optimizer, param: str, verbose: bool = False) -> None:
+    """mupify's entry point: re-initialise ``model`` and re-group ``optimizer`` in place under ``param``.
+
+    ``param`` is one of ntp, mup, mfp, ntp-lr, mup-lr (``parameterize``'s rules: per-layer multipliers and
+    init, ReLU gain sqrt(2), per-layer learning rates). The optimizer's parameter groups are replaced by one
+    group per layer with learning rate ``base_lr * lr_factor``, ``base_lr`` being the learning rate it was
+    built with (remembered, so calling mupify again does not compound it); its other settings (momentum,
+    weight decay, betas ...) carry over. Optimizers that are neither SGD nor Adam-like get SGD's rules, as
+    in mupify. Returns None, like mupify; pair it with ``rescale(model, gamma)``.
+    """
+    if param not in PARAMETERIZATIONS or param == "sp":
+        raise ValueError(f"mupify takes one of {[p for p in PARAMETERIZATIONS if p != 'sp']}, got {param!r}")
+    if not hasattr(optimizer, "_mupify_base"):
+        if len(optimizer.param_groups) != 1:
+            raise ValueError(f"mupify needs an optimizer with one parameter group (as built from "
+                             f"model.parameters()), got {len(optimizer.param_groups)}")
+        optimizer._mupify_base = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    base = optimizer._mupify_base
+    try:
+        rule = update_rule_of(type(optimizer))
+    except ValueError:
+        rule = "sgd"
+    groups = parameterize(model, param, lambda groups, lr: groups, base["lr"], update_rule=rule)
+    optimizer.param_groups = []
+    for group in groups:
+        optimizer.add_param_group({**base, **group})
+    if verbose:
+        print(anatomy(model))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
-from modelscape.results import axis_label
+from modelscape.results import NO_RESULT, axis_label
 
 __all__ = ["plot_loss_curves", "plot_timekeys", "plot_lr_transfer", "plot_coord_check", "coord_check"]
 
@@ -308,7 +308,7 @@ def plot_loss_curves(res, color: str, facet: str | None = None, which: str = "tr
 def _note_broken(ax, status):
     """Say in the panel's corner how many of its jobs failed or are missing (they have no curve)."""
     vals = np.asarray(status.values).astype(str).ravel()
-    parts = [f"{(vals == s).sum()} {s}" for s in ("failed", "missing") if (vals == s).any()]
+    parts = [f"{(vals == s).sum()} {s}" for s in (*NO_RESULT, "missing") if (vals == s).any()]
     if parts:
         ax.text(0.02, 0.03, " / ".join(parts) + " (not drawn)", transform=ax.transAxes, fontsize="x-small",
                 color="firebrick", va="bottom")
@@ -400,7 +400,7 @@ def plot_timekeys(res, x: str, color: str | None = None, threshold=None, trial_a
             for i in np.flatnonzero(k < n):
                 missing_any = True
                 kinds = set(st[i][~reached[i]])
-                broken = kinds & {"diverged", "failed", "missing"}
+                broken = kinds & {"diverged", *NO_RESULT, "missing"}
                 lost = kinds - broken
                 if lost:
                     ax.plot([xpos[i]], [budget], color=col, **_NOT_REACHED)
@@ -412,7 +412,7 @@ def plot_timekeys(res, x: str, color: str | None = None, threshold=None, trial_a
         if missing_any and np.isfinite(budget):
             ax.axhline(budget, color="0.5", ls=":", lw=1, zorder=0)
             ax.plot([], [], color="0.3", label=f"not reached in {int(budget)} steps", **_NOT_REACHED)
-            if (status.values == "diverged").any() or (status.values == "failed").any():
+            if np.isin(status.values, ["diverged", *NO_RESULT]).any():
                 ax.plot([], [], color="0.3", label="diverged / failed", **_BROKEN)
         ax.set_yscale("log")
         if logx:
@@ -507,7 +507,7 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
         for wv, col in zip(widths, colors):
             vals = _as_trials(sub[var].sel({width: wv}), trial, [lr])
             st = _as_trials_str(sub["status"].sel({width: wv}), trial, [lr])
-            bad = ~np.isfinite(vals) | np.isin(st, ["diverged", "failed", "missing"]) | (vals > ceiling)
+            bad = ~np.isfinite(vals) | np.isin(st, ["diverged", *NO_RESULT, "missing"]) | (vals > ceiling)
             if logy:
                 bad |= vals <= 0
             vals = np.where(bad, np.nan, vals)
@@ -553,7 +553,7 @@ def _auto_ceiling(ds, var, lr, trial):
     """10 x the largest trial-mean value at the smallest learning rate of any curve that has one."""
     import warnings
 
-    da = ds[var].where(~ds["status"].isin(["diverged", "failed", "missing"]))
+    da = ds[var].where(~ds["status"].isin(["diverged", *NO_RESULT, "missing"]))
     if trial is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 SCALAR_FIELDS = ("train_loss", "test_loss", "steps", "wall_time")
+# Statuses of a job that gave no numbers: it raised, killed its worker twice, or ran past JOB_TIMEOUT.
+NO_RESULT = ("failed", "crashed", "timeout")
 
 
 def axis_label(v):
@@ -25,22 +27,49 @@ def axis_label(v):
     return str(v)  # np.str_ included: labels compare and print as plain strings
 
 
-class ExptTrace:
+class ExptTrace(dict):
     """Values keyed by one value per axis (the seed's ``ExptTrace``), read back as arrays by axis name.
 
     ``trace[(256, 0)]`` is one job's value; ``trace.get(WIDTH=256)`` stacks the values over the axes not named
     (in axis order, values sorted), NaN-padding ragged curves and masking missing jobs (``np.ma``).
+
+    The object is also, as a dict, expt-core's serialized layout: ``trace["var_names"]``,
+    ``trace["config2outcome"]`` ({axis-value tuple: value}) and ``trace["outcome_shape"]``, so the original's
+    analysis code (``ExptTrace.deserialize(res["losses"])`` from expt-core, or reading ``config2outcome``)
+    takes it as it is. Those three string keys always mean the layout, never an axis value.
     """
+
+    LAYOUT = ("var_names", "config2outcome", "outcome_shape")
 
     def __init__(self, var_names, axis_values=None):
         if "val" in var_names:
             raise ValueError("an axis may not be called 'val'")
-        self.var_names = list(var_names)
+        super().__init__(var_names=list(var_names), config2outcome={}, outcome_shape=None)
         # Values each axis is known to take even where nothing is stored (a sweep's failed jobs): they
         # appear, masked, in ``get``.
         self.axis_values = {n: [axis_label(v) for v in vals] for n, vals in dict(axis_values or {}).items()}
-        self.vals: dict[tuple, object] = {}
-        self.valshape = None
+
+    @property
+    def var_names(self) -> list:
+        return dict.__getitem__(self, "var_names")
+
+    @property
+    def vals(self) -> dict:
+        """``{axis-value tuple: value}`` (expt-core's ``config2outcome``)."""
+        return dict.__getitem__(self, "config2outcome")
+
+    @vals.setter
+    def vals(self, value):
+        dict.__setitem__(self, "config2outcome", value)
+
+    @property
+    def valshape(self):
+        """The shape of the values (expt-core's ``outcome_shape``)."""
+        return dict.__getitem__(self, "outcome_shape")
+
+    @valshape.setter
+    def valshape(self, value):
+        dict.__setitem__(self, "outcome_shape", value)
 
     def _key(self, key):
         key = key if isinstance(key, tuple) else (key,)
@@ -49,12 +78,17 @@ class ExptTrace:
         return tuple(k if isinstance(k, slice) else axis_label(k) for k in key)
 
     def __setitem__(self, key, val):
+        if isinstance(key, str) and key in self.LAYOUT:
+            dict.__setitem__(self, key, val)  # the layout itself (unpickling sets it this way)
+            return
         key = self._key(key)
         if self.valshape is None:
             self.valshape = np.shape(val)
         self.vals[key] = val
 
     def __getitem__(self, key):
+        if isinstance(key, str) and key in self.LAYOUT:
+            return dict.__getitem__(self, key)
         key = self._key(key)
         extents = [self.get_axis(n) if isinstance(k, slice) else [k] for n, k in zip(self.var_names, key)]
         if all(len(e) == 1 for e in extents) and not any(isinstance(k, slice) for k in key):
@@ -90,8 +124,12 @@ class ExptTrace:
         i = self.var_names.index(var_name)
         return sorted({k[i] for k in self.vals} | set(self.axis_values.get(var_name, ())), key=_sort_key)
 
-    def get(self, **kwargs):
-        """Values with the named axes fixed, as an array over the other axes (missing entries masked)."""
+    def get(self, *key, **kwargs):
+        """Values with the named axes fixed, as an array over the other axes (missing entries masked).
+
+        With a positional key it is ``dict.get`` on the layout (``trace.get("config2outcome", {})``)."""
+        if key:
+            return dict.get(self, *key)
         unknown = set(kwargs) - set(self.var_names)
         if unknown:
             raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.var_names}")
@@ -102,19 +140,23 @@ class ExptTrace:
         return self._key(tuple(kwargs[n] for n in self.var_names)) in self.vals
 
     def serialize(self):
-        """Plain dict, as the seed's ExptTrace.serialize."""
-        return {"var_names": self.var_names, "vals": dict(self.vals), "valshape": self.valshape,
+        """A plain dict in expt-core's layout (var_names, config2outcome, outcome_shape) plus axis_values."""
+        return {"var_names": list(self.var_names), "config2outcome": dict(self.vals), "outcome_shape": self.valshape,
                 "axis_values": dict(self.axis_values)}
 
     @classmethod
     def deserialize(cls, data):
-        """Inverse of ``serialize`` (an ExptTrace is passed through)."""
+        """Inverse of ``serialize``; also reads expt-core's layout and this package's earlier one (vals,
+        valshape). An ExptTrace is passed through."""
         if isinstance(data, ExptTrace):
             return data
         obj = cls(data["var_names"], data.get("axis_values"))
-        obj.vals = dict(data["vals"])
-        obj.valshape = data["valshape"]
+        obj.vals = dict(data["config2outcome"] if "config2outcome" in data else data["vals"])
+        obj.valshape = data["outcome_shape"] if "outcome_shape" in data else data["valshape"]
         return obj
+
+    def __repr__(self):
+        return f"ExptTrace(var_names={self.var_names}, {len(self.vals)} values of shape {self.valshape})"
 
 
 def _is_text(values) -> bool:
@@ -187,11 +229,24 @@ class SweepResults(Mapping):
         return tuple(axis_label(record["axes"][n]) for n in self.axis_names)
 
     def trace(self, fn) -> ExptTrace:
-        """An ExptTrace of ``fn(record)`` over the jobs that did not fail (the others masked in ``get``)."""
+        """An ExptTrace of ``fn(record)`` over the jobs that did not fail (the others masked in ``get``).
+
+        Arrays of different lengths (loss curves of jobs that stopped at different steps) are NaN-padded to a
+        common shape, so every value has the trace's ``outcome_shape`` as expt-core expects."""
         t = ExptTrace(self.axis_names, dict(zip(self.axis_names, self.axis_values)))
-        for r in self.records:
-            if r["status"] != "failed":
-                t[self.key(r)] = fn(r)
+        values = {self.key(r): fn(r) for r in self.records if r["status"] not in NO_RESULT}
+        values = {k: v for k, v in values.items() if v is not None}
+        arrays = [v for v in values.values() if isinstance(v, np.ndarray) and v.dtype.kind in "fiub"]
+        shapes = {v.shape for v in arrays}
+        if len(shapes) > 1 and len({len(s) for s in shapes}) == 1:
+            common = _common_shape(list(shapes))
+            for k, v in values.items():
+                if isinstance(v, np.ndarray) and v.shape != common:
+                    padded = np.full(common, np.nan)
+                    padded[tuple(slice(0, n) for n in v.shape)] = v
+                    values[k] = padded
+        for k, v in values.items():
+            t[k] = v
         return t
 
     @property
@@ -211,8 +266,9 @@ class SweepResults(Mapping):
         return counts
 
     def failed(self) -> list:
-        """Records of failed jobs (their ``error`` holds the traceback)."""
-        return [r for r in self.records if r["status"] == "failed"]
+        """Records of the jobs that gave no result: ``failed`` (``error`` holds the traceback), ``crashed``
+        and ``timeout`` (``error`` says how the worker ended)."""
+        return [r for r in self.records if r["status"] in NO_RESULT]
 
     def get(self, var="test_loss", **sel):
         """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256)``)."""
@@ -244,7 +300,7 @@ class SweepResults(Mapping):
         index = {n: {lab: i for i, lab in enumerate(labels)} for n, labels in coords.items()}
         shape = [len(coords[n]) for n in self.axis_names]
         recs = [(tuple(index[n][k] for n, k in zip(self.axis_names, self.key(r))), r) for r in self.records]
-        ok = [(i, r) for i, r in recs if r["status"] != "failed"]
+        ok = [(i, r) for i, r in recs if r["status"] not in NO_RESULT]
         dims = list(self.axis_names)
         data = {}
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from modelscape import cli
-from modelscape.backend.job_iterator import main
+from modelscape.backend.job_iterator import SweepFailed, main
 from modelscape.backend.store import Store, load
 from modelscape.config import SCHEMA, ConfigError
 
@@ -162,8 +162,10 @@ def grab_number(model, **kw):
 @pytest.mark.parametrize("grab, type_name", [(grab_none, "NoneType"), (grab_dict, "dict"), (grab_object, "object")])
 def test_a_grab_that_cannot_be_stored_fails_its_job_before_training(tmp_path, grab, type_name, only):
     STEPS.clear()
-    res = run(dict(otherreturns={"good": grab_number, "bad": grab}, ONLYTHRESHOLDS=only, EVAL_EVERY=5),
-              dict(base_bfn=stepping_bfn), tmp_path / "expt")
+    with pytest.raises(SweepFailed) as info:  # every job of this sweep fails
+        run(dict(otherreturns={"good": grab_number, "bad": grab}, ONLYTHRESHOLDS=only, EVAL_EVERY=5),
+            dict(base_bfn=stepping_bfn), tmp_path / "expt")
+    res = info.value.result
     assert [r["status"] for r in res.records] == ["failed", "failed"]
     for r in res.records:
         assert f"grab 'bad' ({grab.__qualname__}) returned a {type_name}" in r["error"]
@@ -317,7 +319,8 @@ OUT_OF_RANGE = [("WIDTH", 0), ("WIDTH", -1), ("N_SAMPLES", 0), ("N_TRAIN", 0), (
                 ("MAX_ITER", 0), ("LR", -0.1), ("LR", float("nan")), ("DEPTH", 0), ("GAMMA", 0.0),
                 ("DEVICES", [-1]), ("SEED", -1), ("LOSS_CHECKPOINTS", [float("inf")]), ("EMA_SMOOTHER", 1.0),
                 ("MOMENTUM", -0.5), ("WEIGHT_DECAY", -1e-4), ("EVAL_EVERY", -1), ("SYNC_EVERY", -1),
-                ("WORKERS_PER_DEVICE", -1), ("CLAIM_TIMEOUT", 0.0), ("FUSE_MAX", 0)]
+                ("WORKERS_PER_DEVICE", -1), ("CLAIM_TIMEOUT", 0.0),
+                ("THREADS", -1), ("JOB_TIMEOUT", 0.0), ("FUSE_MAX", 0)]
 
 
 def test_every_numeric_key_has_a_range_and_the_bad_values_above_cover_them_all():

@@ -43,7 +43,7 @@ def build_parser(defaults: dict | None = None, description: str | None = None) -
         if not hp.cli:
             continue
         group = groups.setdefault(hp.group, parser.add_argument_group(hp.group))
-        flags = [f"--{hp.name}"] + [f"--{a}" for a in hp.aliases if a.upper() != hp.name]
+        flags = [f"--{hp.name}"] + [f"--{a}" for a in hp.aliases]  # --width, --depth: the original's flags
         kwargs = dict(dest=hp.name, type=_converter(hp), default=argparse.SUPPRESS, help=hp.help
                       + f" (default: {defaults.get(hp.name, hp.default)!r})")
         if hp.is_list or hp.sweepable:
@@ -57,9 +57,11 @@ def build_parser(defaults: dict | None = None, description: str | None = None) -
 def parse_args(argv=None, defaults: dict | None = None, description: str | None = None) -> argparse.Namespace:
     """Parse command-line flags into a Namespace holding every hyperparameter (defaults filled in).
 
-    Lists take several values (``--LOSS_CHECKPOINTS 0.1 0.05``); sweepable keys given several values come back
-    as a list to sweep over (``--WIDTH 64 128 256``), one value as a scalar. Ints accept ``1e5``; bools accept
-    true/false. An unknown flag is an error that suggests the closest known names. ``defaults`` are a
+    Lists take several values (``--LOSS_CHECKPOINTS 0.1 0.05``); sweepable keys (N_SAMPLES, LR, DEPTH, WIDTH,
+    GAMMA) always come back as lists of axis values (``--WIDTH 64 128 256``; ``[8192]`` by default), so
+    ``iterators=[args.WIDTH, ...]`` works; a one-value list that is not swept reads as that value.
+    ``--width``/``--depth`` are the original's spellings of ``--WIDTH``/``--DEPTH``. Ints accept ``1e5``;
+    bools accept true/false. An unknown flag is an error that suggests the closest known names. ``defaults`` are a
     script's own defaults for some keys (``{"WIDTH": [64, 256], "MAX_ITER": 500}``): checked against the
     schema, shown by ``--help``, and overridden by flags on the command line. ``description`` heads ``--help``.
     """
@@ -79,21 +81,63 @@ def parse_args(argv=None, defaults: dict | None = None, description: str | None 
         close = close_matches(bad.lstrip("-"))
         hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list"
         parser.error(f"unknown argument {bad!r}{hint}")
-    out = {**schema_defaults(), **script}
-    for key, value in vars(ns).items():
-        hp = BY_NAME[key]
-        if hp.sweepable and not hp.is_list and isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        out[key] = value
+    out = {**schema_defaults(), **script, **vars(ns)}
     for a, name in ALIASES.items():
         if a.upper() != name and any(arg == f"--{a}" or arg.startswith(f"--{a}=") for arg in argv):
             warnings.warn(f"flag --{a} is read as --{name}; please rename it", stacklevel=2)
-    return argparse.Namespace(**out)
+    return Args(**_sweepables_as_lists(out))
 
 
 def base_args() -> argparse.Namespace:
     """Every hyperparameter at its default, as a Namespace (for notebooks; same keys as ``parse_args``)."""
-    return argparse.Namespace(**schema_defaults())
+    return Args(**_sweepables_as_lists(schema_defaults()))
 
 
-__all__ = ["parse_args", "base_args", "build_parser", "ConfigError"]
+def _sweepables_as_lists(values: dict) -> dict:
+    # As in the original, ``iterators = [args.N_SAMPLES, ...]`` must be a list of axis values even for one value;
+    # a one-element list that is not swept reads as its value (config.coerce).
+    return {k: (list(v) if isinstance(v, (list, tuple)) else [v]) if BY_NAME[k].sweepable else v
+            for k, v in values.items()}
+
+
+class Args(argparse.Namespace):
+    """The Namespace ``parse_args``/``base_args`` return. The original's spellings (``args.width``,
+    ``args.depth``, ``args.N_TRIAN`` ...) read and write the schema key, so ``vars(args)`` holds each key once."""
+
+
+def _alias_property(name):
+    return property(lambda self: getattr(self, name), lambda self, value: setattr(self, name, value))
+
+
+for _alias, _name in ALIASES.items():
+    setattr(Args, _alias, _alias_property(_name))
+
+
+def int_from_any(x) -> int:
+    """An int from '10000', '1e4' or '5.0' (the original's argparse type); ``argparse.ArgumentTypeError``
+    otherwise."""
+    try:
+        return parse_int(x)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"invalid int: {x!r} ({e})") from None
+
+
+def str2bool(v) -> bool:
+    """True/False from a bool or yes/no/true/false/t/f/y/n/1/0 (the original's argparse type)."""
+    try:
+        return parse_bool(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}") from None
+
+
+def load_json(path):
+    """The JSON file at ``path`` (``~`` expanded); FileNotFoundError naming the path if there is none."""
+    import os
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"JSON file not found: {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+__all__ = ["parse_args", "base_args", "build_parser", "ConfigError", "Args", "int_from_any", "str2bool", "load_json"]

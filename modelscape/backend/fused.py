@@ -34,6 +34,7 @@ from torch import nn
 from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
     run_config_safe, train_prepared
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, read_losses
+from modelscape import model as original_model
 from modelscape.models import MLP
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ NUMERIC_KEYS = frozenset({"trial", "SEED", "LR", "GAMMA", "PARAMETERIZATION", "M
                           "LOSS_CHECKPOINTS", "EMA_SMOOTHER", "MAX_ITER", "RELATIVE_THRESHOLDS", "RELU_GAIN",
                           "VERBOSE"})
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity, nn.Sigmoid)
+# The MLPs whose forward StackedMLP reproduces: ours, and the original's (the default MODEL), a subclass that
+# only adds an init option and a method.
+FUSABLE_MODELS = (MLP, original_model.MLP)
 CPU_FUSE_MAX = 64  # beyond this a CPU's caches, not launch overhead, set the pace
 
 
@@ -108,9 +112,9 @@ def why_not_fusable(job: PreparedJob) -> str | None:
     """None if ``job`` can be trained in a fused group, else the reason it cannot (for the log)."""
     from modelscape.mup import _scale_output
     model, cfg = job.model, job.cfg
-    if type(model) is not MLP:
+    if type(model) not in FUSABLE_MODELS:
         return f"model {type(model).__name__} is not the built-in MLP"
-    if cfg.get("post_init_fn") is not None:
+    if cfg.get("post_init_fn") is not None or cfg.get("POST_INIT_FN") is not None:
         return "a post_init_fn may change the model in ways the fused trainer cannot see"
     if not isinstance(model.nonlin, ELEMENTWISE):
         return f"nonlinearity {type(model.nonlin).__name__} is not one of {[c.__name__ for c in ELEMENTWISE]}"
@@ -499,9 +503,9 @@ GROUP_KEY = "fused_group"
 def _fusable_name(cfg: dict) -> str | None:
     """Why a job's config rules fusing out before anything is built (None if it may fuse)."""
     model = cfg.get("MODEL")
-    if cfg.get("MODEL_FILE") or not (model == "MLP" or model is MLP):
+    if cfg.get("MODEL_FILE") or not (model == "MLP" or model in FUSABLE_MODELS):
         return f"model {getattr(model, '__name__', model)} is not the built-in MLP"
-    if cfg.get("post_init_fn") is not None:
+    if cfg.get("post_init_fn") is not None or cfg.get("POST_INIT_FN") is not None:
         return "a post_init_fn may change the model in ways the fused trainer cannot see"
     try:
         opt = resolve_optimizer(cfg.get("OPTIMIZER"))

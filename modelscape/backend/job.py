@@ -1,6 +1,7 @@
 """One job: seeds, data, model, parameterization, trainloop, result record."""
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import traceback
@@ -12,16 +13,15 @@ import torch
 from torch import nn
 
 from modelscape import mup
-from modelscape.config import BY_NAME, ConfigError, canonicalize, check_job_config, signature_names
+from modelscape.config import BY_NAME, SILENT_ALIASES, ConfigError, canonicalize, check_job_config, signature_names
+from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
 from modelscape.models import BUILTIN_MODELS, Centered
-from modelscape.backend.trainloop import train_loop
+from modelscape.backend.trainloop import GRAB_ARGS, train_loop
 from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
 
 BFN_KEYS = ("base_bfn", "bfn_file", "bfn_name")
 _LOSSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss, "ce": nn.CrossEntropyLoss,
            "crossentropy": nn.CrossEntropyLoss}
-# What a grab's own arguments are called: config keys of the same name would collide with them.
-_GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
 
 
 def get_base_bfn(bfn_config: dict):
@@ -41,6 +41,8 @@ def get_model_class(cfg: dict):
             raise ValueError(f"MODEL_FILE={cfg['MODEL_FILE']!r} is set but MODEL_NAME is not")
         return load_from_file(cfg["MODEL_FILE"], cfg["MODEL_NAME"])
     model = cfg["MODEL"]
+    if model == "MLP":
+        return MLP
     if isinstance(model, str):
         try:
             return BUILTIN_MODELS[model]
@@ -62,17 +64,31 @@ def resolve_optimizer(spec):
     raise ValueError(f"OPTIMIZER={spec!r} is not in torch.optim; pass the class itself for another optimizer")
 
 
-def resolve_loss(spec):
-    """'mse', 'cross_entropy', any torch.nn loss name, a loss class, or a callable ``loss(out, y)``."""
+def resolve_loss_class(spec):
+    """'mse', 'cross_entropy', any torch.nn loss name (``'CrossEntropyLoss'``), a loss class, or a callable
+    ``loss(out, y)`` -> that class or callable."""
     if isinstance(spec, str):
         cls = _LOSSES.get(spec.lower()) or getattr(nn, spec, None)
         if cls is None:
             raise ValueError(f"LOSS={spec!r} is unknown; use mse, cross_entropy, a torch.nn loss name, or a "
                              "callable")
-        return cls()
-    if isinstance(spec, type):
-        return spec()
+        return cls
     return spec
+
+
+def ctor_kwargs(cls, cfg: dict, skip=()) -> dict:
+    """The config keys that ``cls``'s constructor names (as the original forwarded ``nesterov``,
+    ``label_smoothing``, ``betas`` ...), but the ones in ``skip``."""
+    if not isinstance(cls, type):
+        return {}
+    return {k: cfg[k] for k in signature_names(cls) - set(skip) if k in cfg}
+
+
+def resolve_loss(spec, cfg: dict | None = None):
+    """The loss function for LOSS=``spec``: a class is instantiated with the config keys its constructor
+    names; a callable is used as it is."""
+    cls = resolve_loss_class(spec)
+    return cls(**ctor_kwargs(cls, cfg or {})) if isinstance(cls, type) else cls
 
 
 def optimizer_names() -> list[str]:
@@ -105,18 +121,23 @@ def consumers(cfg: dict, bfn_config: dict) -> list:
     except (ValueError, FileNotFoundError, AttributeError):
         pass
     try:
-        fns.append(get_model_class(canonicalize_quiet(cfg)))
+        canonical = canonicalize_quiet(cfg)
+        fns.append(get_model_class(canonical))
+        # optimizer and loss classes take their constructor arguments from the config, as in the original
+        fns += [c for c in (resolve_optimizer(canonical["OPTIMIZER"]), resolve_loss_class(canonical["LOSS"]))
+                if isinstance(c, type)]
     except Exception:
         pass
-    if cfg.get("post_init_fn") is not None:
-        fns.append(cfg["post_init_fn"])
+    hook = cfg.get("post_init_fn", cfg.get("POST_INIT_FN"))
+    if hook is not None:
+        fns.append(hook)
     return fns
 
 
 def canonicalize_quiet(cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return canonicalize({k: v for k, v in cfg.items() if k in BY_NAME or k in ("MODEL_CLASS", "model_class")})
+        return canonicalize({k: v for k, v in cfg.items() if k in BY_NAME or k in SILENT_ALIASES})
 
 
 def _is_cross_entropy(loss_fn):
@@ -218,25 +239,31 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
         X_tr, y_tr = make_bfn(n)(0)
         batch_fn = make_bfn(n, X_tr, y_tr)
 
-    loss_fn = resolve_loss(cfg["LOSS"])
+    loss_fn = resolve_loss(cfg["LOSS"], cfg)
     model_cls = get_model_class(cfg)
     torch.manual_seed(init_seed)
     model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)).to(device)
 
     opt_cls = resolve_optimizer(cfg["OPTIMIZER"])
-    opt_kwargs = dict(cfg["OPTIMIZER_KWARGS"])
+    opt_kwargs = {**ctor_kwargs(opt_cls, cfg, skip=("params", "lr", "momentum", "weight_decay")),
+                  **cfg["OPTIMIZER_KWARGS"]}
     opt_names = signature_names(opt_cls)
     for key, arg in (("MOMENTUM", "momentum"), ("WEIGHT_DECAY", "weight_decay")):
         if cfg[key]:
             if arg not in opt_names:
                 raise ValueError(f"{key}={cfg[key]} but optimizer {qualname(opt_cls)} takes no {arg!r}")
             opt_kwargs.setdefault(arg, cfg[key])
-    gamma = cfg["GAMMA"]
-    opt = mup.parameterize(model, cfg["PARAMETERIZATION"], opt_cls, mup.gamma_lr(cfg["LR"], gamma),
-                           relu_gain=cfg["RELU_GAIN"], **opt_kwargs)
-    mup.rescale(model, gamma)
-    if cfg.get("post_init_fn") is not None:
-        model, opt = _post_init(cfg, model, opt)
+    gamma, hook = cfg["GAMMA"], cfg.get("post_init_fn")
+    param = cfg["PARAMETERIZATION"]
+    if param == "auto":  # a hook parameterizes the model itself (the original's mupify hooks do)
+        param = "sp" if hook is not None else "mup"
+    opt = mup.parameterize(model, param, opt_cls, mup.gamma_lr(cfg["LR"], gamma), relu_gain=cfg["RELU_GAIN"],
+                           update_rule=_default_update_rule(cfg, param, opt_cls), **opt_kwargs)
+    hook_rescales = False
+    if hook is not None:
+        model, opt, hook_rescales = _post_init(cfg, model, opt)
+    if not hook_rescales:  # GAMMA divides the output exactly once: here, or in a hook that takes ``gamma``
+        mup.rescale(model, gamma)
 
     net = model
     if cfg["CENTER"]:
@@ -246,7 +273,7 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
                 net.remember(t)
 
     sync = cfg["SYNC_EVERY"] or (16 if device.type == "cuda" else 1)
-    grab_kwargs = {k: v for k, v in cfg.items() if k not in _GRAB_ARGS and k != "otherreturns"}
+    grab_kwargs = {k: v for k, v in cfg.items() if k not in GRAB_ARGS and k != "otherreturns"}
     grab_kwargs["trial"] = trial
     # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
     grab_kwargs["trained_model"] = net
@@ -283,15 +310,44 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
     return train_prepared(prepare_job(config, bfn_config, device, axes, quiet))
 
 
+def _default_update_rule(cfg, param, opt_cls):
+    """None (parameterize reads the rule from the optimizer class), except under the default
+    PARAMETERIZATION=auto with an optimizer it does not know: then SGD's rule, as mupify applies to every
+    optimizer, with a warning. An explicit PARAMETERIZATION with such an optimizer stays an error."""
+    if cfg["PARAMETERIZATION"] != "auto" or param == "sp":
+        return None
+    try:
+        mup.update_rule_of(opt_cls)
+        return None
+    except ValueError:
+        warnings.warn(f"optimizer {qualname(opt_cls)} is neither SGD nor Adam-like: muP (the default "
+                      "parameterization) uses SGD's learning-rate rule for it, as mupify does; set "
+                      "PARAMETERIZATION explicitly to choose", stacklevel=3)
+        return "sgd"
+
+
 def _post_init(cfg, model, opt):
-    hook = cfg["post_init_fn"]
-    if cfg["PARAMETERIZATION"] != "sp":
-        warnings.warn(f"post_init_fn runs after PARAMETERIZATION={cfg['PARAMETERIZATION']!r}; set "
-                      "PARAMETERIZATION='sp' if your hook parameterizes the model itself", stacklevel=3)
+    """Run the user's ``post_init_fn`` as the original did: it gets ``model``, ``opt``, ``lr`` and the config
+    keys its signature names (all of them if it takes ``**kwargs``), plus ``gamma`` = GAMMA if it names
+    ``gamma``; it returns ``(model, opt)`` or works in place. Returns ``(model, opt, hook_rescales)``: a hook
+    whose signature names ``gamma`` (or ``GAMMA``) divides the output by it itself (``rescale(model, gamma)``),
+    so the caller must not; ``**kwargs`` alone does not count."""
+    inputs = {**cfg, "lr": cfg["LR"]}
+    takes_gamma = bool({"gamma", "GAMMA"} & signature_names(cfg["post_init_fn"]))
+    if takes_gamma:
+        inputs["gamma"] = cfg["GAMMA"]
+    model, opt = call_post_init(cfg["post_init_fn"], model, opt, inputs)
+    return model, opt, takes_gamma
+
+
+def call_post_init(hook, model, opt, inputs: dict):
+    """Call ``hook`` with ``model``, ``opt`` and the ``inputs`` its signature names (all of them if it takes
+    ``**kwargs``), as the original did; returns ``(model, opt)``: the hook's pair if it returns one, else the
+    ones it changed in place."""
+    inputs = {**inputs, "model": model, "opt": opt}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(hook).parameters.values())
     names = signature_names(hook)
-    inputs = dict(model=model, opt=opt, lr=cfg["LR"], gamma=cfg["GAMMA"])
-    kwargs = {k: v for k, v in {**cfg, **inputs}.items() if k in names}
-    ret = hook(**kwargs)
+    ret = hook(**(inputs if takes_all else {k: v for k, v in inputs.items() if k in names}))
     if isinstance(ret, tuple) and len(ret) == 2:
         return ret
     return model, opt
@@ -331,3 +387,35 @@ def run_config_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | N
         return run_config(config, bfn_config, device, axes, quiet=quiet)
     except Exception as e:  # one bad job must not sink a sweep
         return failed_record(axes, e, device, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The original modelscape's face: run_job(device_id, job, global_config, bfn_config, iterator_names)
+# --------------------------------------------------------------------------------------------------------
+
+def run_job(device_id, job, global_config, bfn_config, iterator_names, job_index=0, **kwargs):
+    """Run one job of a sweep, as the original's ``run_job``, through ``run_config``.
+
+    ``job`` is a tuple of axis values named by ``iterator_names`` (``ntrain``/``N_SAMPLES``, ``trial``, any
+    hyperparameter or key a model, batch function or grab names). Runs on ``cuda:device_id`` if CUDA is
+    available, else on the CPU. Returns ``(job, timekeys, train_losses, test_losses, *grabs)``, the grabs in
+    the order of ``global_config['otherreturns']``: final values with ONLYTHRESHOLDS, else the train loss per
+    step and the test loss per evaluation step (``EVAL_EVERY``). ``job_index`` and extra keyword arguments are
+    accepted for the original's callers and do not change the job: its seeds come from SEED and its trial.
+    Exceptions propagate, as in the original.
+    """
+    from modelscape.backend.job_iterator import axis_target  # job_iterator imports this module
+
+    global_config = dict(global_config or {})
+    bfn_config = dict(bfn_config or {})
+    axes = dict(zip(list(iterator_names or []), job))
+    known = set().union(*(signature_names(f) for f in consumers(global_config, bfn_config)))
+    overrides = {axis_target(name, known): value for name, value in axes.items()}
+    device = torch.device(f"cuda:{device_id}") if torch.cuda.is_available() else torch.device("cpu")
+    rec = run_config({**global_config, **overrides}, bfn_config, device, axes)
+    if rec.get("train_curve") is not None:
+        train, test = rec["train_curve"], rec["test_curve"]
+    else:
+        train, test = rec["train_loss"], rec["test_loss"]
+    grabs = [rec["grabs"][name] for name in (global_config.get("otherreturns") or {})]
+    return (job, rec["timekeys"], train, test, *grabs)

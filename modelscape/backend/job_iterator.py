@@ -20,9 +20,34 @@ from modelscape.results import SweepResults, axis_label
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
 AXIS_ALIASES = {"ntrain": "N_SAMPLES", "n_train": "N_SAMPLES", "bsz": "N_SAMPLES", "n_samples": "N_SAMPLES",
-                "lr": "LR", "gamma": "GAMMA", **ALIASES}
+                "lr": "LR", "gamma": "GAMMA", "TRIAL": "trial", "trials": "trial", **ALIASES}
 TRIAL = "trial"
 _INTERNAL = ("oom",)
+
+
+class SweepFailed(RuntimeError):
+    """Every job of a sweep failed. ``.result`` holds the SweepResults (each record's ``error`` has its
+    traceback). A script that does not catch it ends with this one line on stderr and exit status 1."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+def _one_line_for_sweep_failed(previous):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, SweepFailed):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+    hook._modelscape = True
+    return hook
+
+
+if not getattr(sys.excepthook, "_modelscape", False):
+    # scripts written for the original end with their sweep: an all-failed sweep must stop them with a clear
+    # line and a non-zero status, not a page of traceback (the errors were already summarised) nor exit 0
+    sys.excepthook = _one_line_for_sweep_failed(sys.excepthook)
 
 
 def axis_target(name: str, known: set) -> str:
@@ -80,16 +105,49 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
         global_config: the hyperparameters (``vars(parse_args())``), ``otherreturns`` grabs and user keys.
         bfn_config: ``base_bfn`` (or ``bfn_file`` + ``bfn_name``) and the batch function's arguments.
         use_mp: the seed's switch: True = worker pool, False = in-process, None = EXECUTOR from the config.
-        executor: an ``Executor`` instance, or ``'auto' | 'inprocess' | 'pool'``.
+        executor: an ``Executor`` instance, or ``'auto' | 'pool'`` (each job in a worker process: the default)
+            or ``'inprocess'`` (for debugging: unprotected from a job that crashes or hangs).
         store: a path, a ``Store``, None (RESULTS_DIR/EXPT_NAME from the config) or False (keep nothing).
         resume: skip jobs already stored as done (default: RESUME from the config).
         progress: show a progress bar and the closing summary.
 
     Each job's config is a copy of ``global_config`` updated with its axis values. Its seeds derive from
     SEED and its trial only, so results do not depend on the executor or the number of workers.
+
+    Ctrl-C stops the sweep with one line (jobs done, jobs lost in flight): exit status 130 from a script, a
+    ``KeyboardInterrupt`` in an interactive session. The stored jobs are kept; a re-run resumes.
+
+    Raises ``SweepFailed`` (results attached) if every job failed.
     """
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
+    # Start the workers first: they spawn and import torch (seconds) while this process validates and hashes.
+    if use_mp is not None and executor is None:
+        executor = "pool" if use_mp else "inprocess"
+    own_executor = executor is None or isinstance(executor, str)
+    if own_executor:
+        executor = _make_executor(executor, global_config)
+    try:
+        return _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store,
+                          resume, progress)
+    finally:
+        if own_executor:
+            executor.shutdown()
+
+
+def _make_executor(kind, global_config):
+    """The executor the config asks for, from its execution keys alone (checked here, before the rest)."""
+    keys = ("EXECUTOR", "DEVICES", "WORKERS_PER_DEVICE", "THREADS", "JOB_TIMEOUT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once, by the full validation that follows
+        cfg = canonicalize({k: v for k, v in global_config.items() if k in keys}, where="global_config")
+    check_job_config(cfg)
+    return make_executor(kind or cfg["EXECUTOR"], cfg["DEVICES"], cfg["WORKERS_PER_DEVICE"], cfg["THREADS"],
+                         cfg["JOB_TIMEOUT"])
+
+
+def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store, resume,
+               progress):
     names, values = _materialize(iterators, iterator_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -120,14 +178,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     if st is not None:
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
-    records = _stored_records(st, ids) if resume else {}
-
-    if use_mp is not None and executor is None:
-        executor = "pool" if use_mp else "inprocess"
-    executor = executor or base["EXECUTOR"]
-    own_executor = isinstance(executor, str)
-    if own_executor:
-        executor = make_executor(executor, base["DEVICES"], base["WORKERS_PER_DEVICE"])
+    records = _stored_records(st, ids, base["RETRY_FAILED"]) if resume else {}
 
     # A fresh id per sweep: id(context) can be reused by a later sweep once this one's context is freed, and
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
@@ -159,19 +210,30 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
             if bar is not None:
                 bar.set_postfix_str(_postfix(counts, record), refresh=False)
                 bar.update(1)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        lost = executor.in_flight()
+        if own_executor:
+            executor.shutdown(now=True)
+        else:  # a pool the caller passed in stays theirs, and usable
+            executor.cancel()
+        _interrupted(len(records), len(jobs), lost, st is not None, after_bar=bar is not None)
     finally:
         if dispatch is not None:
             dispatch.close()  # stops the heartbeat and releases this driver's claims now, even on an error
         if bar is not None:
             bar.close()
-        if own_executor:
-            executor.shutdown()
         if own_store:
             st.close()
     order = ids if st is not None else list(range(len(jobs)))
     result = SweepResults(names, values, [records[k] for k in order if k in records])
     if progress:
         print(summary(result), file=sys.stderr)
+    if result.records and all(r["status"] == "failed" for r in result.records):
+        first = (result.failed()[0].get("error") or "").strip().splitlines()
+        raise SweepFailed(f"all {len(result.records)} jobs of the sweep failed; the first with: "
+                          f"{first[-1] if first else 'unknown error'}", result)
     return result
 
 
@@ -217,12 +279,12 @@ def _file_code(cfg, bfn_config) -> dict:
     return out
 
 
-def _stored_records(st, ids) -> dict:
-    """``{job id: record}`` of this sweep's jobs stored with a status other than failed and readable; a
-    damaged row is left out (with a warning), so its job runs again."""
+def _stored_records(st, ids, retry_failed=False) -> dict:
+    """``{job id: record}`` of this sweep's jobs that a resume skips (see ``Store.done_ids``) and that are
+    readable; a damaged row is left out (with a warning), so its job runs again."""
     if st is None:
         return {}
-    done = st.done_ids()
+    done = st.done_ids(retry_failed)
     return {r["job_id"]: r for r in st.records([j for j in ids if j in done])}
 
 
@@ -342,6 +404,25 @@ class _Claims:
             self.driver.stop()
 
 
+def _interrupted(n_done, n_jobs, lost, stored, after_bar):
+    """Ctrl-C: one line instead of a traceback; exit status 130 (SIGINT's) from a script, and the
+    KeyboardInterrupt itself in an interactive session (a notebook's cell stops as usual)."""
+    what = "re-run to resume" if stored else "nothing was stored (store=False)"
+    start = "" if after_bar else "\n"  # else after the terminal's ^C
+    print(f"{start}interrupted: {n_done} of {n_jobs} jobs done, {lost} lost in flight; {what}", file=sys.stderr,
+          flush=True)
+    if _interactive():
+        raise KeyboardInterrupt
+    raise SystemExit(130)
+
+
+def _interactive() -> bool:
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
 def _open_store(store, cfg):
     """``(store, opened_here)``: the caller's Store as it is, or one opened on a path (closed after the sweep)."""
     if store is False:
@@ -392,9 +473,10 @@ def _postfix(counts, r):
 def summary(result: SweepResults) -> str:
     """A few lines: jobs by status, and the first line of each failed job's error."""
     counts = result.status_counts()
-    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "not_reached", "diverged", "failed"))
+    shown = ("done", "not_reached", "diverged", "failed") + tuple(s for s in ("crashed", "timeout") if s in counts)
+    lines = ["sweep: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in shown)
              + " (done = every threshold reached; not_reached = stopped at MAX_ITER)"]
     for r in result.failed():
         err = (r.get("error") or "").strip().splitlines()
-        lines.append(f"  failed {r['axes']}: {err[-1] if err else 'unknown error'}")
+        lines.append(f"  {r['status']} {r['axes']}: {err[-1] if err else 'unknown error'}")
     return "\n".join(lines)

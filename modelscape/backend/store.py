@@ -56,9 +56,11 @@ IDENTITY_VERSION = 2  # bump when the identity recipe changes, so old and new id
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
 # VERBOSE on still finds the jobs already stored.
 NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVICE", "RESULTS_DIR", "EXPT_NAME",
-                             "RESUME", "CLAIM_TIMEOUT", "FUSE", "FUSE_MAX"})
+                             "RESUME", "CLAIM_TIMEOUT", "THREADS", "JOB_TIMEOUT", "RETRY_FAILED",
+                             "FUSE", "FUSE_MAX"})
 
-STATUSES = ("done", "not_reached", "diverged", "failed")
+# crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
+STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
 
 # Record keys that live in their own column, with the Python type the column gives back.
 _COLUMNS = {"status": str, "error": str, "steps": int, "wall_time": float, "device": str, "seed": int,
@@ -986,10 +988,13 @@ class Store:
         return [c for c in map(_claim_dict, rows) if _claim_live(c, now, stale_after)]
 
     # --- reading ---
-    def done_ids(self) -> set:
-        """Ids of the jobs stored with a status other than ``failed`` (a resumed sweep skips these)."""
+    def done_ids(self, retry_failed: bool = False) -> set:
+        """Ids of the jobs a resumed sweep skips: every stored status but ``failed`` (and, with
+        ``retry_failed``, but ``crashed`` and ``timeout`` too)."""
+        redo = ("failed", "crashed", "timeout") if retry_failed else ("failed",)
+        marks = ",".join("?" * len(redo))
         with self._guard("reading job ids") as conn:
-            return {r[0] for r in conn.execute("SELECT job_id FROM jobs WHERE status != 'failed'")}
+            return {r[0] for r in conn.execute(f"SELECT job_id FROM jobs WHERE status NOT IN ({marks})", redo)}
 
     def records(self, job_ids=None) -> list[dict]:
         """Stored records: all of them (in the order written), or those of ``job_ids`` that are present, in

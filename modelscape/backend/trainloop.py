@@ -43,6 +43,8 @@ def match_shapes(out, y):
 
 # What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
 _STORABLE_KINDS = "biufcU"
+# What a grab's own arguments are called: config keys of the same name would collide with them.
+GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
 
 
 def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
@@ -57,7 +59,7 @@ def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
         if arr.dtype.kind not in _STORABLE_KINDS:  # None, a dict, any object: dtype object
             raise TypeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) returned a {type(v).__name__}, "
                             "which cannot be stored: return a number, a string, or an array or tensor of numbers")
-        vals[name] = arr
+        vals[name] = arr.item() if arr.ndim == 0 else arr  # a number stays a number (or a str)
     return vals
 
 
@@ -248,3 +250,97 @@ def _stack(name, vals):
     if len(shapes) > 1:
         raise ValueError(f"grab {name!r} returned values of different shapes along training: {sorted(shapes)}")
     return np.stack(vals)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The original modelscape's face: train_model(model, batch_function, lr, ...)
+# --------------------------------------------------------------------------------------------------------
+
+def _pop_first(kwargs, *names):
+    found = None
+    for name in names:  # pop them all, so none is passed on to grabs as data
+        value = kwargs.pop(name, None)
+        found = value if found is None else found
+    return found
+
+
+def _fill_to(values, n):
+    """``values`` (along the first axis) extended to length ``n`` with its last entry, as the original
+    filled its curves after an early stop."""
+    values = np.asarray(values)
+    if len(values) == 0 or len(values) >= n:
+        return values[:n]
+    tail = np.repeat(values[-1:], n - len(values), axis=0)
+    return np.concatenate([values, tail])
+
+
+def train_model(model, batch_function, lr=1e-2, max_iter=int(1e3), loss_checkpoints=None, percent_thresholds=None,
+                ema_smoother=0.0, X_tr=None, y_tr=None, X_te=None, y_te=None, only_thresholds=False,
+                verbose=False, optimizer="SGD", loss="MSELoss", post_init_fn=None, **kwargs):
+    """The original's training entry point, run by ``train_loop``.
+
+    Builds the optimizer (``optimizer``: a torch.optim name, or ``OPTIMIZER_CLASS`` / ``optimizer_class`` /
+    ``OPTIMIZER_FN``, or a ready ``OPTIMIZER_INSTANCE``) and the loss (``loss``: a torch.nn name, or
+    ``LOSS_CLASS`` / ``loss_class`` / ``LOSS_FN``, or ``LOSS_INSTANCE``), each with the keyword arguments its
+    constructor names (``momentum``, ``nesterov``, ``label_smoothing`` ...); runs ``post_init_fn(model, opt,
+    lr, ...)`` (it may return ``(model, opt)``); wraps the model in ``CenteredWrapper``; trains with
+    ``batch_function(step)`` until the EMA train loss is below every threshold (``loss_checkpoints``, or
+    ``percent_thresholds`` times the first loss: exactly one of the two) or ``max_iter`` steps. No
+    parameterization and no GAMMA are applied here (the original applied none either).
+
+    Returns a dict: ``model`` (the CenteredWrapper), ``timekeys`` (first step below each threshold; NaN if
+    never), ``train_losses`` and ``test_losses`` and one entry per grab in ``otherreturns``. With
+    ``only_thresholds`` these are final values (EMA train loss, the final model's test loss on ``X_te``,
+    NaN without one); otherwise arrays of length ``max_iter`` (EMA train loss per step, test loss and grabs
+    after each step), the last value repeated after an early stop.
+    """
+    from modelscape.backend.job import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
+    from modelscape.model import centeredmodel
+
+    if loss_checkpoints is not None and np.ndim(loss_checkpoints) == 0:
+        loss_checkpoints = [loss_checkpoints]
+    if percent_thresholds is not None and np.ndim(percent_thresholds) == 0:
+        percent_thresholds = [percent_thresholds]
+    has_abs, has_rel = bool(loss_checkpoints is not None and len(loss_checkpoints)), \
+        bool(percent_thresholds is not None and len(percent_thresholds))
+    if has_abs == has_rel:
+        raise ValueError("train_model: give exactly one of loss_checkpoints and percent_thresholds")
+
+    opt = _pop_first(kwargs, "OPTIMIZER_INSTANCE", "optimizer_instance")
+    opt_cls = _pop_first(kwargs, "OPTIMIZER_CLASS", "optimizer_class", "OPTIMIZER_FN", "optimizer_fn")
+    if opt is None:
+        opt_cls = resolve_optimizer(opt_cls if opt_cls is not None else optimizer)
+        opt_kwargs = ctor_kwargs(opt_cls, kwargs, skip=("params",))
+        for k in opt_kwargs:
+            kwargs.pop(k)
+        opt = opt_cls(model.parameters(), **{"lr": lr, **opt_kwargs})
+    loss_fn = _pop_first(kwargs, "LOSS_INSTANCE", "loss_instance")
+    loss_cls = _pop_first(kwargs, "LOSS_CLASS", "loss_class", "LOSS_FN", "loss_fn")
+    if loss_fn is None:
+        loss_cls = resolve_loss_class(loss_cls if loss_cls is not None else loss)
+        loss_kwargs = ctor_kwargs(loss_cls, kwargs)
+        for k in loss_kwargs:
+            kwargs.pop(k)
+        loss_fn = loss_cls(**loss_kwargs) if isinstance(loss_cls, type) else loss_cls
+
+    hook = post_init_fn if post_init_fn is not None else _pop_first(kwargs, "post_init_fn", "POST_INIT_FN")
+    if hook is not None:
+        model, opt = call_post_init(hook, model, opt, {**kwargs, "lr": lr})
+    net = centeredmodel(model).to(next(model.parameters()).device)
+
+    grabs = kwargs.get("otherreturns") or {}
+    grab_kwargs = {k: v for k, v in kwargs.items() if k not in GRAB_ARGS and k != "otherreturns"}
+    out = train_loop(net, batch_function, opt, loss_fn, max_iter=int(max_iter),
+                     thresholds=loss_checkpoints if has_abs else percent_thresholds, relative=has_rel,
+                     ema_smoother=ema_smoother, X_te=X_te, y_te=y_te, only_thresholds=only_thresholds,
+                     eval_every=0 if only_thresholds else 1, grabs=grabs, grab_kwargs=grab_kwargs,
+                     grab_model=model, verbose=verbose)
+    result = {"model": net, "timekeys": out["timekeys"]}
+    if only_thresholds:
+        result.update(train_losses=out["train_loss"], test_losses=out["test_loss"], **out["grabs"])
+    else:
+        n = int(max_iter)
+        # evaluations happen before each step and once at the end: entry k + 1 is the model after step k
+        result.update(train_losses=_fill_to(out["train_curve"], n), test_losses=_fill_to(out["test_curve"][1:], n),
+                      **{name: _fill_to(v[1:], n) for name, v in out["grabs"].items()})
+    return result

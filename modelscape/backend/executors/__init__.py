@@ -5,12 +5,11 @@ distributed engine (Ray, Slurm) is one more class here, not a change to the iter
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import warnings
 
 import torch
 
-from modelscape.backend.executors.base import Executor, JobSpec
+from modelscape.backend.executors.base import Executor, JobSpec, cpu_cores, default_threads
 from modelscape.backend.executors.inprocess import InProcessExecutor
 from modelscape.backend.executors.pool import PoolExecutor
 
@@ -32,20 +31,28 @@ def slots(devices, workers_per_device) -> list[str]:
     gpus = cuda_devices(devices)
     if gpus:
         return [f"cuda:{d}" for d in gpus for _ in range(max(1, workers_per_device))]
-    n = workers_per_device if workers_per_device > 0 else (os.cpu_count() or 1)
+    n = workers_per_device if workers_per_device > 0 else cpu_cores()
     return ["cpu"] * n
 
 
-def make_executor(kind: str, devices=(0,), workers_per_device: int = 1) -> Executor:
-    """``inprocess``, ``pool``, or ``auto`` (in-process for a single slot, else a pool over every slot)."""
+def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, threads: int = 0,
+                  job_timeout: float | None = None) -> Executor:
+    """``pool`` (worker processes, one per slot; ``auto`` means the same) or ``inprocess`` (this process:
+    for debugging, unprotected from a job that crashes or hangs, and unable to enforce ``job_timeout``).
+
+    ``threads``: torch threads per job (0 = ``default_threads``: the idle cores shared by the jobs that run
+    at once)."""
     where = slots(devices, workers_per_device)
     if kind == "auto":
-        kind = "inprocess" if len(where) == 1 else "pool"
+        kind = "pool"
     if kind == "inprocess":
-        return InProcessExecutor(where[0])
+        if job_timeout is not None:
+            warnings.warn(f"JOB_TIMEOUT={job_timeout} is not enforced by EXECUTOR='inprocess' (a job in this "
+                          "process cannot be stopped); use the pool", stacklevel=2)
+        return InProcessExecutor(where[0], threads)
     if kind == "pool":
-        return PoolExecutor(where)
+        return PoolExecutor(where, threads, job_timeout)
     raise ValueError(f"EXECUTOR={kind!r}; choose auto, inprocess or pool")
 
 
-__all__ = ["Executor", "JobSpec", "InProcessExecutor", "PoolExecutor", "make_executor", "slots"]
+__all__ = ["Executor", "JobSpec", "InProcessExecutor", "PoolExecutor", "make_executor", "slots", "default_threads"]

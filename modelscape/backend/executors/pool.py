@@ -1,29 +1,43 @@
 """A pool of spawned worker processes, each pinned to one device slot, started once and reused.
 
-The driver talks to each worker over its own pipe and always knows which job a worker holds, so a worker
-that dies (segfault, SIGKILL, out of host memory) costs exactly that job: it is recorded as failed with the
-exit code, the worker is replaced, and the sweep goes on. The sweep's context (global config and bfn_config,
-with whatever functions and tensors they hold) is cloudpickled once and sent once to each worker, so
-functions from a notebook or ``__main__`` work and a dataset in ``bfn_config`` is not re-sent per job.
+The driver talks to each worker over its own pipe and always knows which job a worker holds, so a job that
+kills its worker (segfault, ``os._exit``, ``sys.exit``, SIGKILL, out of host memory) costs that job alone:
+it is retried once on a fresh worker, and if it kills that one too it is recorded as ``crashed`` with the
+exit code or signal of each attempt. A job running longer than ``job_timeout`` seconds has its worker killed
+and replaced, and is recorded as ``timeout``. Workers ignore SIGINT (Ctrl-C is the driver's to handle) and
+leave within about a second of their driver's death, whatever their job is doing.
+
+The sweep's context (global config and bfn_config, with whatever functions and tensors they hold) is
+cloudpickled once and sent once to each worker, so functions from a notebook or ``__main__`` work and a
+dataset in ``bfn_config`` is not re-sent per job.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
-import traceback
 from collections import deque
 from concurrent.futures import Future
 from multiprocessing.connection import wait
 
 import cloudpickle
 
-from modelscape.backend.executors.base import Executor, JobSpec
+from modelscape.backend.executors.base import Executor, JobSpec, default_threads
+
+# A job that killed its worker this many times is recorded as crashed (the first death may be bad luck: the
+# host ran out of memory, another process's doing).
+CRASH_ATTEMPTS = 2
+_WATCHDOG_PERIOD = 0.5  # seconds between a worker's checks that its driver lives
 
 
-def _worker_main(conn, device: str, threads: int) -> None:
+def _worker_main(conn, device: str, threads: int, driver_pid: int, death_signal: bool) -> None:
     """Worker loop: receive contexts and jobs, send back records. Runs in the spawned process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver decides
+    _watch_driver(driver_pid, death_signal)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # torch's deterministic CUDA needs it
     import torch
 
@@ -58,11 +72,41 @@ def _worker_main(conn, device: str, threads: int) -> None:
             conn.send(("result", index, failed_record({}, e, device)))
             continue
         global_config, bfn_config = context
-        record = run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+        try:
+            record = run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+        except SystemExit as e:
+            # The job called sys.exit: end this process as that call asked, so the driver records the exit
+            # code (never as a clean end of the worker, never as a result).
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)  # sys.exit("message") prints it, as Python does
+            _quit(code)
         conn.send(("result", index, record))
 
 
-def _quit() -> None:
+def _watch_driver(driver_pid: int, death_signal: bool) -> None:
+    """Make this worker end soon after its driver does, however it dies and whatever the job is doing.
+
+    On Linux the kernel sends SIGKILL the moment the driver's thread that spawned us ends (asked only when that
+    is the driver's main thread: another thread may end while the pool lives on). Everywhere, a daemon thread
+    polls the parent pid and calls ``os._exit``, which needs no cooperation from the main thread (it may be
+    stuck in ``time.sleep(1e9)`` or in a deadlock)."""
+    if death_signal and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == driver_pid:
+            time.sleep(_WATCHDOG_PERIOD)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="modelscape-driver-watchdog", daemon=True).start()
+
+
+def _quit(code: int = 0) -> None:
     """Leave at once: the interpreter's teardown (torch's included) takes seconds and a worker has nothing to
     save, so a pool shuts down in a fraction of the time."""
     for stream in (sys.stdout, sys.stderr):
@@ -70,7 +114,7 @@ def _quit() -> None:
             stream.flush()
         except Exception:
             pass
-    os._exit(0)
+    os._exit(code)
 
 
 def _warm_up() -> None:
@@ -84,15 +128,52 @@ def _warm_up() -> None:
     opt.step()
 
 
+def _exit_reason(code) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@contextlib.contextmanager
+def _spawning():
+    """Around starting a worker: (1) SIGINT is blocked, and stays blocked in the new process until it ignores
+    the signal itself, so a Ctrl-C while it imports torch prints no traceback (in this process it is only held
+    back for the moment of the spawn); (2) the ``__main__`` module's file and spec are hidden, so the worker
+    does not run the user's script again: a script without an ``if __name__ == "__main__":`` guard would start
+    a sweep in every worker. Nothing a job needs is lost: the sweep's functions travel by value (cloudpickle)."""
+    main = sys.modules.get("__main__")
+    hidden = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    for k in hidden:
+        setattr(main, k, None)
+    blocked = hasattr(signal, "pthread_sigmask")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
+    try:
+        yield
+    finally:
+        for k, v in hidden.items():
+            setattr(main, k, v)
+        if blocked:  # last: a Ctrl-C held back meanwhile is raised here
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
 class _Worker:
     def __init__(self, ctx, device, threads):
         self.device = device
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, device, threads), daemon=True)
-        self.proc.start()
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.proc = ctx.Process(target=_worker_main, args=(child, device, threads, os.getpid(), main_thread),
+                                daemon=True)
+        with _spawning():
+            self.proc.start()
         child.close()
         self.contexts: set = set()
         self.job: tuple[JobSpec, Future] | None = None
+        self.started = 0.0  # when the current job was sent
         self.ready = False
 
     def send_job(self, spec: JobSpec, fut: Future, context_blob: bytes):
@@ -101,6 +182,7 @@ class _Worker:
             self.contexts.add(spec.context_id)
         self.conn.send(("job", spec.index, spec.context_id, cloudpickle.dumps((spec.overrides, spec.axes))))
         self.job = (spec, fut)
+        self.started = time.monotonic()
 
     def stop(self, timeout=5.0):
         self.ask_stop()
@@ -122,16 +204,23 @@ class _Worker:
 
 
 class PoolExecutor(Executor):
-    """Worker processes over ``slots`` (one device string per worker, e.g. ['cuda:0', 'cuda:0', 'cuda:1'])."""
+    """Worker processes over ``slots`` (one device string per worker, e.g. ['cuda:0', 'cuda:0', 'cuda:1']).
 
-    def __init__(self, slots, threads_per_worker: int | None = None):
+    ``threads_per_worker``: torch threads in each worker (0 or None: the idle cores shared among the CPU workers,
+    2 for a GPU worker). ``job_timeout``: seconds after which a job's worker is killed and the job recorded
+    as ``timeout`` (None: no limit). The workers start at once, in the background: create the pool early and
+    they import torch while the caller does other work."""
+
+    def __init__(self, slots, threads_per_worker: int | None = None, job_timeout: float | None = None):
         if not slots:
             raise ValueError("a pool needs at least one slot")
+        if job_timeout is not None and not job_timeout > 0:
+            raise ValueError(f"job_timeout must be a positive number of seconds or None, got {job_timeout!r}")
         self.slots = list(slots)
         cpu_workers = sum(s == "cpu" for s in self.slots)
-        cores = os.cpu_count() or 1
         # CPU workers share the cores; a GPU worker needs few threads of its own.
-        self.threads = threads_per_worker or (max(1, cores // cpu_workers) if cpu_workers else 2)
+        self.threads = threads_per_worker or (default_threads(cpu_workers) if cpu_workers else 2)
+        self.job_timeout = job_timeout
         self._ctx = mp.get_context("spawn")
         self._workers = [_Worker(self._ctx, s, self.threads) for s in self.slots]
         self._pending: deque[tuple[JobSpec, Future]] = deque()
@@ -164,24 +253,36 @@ class PoolExecutor(Executor):
         self._workers[i] = _Worker(self._ctx, w.device, self.threads)
         self.replaced += 1
 
+    def _fail(self, w: _Worker, status: str, reason: str, finished: list) -> None:
+        """End the worker's job with a record of ``status`` whose error is ``reason``."""
+        from modelscape.backend.job import failed_record
+        spec, fut = w.job
+        w.job = None
+        record = failed_record(spec.axes, RuntimeError(reason), w.device, time.monotonic() - w.started,
+                               error=reason)
+        record["status"] = status
+        fut.set_result(record)
+        finished.append(fut)
+
     def _reap(self, w: _Worker, finished: list) -> None:
-        """A worker's process ended: fail its job with the reason, start a replacement."""
+        """A worker's process ended: retry its job on a fresh worker once, or record it as crashed."""
         # Its pipe or sentinel reports the end before the OS has the exit status: wait for it (else "exit code None")
         w.proc.join(5.0)
         code = w.proc.exitcode
         if w.job is not None:
             spec, fut = w.job
-            reason = (f"worker process for {w.device} died (exit code {code}"
-                      + (f", signal {-code}" if code is not None and code < 0 else "") + ") while running this job")
-            from modelscape.backend.job import failed_record
-            fut.set_result(failed_record(spec.axes, RuntimeError(reason), w.device, error=reason))
-            finished.append(fut)
-            w.job = None
+            spec.crashes.append(f"{_exit_reason(code)} after {time.monotonic() - w.started:.1f} s")
+            if len(spec.crashes) < CRASH_ATTEMPTS:
+                w.job = None
+                self._pending.appendleft((spec, fut))  # the replacement below takes it first
+            else:
+                self._fail(w, "crashed", f"the job killed its worker process ({w.device}) {len(spec.crashes)} "
+                           f"times: {'; '.join(spec.crashes)}", finished)
         elif not w.ready:
             # It died starting up (a bad device, an import error): replacing it forever would hang the sweep.
             self._start_failures += 1
             if self._start_failures >= 3:
-                raise RuntimeError(f"worker processes for {w.device} die while starting (exit code {code}, "
+                raise RuntimeError(f"worker processes for {w.device} die while starting ({_exit_reason(code)}, "
                                    f"{self._start_failures} times in a row); their error output is above")
         self._replace(w)
 
@@ -208,14 +309,34 @@ class PoolExecutor(Executor):
         fut.set_result(record)
         finished.append(fut)
 
+    def _enforce_timeout(self, finished: list) -> float:
+        """Kill the workers whose job is past ``job_timeout``; return the seconds until the next deadline."""
+        if self.job_timeout is None:
+            return 1.0
+        now = time.monotonic()
+        next_deadline = 1.0
+        for w in list(self._workers):
+            if w.job is None:
+                continue
+            left = w.started + self.job_timeout - now
+            if left > 0:
+                next_deadline = min(next_deadline, left)
+                continue
+            w.proc.kill()
+            self._fail(w, "timeout", f"the job ran past JOB_TIMEOUT={self.job_timeout:g} s: its worker process "
+                       f"for {w.device} was killed after {now - w.started:.1f} s", finished)
+            self._replace(w)
+        return next_deadline
+
     def as_completed(self, futures):
         remaining = {id(f): f for f in futures}
         while remaining:
             self._dispatch()
             finished: list[Future] = []
+            wait_s = self._enforce_timeout(finished)
             conns = {w.conn: w for w in self._workers}
             sentinels = {w.proc.sentinel: w for w in self._workers}
-            for obj in wait(list(conns) + list(sentinels), timeout=1.0):
+            for obj in (wait(list(conns) + list(sentinels), timeout=max(0.01, wait_s)) if not finished else []):
                 if obj in conns:
                     if conns[obj] in self._workers:  # not replaced earlier in this round
                         self._receive(conns[obj], finished)
@@ -224,6 +345,18 @@ class PoolExecutor(Executor):
             for fut in finished:
                 if remaining.pop(id(fut), None) is not None:
                     yield fut
+
+    def in_flight(self) -> int:
+        return sum(w.job is not None for w in self._workers)
+
+    def cancel(self) -> None:
+        """Drop the jobs not started and replace the workers running one: the pool stays usable."""
+        self._pending.clear()
+        for w in list(self._workers):
+            if w.job is not None:
+                w.proc.kill()
+                w.job = None
+                self._replace(w)
 
     def wait_ready(self, timeout: float = 120.0) -> float:
         """Block until every worker has started (torch imported, warmed up); returns the seconds waited.
@@ -242,12 +375,12 @@ class PoolExecutor(Executor):
                     self._receive(w, finished)
         return time.perf_counter() - t0
 
-    def shutdown(self) -> None:
+    def shutdown(self, now: bool = False) -> None:
         # Ask every worker first, then wait: the workers end side by side, not one after the other.
         for w in self._workers:
-            if w.ready:
+            if w.ready and not now:
                 w.ask_stop()
-            else:  # still importing torch (a replacement, say): there is nothing to wait for
+            else:  # still importing torch (a replacement, say), or interrupted: nothing to wait for
                 w.proc.kill()
         deadline = time.monotonic() + 5.0
         for w in self._workers:
