@@ -54,7 +54,8 @@ def config(args, **kw):
     g = vars(base_args())
     g.update(PARAMETERIZATION=args.param, WIDTH=args.width, DEPTH=DEPTH, MAX_ITER=args.steps, N_SAMPLES=BSZ,
              N_TEST=N_TEST, LOSS_CHECKPOINTS=[1e-12], CENTER=False, EVAL_EVERY=0, ONLYTHRESHOLDS=True,
-             SYNC_EVERY=0, DEVICES=[0] if args.device == "cuda" else [])  # no DEVICES: CPU even where CUDA is
+             SYNC_EVERY=0, DEVICES=[0] if args.device == "cuda" else [],  # no DEVICES: CPU even where CUDA is
+             THREADS=args.threads)  # the in-process executor's threads (else the idle cores of a busy machine)
     g.update(kw)
     return g
 
