@@ -50,7 +50,8 @@ SCHEMA: tuple[HP, ...] = (
        sweepable=True, range="[0, inf)"),
     HP("DEPTH", int, 2, "Number of hidden layers (> 0).", sweepable=True, aliases=("depth",), range="[1, inf)"),
     HP("WIDTH", int, 8192, "Width of the hidden layers.", sweepable=True, aliases=("width",), range="[1, inf)"),
-    HP("GAMMA", float, 1.0, "Richness: outputs / gamma; lr * gamma (gamma >= 1) or lr * gamma**2 (gamma < 1).",
+    HP("GAMMA", float, 1.0, "Richness: outputs / gamma; SGD lr * gamma (gamma >= 1) or * gamma**2 (gamma < 1), "
+       "Adam lr * 1 or * gamma (the same change of output and features per step).",
        sweepable=True, range="(0, inf)"),
     HP("DEVICES", int, [0], "GPU ids to spread jobs over (ignored without CUDA; then CPU cores are used).",
        is_list=True, group="execution", range="[0, inf)"),
@@ -65,7 +66,7 @@ SCHEMA: tuple[HP, ...] = (
     HP("PARAMETERIZATION", str, "auto", "Layerwise parameterization; auto = mup, or sp when a post_init_fn "
        "is given (the hook parameterizes the model itself).", choices=("auto",) + PARAMETERIZATIONS,
        group="model"),
-    HP("MODEL", str, "MLP", "Model: MLP, CNN, Transformer, or a class given in the config.", group="model"),
+    HP("MODEL", str, "MLP", "Model: MLP, CNN, Transformer, GPT, or a class given in the config.", group="model"),
     HP("MODEL_FILE", str, None, "Python file holding the model class (with MODEL_NAME).", group="model"),
     HP("MODEL_NAME", str, None, "Name of the model class inside MODEL_FILE.", group="model"),
     HP("CENTER", bool, True, "Train f(x) - f0(x), with f0 a frozen copy of the initial model.", group="model"),
@@ -74,8 +75,9 @@ SCHEMA: tuple[HP, ...] = (
     HP("OPTIMIZER", str, "SGD", "Optimizer: SGD, Adam, AdamW (any torch.optim name), or a class.",
        group="optimizer"),
     HP("MOMENTUM", float, 0.0, "SGD momentum.", group="optimizer", range="[0, inf)"),
-    HP("WEIGHT_DECAY", float, 0.0, "Weight decay (AdamW scales it by each layer's muP learning rate, as "
-       "torch does per parameter group).", group="optimizer", range="[0, inf)"),
+    HP("WEIGHT_DECAY", float, 0.0, "Weight decay, divided by each parameter group's muP learning-rate factor "
+       "so that lr x weight decay is the same at every width (as Microsoft's mup).", group="optimizer",
+       range="[0, inf)"),
     HP("OPTIMIZER_KWARGS", dict, {}, "Extra optimizer keyword arguments (JSON on the command line).",
        group="optimizer"),
     HP("LOSS", str, "mse", "Loss: mse, cross_entropy (any torch.nn loss name), or a class/callable.",

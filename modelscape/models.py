@@ -1,6 +1,7 @@
-"""Ready models (MLP, CNN, Transformer), each built from WIDTH and DEPTH, and the centering wrapper.
+"""Ready models (MLP, CNN, Transformer, GPT), each built from WIDTH and DEPTH, and the centering wrapper.
 
-Every weight lives in an ``nn.Linear`` or ``nn.Conv2d`` and every ReLU is an ``nn.ReLU`` module, so the
+Every weight lives in an ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or ``nn.LayerNorm``, every ReLU is an
+``nn.ReLU`` module, and each model names its read-in and read-out (``input_layer``, ``output_layer``), so the
 parameterizations in ``modelscape.mup`` can find and classify them.
 """
 from __future__ import annotations
@@ -9,7 +10,10 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from modelscape.data.language import SEQ_LEN, VOCAB_SIZE
 
 _NONLINS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity,
             "linear": nn.Identity, "sigmoid": nn.Sigmoid}
@@ -72,14 +76,14 @@ class CNN(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention from Linear layers. ``attn_mult`` multiplies q.k: 1/sqrt(d_head) by default;
-    muP sets it to 1/d_head (``modelscape.mup``)."""
+    """Multi-head self-attention from Linear layers (``causal``: each position sees itself and the past).
+    ``attn_mult`` multiplies q.k: 1/sqrt(d_head) by default; muP sets it to 1/d_head (``modelscape.mup``)."""
 
-    def __init__(self, width, n_heads=1, bias=True):
+    def __init__(self, width, n_heads=1, bias=True, causal=False):
         super().__init__()
         if width % n_heads:
             raise ValueError(f"width {width} is not divisible by n_heads {n_heads}")
-        self.n_heads, self.d_head = n_heads, width // n_heads
+        self.n_heads, self.d_head, self.causal = n_heads, width // n_heads, causal
         self.q = nn.Linear(width, width, bias)
         self.k = nn.Linear(width, width, bias)
         self.v = nn.Linear(width, width, bias)
@@ -89,12 +93,12 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         b, t, _ = x.shape
         q, k, v = (m(x).view(b, t, self.n_heads, self.d_head).transpose(1, 2) for m in (self.q, self.k, self.v))
-        att = torch.softmax((q @ k.transpose(-2, -1)) * self.attn_mult, dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.attn_mult)
+        return self.proj(h.transpose(1, 2).reshape(b, t, -1))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-residual attention then MLP, no LayerNorm (its weights would be one more layer type to classify)."""
+    """Residual attention then MLP, without LayerNorm (``GPTBlock`` is the pre-LayerNorm block)."""
 
     def __init__(self, width, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
         super().__init__()
@@ -131,7 +135,60 @@ class Transformer(nn.Module):
         return self.output_layer(h.mean(dim=1))
 
 
-BUILTIN_MODELS = {"MLP": MLP, "CNN": CNN, "Transformer": Transformer}
+class GPTBlock(nn.Module):
+    """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + fc2(nonlin(fc1(ln2(x))))``."""
+
+    def __init__(self, width, n_heads=4, mlp_mult=4, bias=True, nonlinearity="gelu"):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width, bias=bias)
+        self.attn = SelfAttention(width, n_heads, bias, causal=True)
+        self.ln2 = nn.LayerNorm(width, bias=bias)
+        self.fc1 = nn.Linear(width, mlp_mult * width, bias)
+        self.fc2 = nn.Linear(mlp_mult * width, width, bias)
+        self.nonlin = make_nonlinearity(nonlinearity)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(self.nonlin(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer: tokens (N, T) -> next-token logits (N, T, vocab_size).
+
+    Token embedding (``input_layer``) plus position embedding, ``depth`` pre-LayerNorm blocks of causal
+    attention (``n_heads`` heads of width / n_heads; the 1/d_head scale under the mup family) and an MLP of
+    ``mlp_mult * width``, a final LayerNorm, and the read-out (``output_layer``). ``vocab_size`` and
+    ``seq_len`` (the longest sequence it takes) come from the config keys of those names, which
+    ``modelscape.data.markov_bfn`` reads too, so model and data agree. With ``LOSS='cross_entropy'`` the
+    trainloop puts the classes where ``nn.CrossEntropyLoss`` wants them.
+    """
+
+    def __init__(self, vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, width=64, depth=2, n_heads=4, mlp_mult=4,
+                 bias=True, nonlinearity="gelu"):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"GPT depth must be >= 1, got {depth}")
+        self.vocab_size, self.seq_len, self.width, self.depth = vocab_size, seq_len, width, depth
+        self.input_layer = nn.Embedding(vocab_size, width)  # token embedding: the read-in
+        self.pos_emb = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList([GPTBlock(width, n_heads, mlp_mult, bias, nonlinearity) for _ in range(depth)])
+        self.ln_f = nn.LayerNorm(width, bias=bias)
+        self.output_layer = nn.Linear(width, vocab_size, bias)
+
+    def forward(self, x):
+        if x.ndim != 2 or x.dtype.is_floating_point:
+            raise ValueError(f"GPT expects token ids of shape (N, T), got {x.dtype} input of shape "
+                             f"{tuple(x.shape)}")
+        t = x.shape[1]
+        if t > self.seq_len:
+            raise ValueError(f"sequence of length {t} is longer than the GPT's seq_len={self.seq_len}")
+        h = self.input_layer(x) + self.pos_emb(torch.arange(t, device=x.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.output_layer(self.ln_f(h))
+
+
+BUILTIN_MODELS = {"MLP": MLP, "CNN": CNN, "Transformer": Transformer, "GPT": GPT}
 
 
 class Centered(nn.Module):

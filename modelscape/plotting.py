@@ -468,7 +468,8 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
         logy: log-scaled metric.
         path: save the figure there.
 
-    Diverged and failed jobs (or a non-finite metric) are crosses on the top edge of the panel, not a gap.
+    Diverged and failed jobs (or a non-finite metric) are crosses on the top edge of the panel, not a gap;
+    jobs that were never run (status ``missing``) are left out.
     Returns the Figure; the best learning rates are in ``fig.best_lr`` as ``{param: {width: lr}}``.
     """
     if best not in ("min", "max"):
@@ -507,13 +508,15 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
         for wv, col in zip(widths, colors):
             vals = _as_trials(sub[var].sel({width: wv}), trial, [lr])
             st = _as_trials_str(sub["status"].sel({width: wv}), trial, [lr])
-            bad = ~np.isfinite(vals) | np.isin(st, ["diverged", *NO_RESULT, "missing"]) | (vals > ceiling)
+            # A job that never ran (a grid point one parameterization skips) is left out, not drawn as broken.
+            absent = st == "missing"
+            bad = (~np.isfinite(vals) | np.isin(st, ["diverged", *NO_RESULT]) | (vals > ceiling)) & ~absent
             if logy:
-                bad |= vals <= 0
-            vals = np.where(bad, np.nan, vals)
+                bad |= (vals <= 0) & ~absent
+            vals = np.where(bad | absent, np.nan, vals)
             mean, lo, hi, _ = _trial_reduce(vals, -1)
-            all_bad = bad.all(-1)
-            ok = ~all_bad
+            ok = ~(bad | absent).all(-1)
+            all_bad = ~ok & ~absent.all(-1)
             ax.plot(lr_arr[ok], mean[ok], color=col, marker="o", ms=4, lw=1.6, label=_fmt(wv))
             if vals.shape[-1] > 1 and ok.any():
                 ax.fill_between(lr_arr[ok], lo[ok], hi[ok], color=col, alpha=0.15, lw=0)

@@ -105,17 +105,43 @@ def test_digits_example_binary(tmp_path):
 
 
 def test_lr_transfer_example(tmp_path):
+    from modelscape.backend.store import Store
+
     out = tmp_path / "transfer"
-    stdout = run_example("example_lr_transfer.py", out, "--WIDTH", 16, 64, "--LR", 0.5, 4, 64, "--MAX_ITER", 30,
-                         "--N_SAMPLES", 100)
-    res = check_store(out, {"PARAMETERIZATION": ["sp", "mup"], "WIDTH": [16, 64], "LR": [0.5, 4.0, 64.0],
-                            "trial": [0]}, 12)
-    params = {r["axes"]["PARAMETERIZATION"]: r["config"]["PARAMETERIZATION"] for r in res.records}
-    assert params == {"sp": "sp", "mup": "mup"}
-    for p in ("sp", "mup"):
-        line = next(ln for ln in stdout.splitlines() if ln.strip().startswith(f"{p}: width"))
-        assert "width 16 -> LR" in line and "width 64 -> LR" in line
-    check_png(out / "lr_transfer.png")
+    stdout = run_example("example_lr_transfer.py", out, "--WIDTH", 16, 32, "--LR", 0.5, 4, "--MAX_ITER", 8,
+                         "--N_SAMPLES", 32)
+    for task in ("digits", "gpt"):
+        store = out / task
+        with Store(store, readonly=True) as st:
+            sweeps = st.sweeps()
+        assert [s["axis_values"][0] for s in sweeps] == [["sp"], ["mup"]]  # one sweep per parameterization
+        for sweep in sweeps:
+            res = modelscape.load(store, sweep=sweep["id"])
+            assert res.axis_names == ["PARAMETERIZATION", "WIDTH", "LR", "trial"]
+            assert len(res.records) == 4 and not res.failed(), [r.get("error") for r in res.failed()]
+            model = {r["config"]["MODEL"] for r in res.records}
+            assert model == ({"MLP"} if task == "digits" else {"GPT"})
+        check_png(store / "lr_transfer.png")
+        section = stdout.split(f"[{task}]")[1]
+        for p in ("sp", "mup"):
+            line = next(ln for ln in section.splitlines() if ln.strip().startswith(f"{p}: width"))
+            assert "width 16 -> LR" in line and "width 32 -> LR" in line
+
+    # --PARAMETERIZATION runs that parameterization alone
+    out = tmp_path / "only_mup"
+    run_example("example_lr_transfer.py", out, "--task", "digits", "--PARAMETERIZATION", "mup", "--WIDTH", 16,
+                "--LR", 1, "--MAX_ITER", 3)
+    res = modelscape.load(out / "digits")
+    assert res.axis_values[0] == ["mup"] and len(res.records) == 1
+
+
+def test_coord_check_example_on_the_gpt(tmp_path):
+    out = tmp_path / "cc"
+    stdout = run_example("example_coord_check.py", out, "--model", "gpt", "--optimizer", "Adam", "--widths", 16, 32,
+                         "--steps", 1)
+    for param in ("sp", "mup"):
+        check_png(out / f"coord_check_gpt_adam_{param}.png")
+    assert "mup: largest max/min ratio across widths" in stdout
 
 
 def _kernel_manager(tmp_path):

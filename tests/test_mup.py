@@ -54,6 +54,16 @@ def expected(param, role, fan_in, width, rule):
     return mult, lr, std
 
 
+def expected_bias_lr(param, role, width, rule, mult, d_in=D_IN):
+    """A bias learns like one read-in weight (Tensor Programs V): effective SGD rate a**2 / d_in (1 / d_in at
+    the read-out), effective Adam rate a / (sqrt(width) * d_in) (1 / d_in at the read-out), seen through its
+    layer's multiplier."""
+    a = math.sqrt(width) if param in ("mup", "mfp", "mup-lr") else 1.0
+    if rule == "sgd":
+        return (a * a if role != "readout" else 1.0) / d_in / mult ** 2
+    return (a / math.sqrt(width) if role != "readout" else 1.0) / d_in / mult
+
+
 def group_lr(opt, p):
     groups = [g for g in opt.param_groups if any(q is p for q in g["params"])]
     assert len(groups) == 1
@@ -84,14 +94,11 @@ def test_multipliers_init_and_lrs_follow_the_formulas(param, opt_cls):
             # init std, measured
             w_std = layer.weight.detach().std().item()
             assert w_std == pytest.approx(std, rel=0.15), (param, width, role, "weight")
-            b_std = layer.bias.detach().std().item()
-            if role != "readout":
-                assert b_std == pytest.approx(std, rel=0.3), (param, width, role, "bias")
-            else:  # 8 entries: only the order of magnitude is measurable, and wrong answers differ by >= 11x
-                assert std / 3 < b_std < std * 3
+            assert (layer.bias == 0).all()  # biases start at 0, at every width
             # learning rate of weight and bias
             assert group_lr(opt, layer.weight) == pytest.approx(base_lr * lr, rel=1e-9), (param, width, role)
-            assert group_lr(opt, layer.bias) == pytest.approx(base_lr * lr, rel=1e-9)
+            bias_lr = expected_bias_lr(param, role, width, rule, mult)
+            assert group_lr(opt, layer.bias) == pytest.approx(base_lr * bias_lr, rel=1e-9), (param, width, role)
         # ReLU gains sqrt(2)
         z = torch.randn(100)
         np.testing.assert_allclose(model.nonlin(z), math.sqrt(2) * torch.relu(z), rtol=1e-6)
@@ -103,9 +110,12 @@ def test_adam_factors_concrete_numbers():
     model = mlp(256)
     opt = mup.parameterize(model, "mup", torch.optim.AdamW, 1.0)
     assert [group_lr(opt, l.weight) for l in layers_of(model)] == pytest.approx([1 / 64, 1 / 256, 1 / 16])
-    # SGD: mup has no lr factor at all
-    opt = mup.parameterize(mlp(256), "mup", torch.optim.SGD, 1.0)
-    assert {g["lr"] for g in opt.param_groups} == {1.0}
+    # SGD: mup has no lr factor on weights; a bias learns like a read-in weight: effective rate 256 / 16 = 16
+    # (1 / 16 at the read-out), raw rate effective / mult**2 (read-in multiplier 4, read-out 1/16)
+    model = mlp(256)
+    opt = mup.parameterize(model, "mup", torch.optim.SGD, 1.0)
+    assert [group_lr(opt, l.weight) for l in layers_of(model)] == pytest.approx([1, 1, 1])
+    assert [group_lr(opt, l.bias) for l in layers_of(model)] == pytest.approx([1, 16, 16])
 
 
 def test_relu_gain_off_and_optimizer_settings_kept():
@@ -113,7 +123,9 @@ def test_relu_gain_off_and_optimizer_settings_kept():
     opt = mup.parameterize(model, "mup", torch.optim.SGD, 0.1, relu_gain=False, momentum=0.9, weight_decay=1e-4)
     z = torch.randn(50)
     np.testing.assert_allclose(model.nonlin(z), torch.relu(z))
-    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    assert all(g["momentum"] == 0.9 for g in opt.param_groups)
+    # weight decay follows each group's lr factor: the decay per step lr * wd is the same for all
+    assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.1 * 1e-4) for g in opt.param_groups)
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len(list(model.parameters()))
     opt = mup.parameterize(mlp(64), "mup", torch.optim.Adam, 0.1, betas=(0.8, 0.9))
@@ -158,9 +170,9 @@ def test_conv_and_transformer_layers():
 # one function class
 # ------------------------------------------------------------------------------------------------------
 
-def _trajectory(param, opt_cls, lr, width=256, steps=3):
+def _trajectory(param, opt_cls, lr, width=256, steps=3, **opt_kwargs):
     model = mlp(width)
-    opt = mup.parameterize(model, param, opt_cls, lr)
+    opt = mup.parameterize(model, param, opt_cls, lr, **opt_kwargs)
     X, y = powerlaw_bfn(64, gen=torch.Generator().manual_seed(1), dim=D_IN)(0)
     outs = []
     for _ in range(steps + 1):
@@ -191,8 +203,10 @@ def test_ntp_and_mup_differ_only_by_the_readout_scale():
 @pytest.mark.parametrize("opt_cls,lr", [(torch.optim.SGD, 0.5), (torch.optim.Adam, 0.05)])
 def test_each_family_trains_the_same_network(opt_cls, lr):
     # multiplier, init and lr factor trade off exactly, so the trajectories coincide, not just the init
+    # Adam's eps is the one thing that tells them apart (their raw gradients differ in scale): make it tiny
+    extra = {} if opt_cls is torch.optim.SGD else dict(eps=1e-12)
     for family in (("mup", "mfp", "mup-lr"), ("ntp", "ntp-lr")):
-        runs = [_trajectory(p, opt_cls, lr) for p in family]
+        runs = [_trajectory(p, opt_cls, lr, **extra) for p in family]
         assert (runs[0][-1] - runs[0][0]).abs().max() > 1e-2  # it did train
         for other in runs[1:]:
             np.testing.assert_allclose(other, runs[0], rtol=1e-3, atol=1e-4)
@@ -276,7 +290,7 @@ def test_deepcopy_and_pickle_keep_multipliers_and_own_weights():
 # ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad,kind", [
-    (nn.LayerNorm(8), "LayerNorm"),
+    (nn.BatchNorm1d(8), "BatchNorm1d"),
     (nn.MultiheadAttention(8, 2, batch_first=True), "MultiheadAttention"),
 ])
 def test_unsupported_layers_are_named(bad, kind):
@@ -286,9 +300,9 @@ def test_unsupported_layers_are_named(bad, kind):
 
 
 def test_other_unusable_models():
-    emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 1))
-    with pytest.raises(ValueError, match="Embedding"):
-        mup.parameterize(emb, "ntp", torch.optim.SGD, 0.1)
+    unnamed = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match="input_layer / output_layer"):  # roles neither named nor checked
+        mup.parameterize(unnamed, "ntp", torch.optim.SGD, 0.1)
     with pytest.raises(ValueError, match="at least two weight layers"):
         mup.parameterize(nn.Sequential(nn.Linear(4, 1)), "mup", torch.optim.SGD, 0.1)
     tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1))

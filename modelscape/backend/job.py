@@ -257,8 +257,12 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
     param = cfg["PARAMETERIZATION"]
     if param == "auto":  # a hook parameterizes the model itself (the original's mupify hooks do)
         param = "sp" if hook is not None else "mup"
-    opt = mup.parameterize(model, param, opt_cls, mup.gamma_lr(cfg["LR"], gamma), relu_gain=cfg["RELU_GAIN"],
-                           update_rule=_default_update_rule(cfg, param, opt_cls), **opt_kwargs)
+    rule = _default_update_rule(cfg, param, opt_cls)
+    # A slice of data the model trains or is tested on: the forward pass that checks the read-in / read-out
+    # must not draw from the batch function's generator.
+    example = (X_tr if X_tr is not None else X_te)[:8]
+    opt = mup.parameterize(model, param, opt_cls, mup.gamma_lr(cfg["LR"], gamma, rule or opt_cls),
+                           relu_gain=cfg["RELU_GAIN"], update_rule=rule, example_input=example, **opt_kwargs)
     hook_rescales = False
     if hook is not None:
         model, opt, hook_rescales = _post_init(cfg, model, opt)

@@ -34,10 +34,14 @@ def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float 
 
 
 def match_shapes(out, y):
-    """``out`` reshaped to ``y``'s shape for a float target of the same size (MSE on (N,) vs (N, 1))."""
+    """``out`` reshaped to ``y``'s shape for a float target of the same size (MSE on (N,) vs (N, 1)), or
+    sequence logits ``(N, T, C)`` with the classes moved to dim 1 for integer targets ``(N, T)``."""
     # MSE against y of shape (N,) or (N, 1): the seed squeezed both; reshaping keeps a batch of one intact.
     if out.shape != y.shape and out.numel() == y.numel() and y.dtype.is_floating_point:
         return out.reshape(y.shape)
+    # Sequence logits (N, T, C) against class targets (N, T): cross-entropy wants the classes at dim 1.
+    if out.ndim >= 3 and out.shape[:-1] == y.shape and not y.dtype.is_floating_point:
+        return out.movedim(-1, 1)
     return out
 
 
