@@ -123,6 +123,11 @@ SCHEMA: tuple[HP, ...] = (
        range="[0, inf)"),
     HP("JOB_TIMEOUT", float, None, "Seconds a job may run: past it, its worker process is killed and replaced and "
        "the job recorded as `timeout` (None: no limit; the pool only).", group="execution", range="(0, inf)"),
+    HP("FUSE", str, "auto", "Train jobs that differ only in numbers (LR, GAMMA, trial, PARAMETERIZATION ...) of the "
+       "built-in MLP together as one stacked model (auto), or each alone (off).", choices=("auto", "off"),
+       group="execution"),
+    HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
+       "a CPU).", group="execution", range="[1, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
@@ -147,7 +152,7 @@ SILENT_ALIASES: dict[str, str] = {
 }
 
 # Keys the package reads from a config that are not hyperparameters (callables, arrays): never "unknown".
-RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial"})
+RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "fused_group"})
 
 
 def defaults() -> dict:

@@ -6,6 +6,7 @@ import os
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -164,13 +165,39 @@ def _model_kwargs(model_cls, cfg, X, y, loss_fn, y_tr=None):
     return kwargs
 
 
-def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None, quiet: bool = False) -> dict:
-    """Train one configuration end to end on ``device`` and return its result record (a plain dict).
+@dataclass
+class PreparedJob:
+    """One job ready to train: its resolved config, data, built and parameterized model, optimizer and loss.
 
-    ``config`` holds hyperparameters and user keys (axis values already merged in); ``axes`` the sweep-axis
-    values of this job (``trial`` among them). Seeds derive from SEED and the trial index only: the test set,
-    the offline training set and the initial weights are the same for every job of a trial where shapes allow.
-    Exceptions propagate; ``run_config_safe`` turns them into a ``failed`` record.
+    ``net`` is the function trained (``Centered(model)`` under CENTER), ``model`` the user's model (what grabs
+    receive). ``loop_kwargs`` are ``train_loop``'s keyword arguments for this job. ``run_config`` is
+    ``train_prepared(prepare_job(...))``; the fused trainer prepares several jobs the same way.
+    """
+
+    cfg: dict
+    axes: dict
+    device: torch.device
+    trial: int
+    seed: int
+    model: nn.Module
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: object
+    batch_fn: object
+    X_tr: object
+    y_tr: object
+    X_te: object
+    y_te: object
+    loop_kwargs: dict
+    t0: float
+
+
+def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
+                quiet: bool = False) -> PreparedJob:
+    """Everything of ``run_config`` before the step loop: config checks, seeds, data, model, optimizer.
+
+    Seeds derive from SEED and the trial index only: the test set, the offline training set and the initial
+    weights are the same for every job of a trial where shapes allow. The torch global RNG is seeded here.
     """
     t0 = time.perf_counter()
     axes = dict(axes or {})
@@ -254,14 +281,37 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
     grab_kwargs["trial"] = trial
     # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
     grab_kwargs["trained_model"] = net
-    out = train_loop(net, batch_fn, opt, loss_fn, max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
-                      relative=cfg["RELATIVE_THRESHOLDS"], ema_smoother=cfg["EMA_SMOOTHER"], X_te=X_te, y_te=y_te,
-                      only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
-                      grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
-                      verbose=cfg["VERBOSE"])
-    out.update(axes=axes, error=None, device=str(device), seed=base_seed, trial=trial,
-               wall_time=time.perf_counter() - t0)
+    loop_kwargs = dict(max_iter=cfg["MAX_ITER"], thresholds=cfg["LOSS_CHECKPOINTS"],
+                       relative=cfg["RELATIVE_THRESHOLDS"], ema_smoother=cfg["EMA_SMOOTHER"], X_te=X_te, y_te=y_te,
+                       only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
+                       grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
+                       verbose=cfg["VERBOSE"])
+    return PreparedJob(cfg, axes, device, trial, base_seed, model, net, opt, loss_fn, batch_fn, X_tr, y_tr, X_te,
+                       y_te, loop_kwargs, t0)
+
+
+def finish_record(job: PreparedJob, out: dict, wall_time: float | None = None) -> dict:
+    """``train_loop``'s result plus the job's identity fields: axes, device, seed, trial, wall time."""
+    out.update(axes=job.axes, error=None, device=str(job.device), seed=job.seed, trial=job.trial,
+               wall_time=time.perf_counter() - job.t0 if wall_time is None else wall_time)
     return out
+
+
+def train_prepared(job: PreparedJob) -> dict:
+    """Train a prepared job with ``train_loop`` and return its result record."""
+    out = train_loop(job.net, job.batch_fn, job.opt, job.loss_fn, **job.loop_kwargs)
+    return finish_record(job, out)
+
+
+def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None, quiet: bool = False) -> dict:
+    """Train one configuration end to end on ``device`` and return its result record (a plain dict).
+
+    ``config`` holds hyperparameters and user keys (axis values already merged in); ``axes`` the sweep-axis
+    values of this job (``trial`` among them). Seeds derive from SEED and the trial index only: the test set,
+    the offline training set and the initial weights are the same for every job of a trial where shapes allow.
+    Exceptions propagate; ``run_config_safe`` turns them into a ``failed`` record.
+    """
+    return train_prepared(prepare_job(config, bfn_config, device, axes, quiet))
 
 
 def _default_update_rule(cfg, param, opt_cls):
@@ -328,8 +378,15 @@ def _caused_by_oom(exc):
 
 def run_config_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
                  quiet: bool = True) -> dict:
-    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback."""
+    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback.
+
+    A config holding ``fused_group`` is a unit of work of several jobs trained together; its record holds theirs
+    (``modelscape.backend.fused.run_group_config``).
+    """
     t0 = time.perf_counter()
+    if config.get("fused_group"):  # a unit of work holding a fused group (modelscape.backend.fused)
+        from modelscape.backend.fused import run_group_config
+        return run_group_config(config, bfn_config, device)
     try:
         return run_config(config, bfn_config, device, axes, quiet=quiet)
     except Exception as e:  # one bad job must not sink a sweep

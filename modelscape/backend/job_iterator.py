@@ -14,6 +14,7 @@ from collections import deque
 from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
     signature_names
 from modelscape.backend.executors import JobSpec, make_executor
+from modelscape.backend.fused import group_overrides, plan_units, split_records
 from modelscape.backend.job import consumers
 from modelscape.results import SweepResults, axis_label
 
@@ -246,10 +247,15 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
     context_id = uuid.uuid4().hex
 
-    def spec_of(i):
-        return JobSpec(i, jobs[i][0], jobs[i][1], context_id, context)
+    def spec_of(unit):
+        if len(unit) == 1:
+            return JobSpec(unit[0], jobs[unit[0]][0], jobs[unit[0]][1], context_id, context)
+        # a fused group travels as one job (modelscape.backend.fused)
+        return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context)
 
-    dispatch = _dispatch(executor, spec_of, todo, ids, st, since, claim_timeout)
+    # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
+    units = plan_units([(i, jobs[i][2]) for i in todo])
+    dispatch = _dispatch(executor, spec_of, units, ids, st, since, claim_timeout)
     try:
         for i, record, ran_here in dispatch:
             if ran_here:
@@ -333,36 +339,41 @@ def _window(executor) -> int:
     return len(getattr(executor, "slots", None) or [None]) + 2
 
 
-def _dispatch(executor, spec_of, todo, ids, st, since, stale_after):
-    """Run the jobs ``todo`` (indices) on ``executor``, about ``_window`` of them submitted at a time; yield
-    ``(index, record, ran_here)`` as each finishes.
+def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
+    """Run ``units`` (lists of job indices: one job, or a fused group) on ``executor``, about ``_window`` of them
+    submitted at a time; yield ``(index, record, ran_here)`` as each job finishes.
 
-    With a store, each job is claimed right before it is submitted: a job a live driver holds is skipped and
-    looked at again every second, until that driver has stored it (yielded with ``ran_here`` False, its
-    record read from the store) or has died (its claim is taken over and the job runs here). A claim is
-    released once the caller has stored the record (on the generator's next step) and all at the end.
+    With a store, each job is claimed right before its unit is submitted: a job a live driver holds is left
+    out of its unit and looked at again every second, until that driver has stored it (yielded with
+    ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
+    here, alone). A claim is released once the caller has stored the record (on the generator's next step)
+    and all at the end.
     """
-    pending, waiting, inflight = deque(todo), [], {}
+    pending, waiting, inflight = deque(units), [], {}
     claims = _Claims(st, stale_after) if st is not None else None
     window, poll = _window(executor), min(1.0, stale_after / 10)
     next_poll = time.monotonic() + poll
     try:
         while pending or waiting or inflight:
             while pending and len(inflight) < window:
-                i = pending.popleft()
-                outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
-                if outcome == "busy":
-                    waiting.append(i)
-                elif outcome == "stored":
-                    yield i, claims.record(ids[i]), False
-                else:
-                    inflight[executor.submit(spec_of(i))] = i
+                claimed = []
+                for i in pending.popleft():
+                    outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
+                    if outcome == "busy":
+                        waiting.append([i])
+                    elif outcome == "stored":
+                        yield i, claims.record(ids[i]), False
+                    else:
+                        claimed.append(i)
+                if claimed:
+                    inflight[executor.submit(spec_of(claimed))] = claimed
             if inflight:
                 for fut in _finished(executor, inflight):
-                    i = inflight.pop(fut)
-                    yield i, fut.result(), True
-                    if claims is not None:
-                        claims.release(ids[i])
+                    unit = inflight.pop(fut)
+                    for i, record in zip(unit, split_records(fut.result(), len(unit))):
+                        yield i, record, True
+                        if claims is not None:
+                            claims.release(ids[i])
             elif waiting:
                 time.sleep(max(0.0, next_poll - time.monotonic()))
             if waiting and not pending and time.monotonic() >= next_poll:

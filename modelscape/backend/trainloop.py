@@ -78,6 +78,122 @@ def check_grabs(grabs, model, X, y, X_te, y_te, opt, grab_kwargs) -> None:
     np.random.set_state(np_state)
 
 
+class LossTracker:
+    """The EMA of one job's train loss, its threshold crossings and its status, fed the per-step losses in order.
+
+    ``feed(losses)`` takes the losses of the next steps (step 0 first) and returns True once the job must stop:
+    at the first NaN/inf loss (status ``diverged``, the EMA keeps its last finite value) or once the EMA is
+    below every threshold (status ``done``). ``crossed[j]`` is the first step whose EMA is below
+    ``thresholds[j]`` (NaN while never). With ``relative`` the thresholds are fractions of the first loss.
+    """
+
+    def __init__(self, thresholds, relative: bool = False, ema_smoother: float = 0.9, keep_raw: bool = False,
+                 verbose: bool = False):
+        self.thresholds = np.asarray(list(thresholds), dtype=np.float64)
+        self.relative = relative
+        self.smoother = ema_smoother
+        self.raw: list[float] | None = [] if keep_raw else None
+        self.verbose = verbose
+        self.ema = None
+        self.crossed = np.full(len(self.thresholds), np.nan)
+        self.status = "not_reached"
+        self.seen = 0
+        self._next = np.inf
+
+    def feed(self, new: np.ndarray) -> bool:
+        """Take the losses of steps ``seen .. seen + len(new) - 1``; True when the job must stop."""
+        start = self.seen
+        self.seen += len(new)
+        if self.raw is not None:
+            self.raw.extend(new.tolist())
+        if start == 0:
+            if self.relative:
+                self.thresholds = self.thresholds * new[0]
+            self._next = self.thresholds.max()  # the only threshold the EMA can cross first
+        if self.ema is None:
+            self.ema = new[0]
+        s, ema, thresholds = self.smoother, self.ema, self.thresholds
+        for k, v in enumerate(new):
+            if not math.isfinite(v):
+                self.status = "diverged"
+                break
+            ema = s * ema + (1.0 - s) * v
+            if ema < self._next:
+                self.crossed[np.isnan(self.crossed) & (ema < thresholds)] = start + k
+                self._next = np.max(thresholds[np.isnan(self.crossed)], initial=-np.inf)
+            if self.verbose:
+                print(f"step {start + k}: loss {v:.6g}, ema {ema:.6g}")
+        self.ema = ema
+        if self.status != "diverged" and not np.isnan(self.crossed).any():
+            self.status = "done"
+        return self.status != "not_reached"
+
+
+class Evaluations:
+    """Test losses and grabs of one job: along training (``record`` at the steps ``due`` says) and at the end.
+
+    ``model`` is the function trained (``f - f0`` when centered), used for the test loss; ``grab_model`` is
+    what grabs receive (the user's model). ``result`` assembles the job's record from its ``LossTracker``.
+    """
+
+    def __init__(self, model, loss_fn, X_te=None, y_te=None, *, curves: bool = False, eval_every: int = 100,
+                 grabs: dict | None = None, grab_model=None, opt=None, grab_kwargs: dict | None = None):
+        self.model, self.loss_fn, self.X_te, self.y_te = model, loss_fn, X_te, y_te
+        self.curves, self.eval_every = curves, int(eval_every)
+        self.grabs = dict(grabs or {})
+        self.grab_model = model if grab_model is None else grab_model
+        self.opt = opt
+        self.grab_kwargs = dict(grab_kwargs or {})
+        self.eval_steps, self.test_curve = [], []
+        self.grab_trace = {name: [] for name in self.grabs}
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (before its update) is recorded along the curve."""
+        return self.curves and self.eval_every > 0 and step % self.eval_every == 0
+
+    def test_loss(self) -> float:
+        if self.X_te is None or self.y_te is None:
+            return float("nan")
+        with torch.no_grad():
+            out = self.model(self.X_te)
+            return float(self.loss_fn(match_shapes(out, self.y_te), self.y_te))
+
+    def _grab(self, X, y):
+        return _grab_values(self.grabs, self.grab_model, X, y, self.X_te, self.y_te, self.opt, self.grab_kwargs)
+
+    def check(self, X, y) -> None:
+        """Call the grabs once on the untrained model (``check_grabs``), where step 0 is not recorded anyway."""
+        if self.grabs:
+            check_grabs(self.grabs, self.grab_model, X, y, self.X_te, self.y_te, self.opt, self.grab_kwargs)
+
+    def record(self, step: int, X, y, test_loss: float | None = None) -> None:
+        """Record the test loss and grabs of the model as it is now, at ``step``; ``X, y`` its current batch."""
+        self.eval_steps.append(step)
+        self.test_curve.append(self.test_loss() if test_loss is None else test_loss)
+        if self.grabs:
+            for name, v in self._grab(X, y).items():
+                self.grab_trace[name].append(v)
+
+    def result(self, tracker: LossTracker, steps: int, X, y) -> dict:
+        """The job's record after ``steps`` steps, the model as it is now; ``X, y`` the last batch."""
+        final_test = self.test_loss()
+        ema = tracker.ema
+        result = dict(status=tracker.status, steps=steps, thresholds=tracker.thresholds, timekeys=tracker.crossed,
+                      train_loss=float(ema) if ema is not None else float("nan"), test_loss=final_test)
+        if self.curves:
+            raw_arr = np.asarray(tracker.raw if tracker.raw is not None else [])
+            ema_curve = ema_thresholds(raw_arr, tracker.thresholds, tracker.smoother)[0] if len(raw_arr) \
+                else raw_arr
+            if not self.eval_steps or self.eval_steps[-1] != steps:
+                self.record(steps, X, y, final_test)
+            result.update(train_curve=ema_curve, train_raw=raw_arr, eval_steps=np.asarray(self.eval_steps),
+                          test_curve=np.asarray(self.test_curve))
+            result["grabs"] = {name: _stack(name, vals) for name, vals in self.grab_trace.items()}
+        else:
+            result["grabs"] = self._grab(X, y) if self.grabs else {}
+        return result
+
+
 def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
                 max_iter: int, thresholds, relative: bool = False, ema_smoother: float = 0.9,
                 X_te=None, y_te=None, only_thresholds: bool = True, eval_every: int = 100,
@@ -97,45 +213,19 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     and unless ``only_thresholds``: train_curve (EMA per step), train_raw (loss per step), eval_steps,
     test_curve; grabs: ``{name: value}`` at the end, or stacked over ``eval_steps`` along the curve.
     """
-    grabs = dict(grabs or {})
-    grab_kwargs = dict(grab_kwargs or {})
-    grab_model = model if grab_model is None else grab_model
-    thresholds = np.asarray(list(thresholds), dtype=np.float64)
     sync_every = max(1, int(sync_every))
-    eval_every = int(eval_every)
-    curves = not only_thresholds
-    has_test = X_te is not None and y_te is not None
-
-    def test_loss():
-        if not has_test:
-            return float("nan")
-        with torch.no_grad():
-            out = model(X_te)
-            return float(loss_fn(match_shapes(out, y_te), y_te))
-
-    raw: list[float] = []
+    tracker = LossTracker(thresholds, relative, ema_smoother, keep_raw=not only_thresholds, verbose=verbose)
+    evals = Evaluations(model, loss_fn, X_te, y_te, curves=not only_thresholds, eval_every=eval_every,
+                        grabs=grabs, grab_model=grab_model, opt=opt, grab_kwargs=grab_kwargs)
     pending: list[torch.Tensor] = []
-    eval_steps, test_curve, grab_trace = [], [], {name: [] for name in grabs}
-    ema = None
-    crossed = np.full(len(thresholds), np.nan)
-    status = "not_reached"
     X = y = None
     step = 0
-
-    def record_eval(at_step, te=None):
-        eval_steps.append(at_step)
-        test_curve.append(test_loss() if te is None else te)
-        if grabs:
-            for name, v in _grab_values(grabs, grab_model, X, y, X_te, y_te, opt, grab_kwargs).items():
-                grab_trace[name].append(v)
-
-    record_at_start = curves and eval_every > 0
     while step < max_iter:
         X, y = batch_fn(step)
-        if step == 0 and grabs and not record_at_start:  # with curves, record_eval(0) checks them just below
-            check_grabs(grabs, grab_model, X, y, X_te, y_te, opt, grab_kwargs)
-        if record_at_start and step % eval_every == 0:
-            record_eval(step)
+        if evals.due(step):
+            evals.record(step, X, y)
+        elif step == 0:
+            evals.check(X, y)
         out = model(X)
         loss = loss_fn(match_shapes(out, y), y)
         opt.zero_grad(set_to_none=True)
@@ -145,49 +235,18 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
         step += 1
         if len(pending) < sync_every and step < max_iter:
             continue
-        new = torch.stack(pending).float().cpu().numpy().astype(np.float64) if len(pending) > 1 \
-            else np.array([pending[0].item()])
+        new = read_losses(pending)
         pending.clear()
-        start = step - len(new)
-        if curves:
-            raw.extend(new.tolist())
-        if start == 0:
-            if relative:
-                thresholds = thresholds * new[0]
-            next_threshold = thresholds.max()  # the only threshold the EMA can cross first
-        if ema is None:
-            ema = new[0]
-        for k, v in enumerate(new):
-            if not math.isfinite(v):
-                status = "diverged"
-                break
-            ema = ema_smoother * ema + (1.0 - ema_smoother) * v
-            if ema < next_threshold:
-                crossed[np.isnan(crossed) & (ema < thresholds)] = start + k
-                next_threshold = np.max(thresholds[np.isnan(crossed)], initial=-np.inf)
-            if verbose:
-                print(f"step {start + k}: loss {v:.6g}, ema {ema:.6g}")
-        if status == "diverged":
+        if tracker.feed(new):
             break
-        if not np.isnan(crossed).any():
-            status = "done"
-            break
+    return evals.result(tracker, step, X, y)
 
-    steps_run = step
-    final_test = test_loss()
-    result = dict(status=status, steps=steps_run, thresholds=thresholds, timekeys=crossed,
-                  train_loss=float(ema) if ema is not None else float("nan"), test_loss=final_test)
-    if curves:
-        raw_arr = np.asarray(raw)
-        ema_curve, _ = ema_thresholds(raw_arr, thresholds, ema_smoother) if len(raw_arr) else (raw_arr, None)
-        if not eval_steps or eval_steps[-1] != steps_run:
-            record_eval(steps_run, final_test)
-        result.update(train_curve=ema_curve, train_raw=raw_arr, eval_steps=np.asarray(eval_steps),
-                      test_curve=np.asarray(test_curve))
-        result["grabs"] = {name: _stack(name, vals) for name, vals in grab_trace.items()}
-    else:
-        result["grabs"] = _grab_values(grabs, grab_model, X, y, X_te, y_te, opt, grab_kwargs) if grabs else {}
-    return result
+
+def read_losses(pending: list) -> np.ndarray:
+    """Scalar loss tensors (or rows of them) -> one float64 array on the host, in one device sync."""
+    if len(pending) == 1:
+        return np.atleast_1d(pending[0].detach().float().cpu().numpy().astype(np.float64))
+    return torch.stack(pending).float().cpu().numpy().astype(np.float64)
 
 
 def _stack(name, vals):

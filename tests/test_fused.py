@@ -1,0 +1,169 @@
+"""Fused trials: a group trained as one stacked model gives each job the record run_config gives it."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelscape.backend.fused import fuse_cap, fuse_key, member_bytes, run_group, train_fused, why_not_fusable
+from modelscape.backend.job import prepare_job, run_config
+from modelscape.config import canonicalize
+from modelscape.data import powerlaw_bfn
+
+BFN = dict(base_bfn=powerlaw_bfn, dim=8)
+RTOL = 1e-5
+
+
+def out_norm(model, trial, **kwargs):
+    """A grab that reads the member's own model (and a config value), along training."""
+    return torch.stack([model.output_layer.weight.norm(), model.input_layer.bias.sum() * (trial + 1)])
+
+
+def base(**kw):
+    c = dict(PARAMETERIZATION="mup", WIDTH=32, DEPTH=2, MAX_ITER=60, N_SAMPLES=64, N_TEST=128,
+             LOSS_CHECKPOINTS=[0.5, 0.3], EVAL_EVERY=20, ONLYTHRESHOLDS=False, otherreturns={"norms": out_norm})
+    c.update(kw)
+    return c
+
+
+def assert_same_record(ref, got, where):
+    assert set(ref) == set(got), (where, set(ref) ^ set(got))
+    for key in ref:
+        if key == "wall_time":
+            continue
+        a, b = ref[key], got[key]
+        if isinstance(a, dict):
+            assert_same_record(a, b, f"{where}.{key}")
+        elif isinstance(a, str) or a is None:
+            assert a == b, (where, key, a, b)
+        else:
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            assert a.shape == b.shape, (where, key, a.shape, b.shape)
+            np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=f"{where}.{key}")
+            np.testing.assert_array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)], err_msg=f"{where}.{key}")
+            np.testing.assert_allclose(b[np.isfinite(b)], a[np.isfinite(a)], rtol=RTOL, atol=0,
+                                       err_msg=f"{where}.{key}")
+
+
+# (LR, GAMMA, trial, PARAMETERIZATION, extra): early exits at different steps, one divergence (LR 50), one
+# member stopped by its own MAX_ITER, momentum and weight decay on one member.
+MEMBERS = [(0.05, 1.0, 0, "mup", {}), (0.2, 1.0, 1, "mup", {}), (0.5, 2.0, 0, "ntp", {}),
+           (50.0, 1.0, 2, "mup", {}), (0.1, 0.5, 3, "sp", dict(MOMENTUM=0.9, WEIGHT_DECAY=1e-3)),
+           (0.02, 1.0, 1, "mup", dict(MAX_ITER=17))]
+
+
+@pytest.mark.parametrize("online,sync", [(True, 1), (False, 4)])
+def test_fused_group_equals_one_by_one(online, sync):
+    jobs = [(base(LR=lr, GAMMA=g, PARAMETERIZATION=p, ONLINE=online, SYNC_EVERY=sync, **extra), {"trial": t, "LR": lr})
+            for lr, g, t, p, extra in MEMBERS]
+    ref = [run_config(c, BFN, axes=a, quiet=True) for c, a in jobs]
+    prepared = [prepare_job(c, BFN, axes=a, quiet=True) for c, a in jobs]
+    assert all(why_not_fusable(j) is None for j in prepared)
+    got = train_fused(prepared)
+    # the group really is what the test claims: exits at different steps, a divergence, a MAX_ITER stop
+    statuses = [r["status"] for r in ref]
+    assert statuses.count("diverged") == 1 and "not_reached" in statuses
+    assert len({r["steps"] for r in ref if r["status"] == "done"}) >= 3
+    for (c, a), r, f in zip(jobs, ref, got):
+        assert (f["status"], f["steps"]) == (r["status"], r["steps"]), a
+        np.testing.assert_array_equal(f["timekeys"], r["timekeys"])
+        assert_same_record(r, f, str(a))
+        assert f["grabs"]["norms"].shape == (len(r["eval_steps"]), 2)
+
+
+@pytest.mark.parametrize("opt", ["Adam", "AdamW"])
+def test_fused_adam_equals_one_by_one(opt):
+    jobs = [(base(OPTIMIZER=opt, LR=lr, GAMMA=g, WEIGHT_DECAY=wd, MAX_ITER=25, ONLYTHRESHOLDS=True,
+                  LOSS_CHECKPOINTS=[0.8]), {"trial": t})
+            for lr, g, t, wd in [(0.01, 1.0, 0, 0.0), (0.03, 2.0, 1, 0.1), (0.005, 0.5, 2, 0.0)]]
+    ref = [run_config(c, BFN, axes=a, quiet=True) for c, a in jobs]
+    got = run_group(jobs, BFN)
+    for (c, a), r, f in zip(jobs, ref, got):
+        assert_same_record(r, f, str(a))
+
+
+def test_a_failing_grab_fails_only_its_member():
+    def picky(model, trial, **kwargs):
+        if trial == 1:
+            raise ValueError("no grab for trial 1")
+        return model.output_layer.weight.norm()
+
+    jobs = [(base(ONLYTHRESHOLDS=True, MAX_ITER=15, otherreturns={"n": picky}), {"trial": t}) for t in range(3)]
+    got = run_group(jobs, BFN)
+    assert [r["status"] for r in got].count("failed") == 1
+    assert "no grab for trial 1" in got[1]["error"]
+    for (c, a), f in zip(jobs, got):
+        if a["trial"] != 1:
+            assert_same_record(run_config(c, BFN, axes=a, quiet=True), f, str(a))
+
+
+class Custom(nn.Module):
+    def __init__(self, d_in=8, width=16, d_out=1):
+        super().__init__()
+        self.a, self.b = nn.Linear(d_in, width), nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_unfusable_jobs_run_one_by_one_with_a_note(caplog):
+    plain = dict(ONLYTHRESHOLDS=True, MAX_ITER=10, otherreturns={})
+    jobs = [(base(MODEL=Custom, **plain), {"trial": t}) for t in range(2)]
+    jobs.append((base(OPTIMIZER="RMSprop", **plain), {"trial": 0}))
+    with caplog.at_level(logging.WARNING, logger="modelscape.backend.fused"):
+        got = run_group(jobs, BFN)
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 2 and any("Custom" in n for n in notes) and any("RMSprop" in n for n in notes)
+    for (c, a), f in zip(jobs, got):
+        ref = run_config(c, BFN, axes=a, quiet=True)
+        assert f["train_loss"] == ref["train_loss"] and f["test_loss"] == ref["test_loss"]  # the same code ran
+
+
+def test_fuse_key_ignores_numbers_only():
+    k = lambda **kw: fuse_key(canonicalize(base(**kw)))  # noqa: E731
+    assert k(LR=0.1, GAMMA=2.0, PARAMETERIZATION="sp", SEED=3) == k(LR=0.2)
+    assert k(WIDTH=64) != k() and k(N_SAMPLES=32) != k() and k(CENTER=False) != k()
+
+
+def test_fuse_cap_bounds_groups_on_cpu_and_by_free_gpu_memory(monkeypatch):
+    assert fuse_cap(1000, "cpu") == 64 and fuse_cap(8, "cpu") == 8 and fuse_cap(0, "cpu") == 1
+    job = prepare_job(base(), BFN, quiet=True)
+    need = member_bytes(job)
+    assert need >= 4 * 6 * sum(p.numel() for p in job.model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * need, 40 * need))
+    assert fuse_cap(64, "cuda:0", need) == 10 and fuse_cap(4, "cuda:0", need) == 4
+
+
+def test_sweep_fuses_and_stores_the_same_rows_as_one_by_one(tmp_path):
+    from modelscape.backend.cli import base_args
+    from modelscape.backend.job_iterator import main
+    from modelscape.backend.store import Store
+
+    g = vars(base_args())
+    g.update(base(MAX_ITER=40, ONLYTHRESHOLDS=True), FUSE_MAX=3)
+    axes, names = [[0.05, 0.2, 50.0], [0, 1]], ["LR", "trial"]
+    out = {}
+    for fuse in ("off", "auto"):
+        res = main(axes, names, dict(g, FUSE=fuse), BFN, executor="inprocess", store=str(tmp_path / fuse),
+                   progress=False)
+        st = Store(str(tmp_path / fuse))
+        out[fuse] = (res, {r["job_id"]: r for r in st.records()})
+        st.close()
+    (res_off, rows_off), (res_on, rows_on) = out["off"], out["auto"]
+    assert sorted(rows_off) == sorted(rows_on)  # the same job identities: FUSE changes no result
+    for job_id, r in rows_off.items():
+        assert r["config"].pop("FUSE") == "off" and rows_on[job_id]["config"].pop("FUSE") == "auto"
+        assert_same_record(r, rows_on[job_id], str(r["axes"]))
+    assert res_on.status_counts() == res_off.status_counts() and "diverged" in res_on.status_counts()
+
+
+def test_plan_units_groups_fusable_jobs_and_notes_the_rest(caplog):
+    from modelscape.backend.fused import plan_units
+    jobs = [(i, canonicalize(base(LR=0.1 * (i + 1), FUSE_MAX=3))) for i in range(7)]
+    jobs += [(7, canonicalize(base(WIDTH=64))), (8, canonicalize(base(FUSE="off")))]
+    jobs += [(9 + i, canonicalize(base(MODEL=Custom))) for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger="modelscape.backend.fused"):
+        units = plan_units(jobs)
+    assert units == [[0, 1], [2, 3], [4, 5, 6], [7], [8], [9], [10]]
+    assert len(caplog.records) == 1 and "2 job(s)" in caplog.records[0].getMessage()
