@@ -319,3 +319,36 @@ def test_a_callers_pool_interrupted_mid_sweep_stays_usable(tmp_path, monkeypatch
         assert sorted(attempts(d)) == [24], "a job of the interrupted sweep ran later"
     finally:
         pool.shutdown()
+
+
+def test_a_fused_group_of_n_jobs_gets_n_times_job_timeout():
+    """A unit of work holding n fused jobs may run n * JOB_TIMEOUT before its worker is killed (checked on the
+    pool's deadline logic with stand-in workers, so no process has to hang for it)."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from modelscape.backend.executors.base import JobSpec
+    from modelscape.backend.executors.pool import PoolExecutor
+
+    def worker(size, ran_for):
+        spec = JobSpec(0, {"WIDTH": 8}, {}, "ctx", ({}, {}), size=size)
+        killed = []
+        w = SimpleNamespace(job=(spec, Future()), started=time.monotonic() - ran_for, device="cpu",
+                            proc=SimpleNamespace(kill=lambda: killed.append(True)))
+        return w, killed
+
+    pool = PoolExecutor.__new__(PoolExecutor)  # the deadline logic alone: no worker processes
+    pool.job_timeout = 1.0
+    pool._replace = lambda w: None
+    group, group_killed = worker(size=3, ran_for=2.5)  # 2.5 s < 3 jobs x 1 s: still within its time
+    single, single_killed = worker(size=1, ran_for=1.5)  # 1.5 s > 1 s
+    pool._workers = [group, single]
+    finished = []
+    pool._enforce_timeout(finished)
+    assert group_killed == [] and group.job is not None
+    assert single_killed == [True] and single.job is None
+    record = finished[0].result()
+    assert record["status"] == "timeout" and "JOB_TIMEOUT=1" in record["error"]
+    group.started -= 1.0  # now 3.5 s: past 3 x 1 s
+    pool._enforce_timeout(finished)
+    assert group_killed == [True] and "fused group of 3 jobs" in finished[1].result()["error"]

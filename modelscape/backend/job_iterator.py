@@ -251,7 +251,8 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
         if len(unit) == 1:
             return JobSpec(unit[0], jobs[unit[0]][0], jobs[unit[0]][1], context_id, context)
         # a fused group travels as one job (modelscape.backend.fused)
-        return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context)
+        return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context,
+                       size=len(unit))
 
     # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
     units = plan_units([(i, jobs[i][2]) for i in todo])

@@ -45,6 +45,7 @@ class JobSpec:
     context_id: object  # unique per sweep (hashable)
     context: tuple = field(repr=False)  # (global_config, bfn_config)
     retries: int = 0  # CUDA out-of-memory retries so far
+    size: int = 1  # jobs in this unit of work (a fused group holds several); JOB_TIMEOUT scales with it
     crashes: list = field(default_factory=list)  # how each earlier attempt ended its worker (one line each)
 
 

@@ -318,13 +318,16 @@ class PoolExecutor(Executor):
         for w in list(self._workers):
             if w.job is None:
                 continue
-            left = w.started + self.job_timeout - now
+            size = w.job[0].size  # a fused group of n jobs gets n times a job's time
+            left = w.started + self.job_timeout * size - now
             if left > 0:
                 next_deadline = min(next_deadline, left)
                 continue
             w.proc.kill()
-            self._fail(w, "timeout", f"the job ran past JOB_TIMEOUT={self.job_timeout:g} s: its worker process "
-                       f"for {w.device} was killed after {now - w.started:.1f} s", finished)
+            what = "the job" if size == 1 else f"the fused group of {size} jobs"
+            self._fail(w, "timeout", f"{what} ran past JOB_TIMEOUT={self.job_timeout:g} s"
+                       + ("" if size == 1 else " per job") + f": its worker process for {w.device} was killed after "
+                       f"{now - w.started:.1f} s", finished)
             self._replace(w)
         return next_deadline
 
