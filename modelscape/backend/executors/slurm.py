@@ -162,9 +162,10 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
     directory = st.path.parent
     folder = cfg["SLURM_LOG_DIR"] or directory / "slurm" / "%j"
     held = _queued_jobs(st, submitit, folder)
-    if held.intersection(ids[i] for i in todo):
+    live = [i for i in todo if ids[i] in held]
+    if live:
         todo = [i for i in todo if ids[i] not in held]
-        print(f"modelscape: {len(held)} jobs are in array tasks still queued or running; not submitting them "
+        print(f"modelscape: {len(live)} jobs are in array tasks still queued or running; not submitting them "
               "again", file=sys.stderr)
     if not todo:
         print(f"modelscape: every job of this sweep is stored or in a live array task ({directory}); nothing "
