@@ -133,8 +133,9 @@ def test_rerun_while_the_array_is_live_submits_nothing_twice(tmp_path, capsys):
         assert len(st.claims()) == 6 and st.live_claims() == []  # held by array tasks, judged by the scheduler
     (tmp_path / "log.go").touch()
     wait_for(lambda: done_count(d) == 6, "six stored jobs")
-    wait_for(lambda: all(not slurm._pid_running(int(p.name.split("_")[0]))
-                         for p in (d / "slurm").glob("*_submitted.pkl")), "the array tasks to exit", 60)
+    pids = [int(p.name.split("_")[0]) for p in (d / "slurm").glob("*/*_submitted.pkl")]  # local job id = pid
+    assert len(pids) == 2  # one array of two tasks
+    wait_for(lambda: not any(map(slurm._pid_running, pids)), "the array tasks to exit", 60)
     res = sweep(tmp_path)  # after completion: nothing is submitted, every job comes from the store
     assert "nothing to submit" in capsys.readouterr().err
     assert len(res.records) == 6
