@@ -122,3 +122,27 @@ def test_sbatch_parameters_map_keys_to_options():
         slurm.sbatch_parameters(cfg | {"SLURM_EXTRA": ["constraint=a100"]})
     assert slurm.split(list(range(5)), 2) == [[0, 2, 4], [1, 3]]
     assert slurm.split([7], 8) == [[7]]
+
+
+def test_rerun_while_the_array_is_live_submits_nothing_twice(tmp_path, capsys):
+    d = tmp_path / "expt"
+    sweep(tmp_path, DETACH=True)  # job (24, 0) waits for log.go, so the array is live while we re-run
+    sweep(tmp_path, DETACH=True)  # the same command at once: its jobs are queued or running in that array
+    assert "nothing to submit" in capsys.readouterr().err
+    with Store(d / "results.db", readonly=True) as st:
+        assert len(st.claims()) == 6 and st.live_claims() == []  # held by array tasks, judged by the scheduler
+    (tmp_path / "log.go").touch()
+    wait_for(lambda: done_count(d) == 6, "six stored jobs")
+    pids = [int(p.name.split("_")[0]) for p in (d / "slurm").glob("*/*_submitted.pkl")]  # local job id = pid
+    assert len(pids) == 2  # one array of two tasks
+    wait_for(lambda: not any(map(slurm._pid_running, pids)), "the array tasks to exit", 60)
+    res = sweep(tmp_path)  # after completion: nothing is submitted, every job comes from the store
+    assert "nothing to submit" in capsys.readouterr().err
+    assert len(res.records) == 6
+    # The batch function is built more than once per run of a job, always in the process running it: a job
+    # submitted twice would show up in two processes.
+    runs = {(e["WIDTH"], e["trial"], e["pid"]) for e in read_log(tmp_path / "log")}
+    assert sorted((w, t) for w, t, _ in runs) == sorted((w, t) for w in WIDTHS for t in TRIALS)
+    assert len(list(d.glob("shard-*.db"))) == 2  # one array, two shards
+    with Store(d / "results.db", readonly=True) as st:
+        assert st.claims() == []  # the ended tasks' claims are released

@@ -134,6 +134,9 @@ class StoreError(Exception):
 DEFAULT_STALE_AFTER = 30.0  # seconds without a heartbeat after which a driver's claims may be taken over
 _CLAIM_COLS = "job_id, driver, host, pid, started, claimed, heartbeat"
 _ACTIVE_DRIVERS: set = set()  # ids of the drivers running in this process
+# The host of claims that a scheduler's queued or running array task holds (EXECUTOR=slurm). No machine is
+# named so; such a claim is not live here: only the scheduler knows whether its task is (``executors.slurm``).
+SCHEDULER_HOST = "<slurm>"
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def _pid_alive(pid: int) -> bool:
 def _claim_live(claim: dict, now: float, stale_after: float) -> bool:
     """Whether the driver that holds ``claim`` is alive: its heartbeat is recent and, on this host, its pid
     exists (this process: the driver is still registered)."""
-    if now - claim["heartbeat"] > stale_after:
+    if claim["host"] == SCHEDULER_HOST or now - claim["heartbeat"] > stale_after:
         return False
     if claim["host"] == socket.gethostname():
         if claim["pid"] == os.getpid():
@@ -982,15 +985,20 @@ class Store:
                 conn.executemany("DELETE FROM claims WHERE job_id = ? AND driver = ?",
                                  [(str(j), driver.id) for j in job_ids])
 
-    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
-        """The claims of drivers that are alive (see ``claim``): job_id, driver, host, pid, started, claimed,
-        heartbeat. Empty for a schema-1 store opened read-only."""
+    def claims(self) -> list[dict]:
+        """Every claim, live or not: job_id, driver, host, pid, started, claimed, heartbeat. Empty for a
+        schema-1 store opened read-only."""
         with self._guard("reading claims") as conn:
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'claims'").fetchone():
                 return []
             rows = conn.execute(f"SELECT {_CLAIM_COLS} FROM claims ORDER BY claimed").fetchall()
+        return [_claim_dict(row) for row in rows]
+
+    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
+        """The claims of drivers that are alive (see ``claim``): job_id, driver, host, pid, started, claimed,
+        heartbeat. Empty for a schema-1 store opened read-only."""
         now = time.time()
-        return [c for c in map(_claim_dict, rows) if _claim_live(c, now, stale_after)]
+        return [c for c in self.claims() if _claim_live(c, now, stale_after)]
 
     # --- reading ---
     def statuses(self) -> dict:

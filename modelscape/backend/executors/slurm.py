@@ -6,7 +6,10 @@ task runs the ordinary local engine (``job_iterator.run_jobs`` on a pool over it
 over its shard and writes its records to its own file, ``shard-<run>-<k>.db``, beside the store's
 ``results.db``: one writer per SQLite file, so no SQLite file is written from two machines over a network
 file system. Readers (``load``, ``modelscape ls/show/export``, resume) see the directory as one store
-(``StoreUnion``), so re-running the same command submits only the jobs still missing. A task that Slurm
+(``StoreUnion``). The driver records in ``results.db`` a claim per submitted job, held by its array task
+(host ``SCHEDULER_HOST``); a re-run asks the scheduler whether that task is still queued or running and
+skips its jobs if so, so re-running the same command submits only the jobs neither stored nor in a live
+task (a task that finished, failed or was cancelled gives its unstored jobs back). A task that Slurm
 preempts or times out is requeued by submitit (``checkpoint``) and skips the jobs its file already holds: it
 loses only the jobs it was running.
 
@@ -26,6 +29,13 @@ from pathlib import Path
 
 from modelscape.backend.executors.optional import require
 from modelscape.config import ConfigError
+
+# Slurm states (sacct) of a task that may still run its jobs; PREEMPTED and TIMEOUT tasks are requeued
+# (``ShardTask.checkpoint``) and show as PENDING / REQUEUED again.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+# sacct may not list a task in the first moments after sbatch: an UNKNOWN task this young counts as queued.
+UNKNOWN_GRACE = 300.0
 
 # The submitit cluster the array goes to. "local" runs the array tasks as processes on this machine, which
 # is how the tests (and a dry run before going to a cluster) exercise this path without Slurm.
@@ -91,6 +101,56 @@ class ShardTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
+def _pid_running(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (a zombie, dead but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill(0)
+
+
+def _task_live(submitit, folder, task_id: str, claimed: float) -> bool:
+    """Whether the array task ``task_id`` is still queued or running: it has no result file (submitit writes
+    one when a task returns or raises) and the scheduler still holds it."""
+    if CLUSTER == "local":  # the local executor's job id is the pid of the task's process
+        job = submitit.local.local.LocalJob(folder, task_id)
+        return not job.paths.result_pickle.exists() and _pid_running(int(task_id))
+    job = submitit.SlurmJob(folder, task_id)
+    if job.paths.result_pickle.exists():
+        return False
+    state = job.state.split()[0]  # e.g. "CANCELLED by 1234"
+    return state in ACTIVE_STATES or (state == "UNKNOWN" and time.time() - claimed < UNKNOWN_GRACE)
+
+
+def _task_driver(task_id: str):
+    """The claimant, in results.db, of the jobs submitted to array task ``task_id``."""
+    from modelscape.backend.store import SCHEDULER_HOST, Driver
+    return Driver(f"slurm:{task_id}", SCHEDULER_HOST, 0, 0.0)
+
+
+def _queued_jobs(st, submitit, folder) -> set:
+    """Ids of the jobs held by array tasks still queued or running; the claims of tasks that ended are
+    released (their unstored jobs are missing again)."""
+    from modelscape.backend.store import SCHEDULER_HOST
+    tasks = {}
+    for c in st.claims():
+        if c["host"] == SCHEDULER_HOST:
+            tasks.setdefault(c["driver"].split(":", 1)[1], []).append(c)
+    held = set()
+    for task_id, claims in tasks.items():
+        if _task_live(submitit, folder, task_id, min(c["claimed"] for c in claims)):
+            held.update(c["job_id"] for c in claims)
+        else:
+            st.release(_task_driver(task_id))
+    return held
+
+
 def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
     """Submit the jobs ``todo`` of a sweep as a Slurm array. With ``DETACH`` return at once (``{}``); else wait
     for the array and return ``{job id: record}`` of the jobs it stored."""
@@ -100,17 +160,29 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
         raise ConfigError(f"EXECUTOR='slurm' needs a store directory (RESULTS_DIR/EXPT_NAME, holding {DB_NAME}) "
                           "for its array tasks to write their shard files in")
     directory = st.path.parent
+    folder = cfg["SLURM_LOG_DIR"] or directory / "slurm" / "%j"
+    held = _queued_jobs(st, submitit, folder)
+    live = [i for i in todo if ids[i] in held]
+    if live:
+        todo = [i for i in todo if ids[i] not in held]
+        print(f"modelscape: {len(live)} jobs are in array tasks still queued or running; not submitting them "
+              "again", file=sys.stderr)
     if not todo:
-        print(f"modelscape: every job of this sweep is stored in {directory}; nothing to submit", file=sys.stderr)
+        print(f"modelscape: every job of this sweep is stored or in a live array task ({directory}); nothing "
+              "to submit", file=sys.stderr)
         return {}
     run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     tasks = [ShardTask([jobs[i] for i in shard], [ids[i] for i in shard], [codes[i] for i in shard], context, cfg,
                        shard_path(directory, f"{run}-{k}"))
              for k, shard in enumerate(split(todo, cfg["SLURM_SHARDS"]))]
-    executor = submitit.AutoExecutor(folder=cfg["SLURM_LOG_DIR"] or directory / "slurm" / "%j", cluster=CLUSTER)
+    executor = submitit.AutoExecutor(folder=folder, cluster=CLUSTER)
     executor.update_parameters(**sbatch_parameters(cfg))
     with executor.batch():
         submitted = [executor.submit(task) for task in tasks]
+    for job, task in zip(submitted, tasks):  # a re-run leaves these jobs to this task while it is live
+        driver = _task_driver(job.job_id)
+        for job_id in task.ids:
+            st.claim(job_id, driver)
     array = submitted[0].job_id.split("_")[0]
     print(f"modelscape: submitted {len(todo)} jobs as {len(tasks)} array tasks (Slurm job {array}); follow "
           f"them with `modelscape ls {directory}`", file=sys.stderr)
@@ -123,6 +195,8 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
             warnings.warn(f"array task {job.job_id} ended early ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); re-run the same "
                           "command to submit the jobs it did not store", stacklevel=3)
+    for job in submitted:
+        st.release(_task_driver(job.job_id))
     with StoreUnion(directory) as union:
         wanted = [ids[i] for i in todo]
         return {r["job_id"]: r for r in union.records(wanted)}
