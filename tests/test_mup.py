@@ -18,13 +18,7 @@ PARAMS = ("ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 D_IN, D_OUT = 16, 8
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # Small matrices: extra threads only add overhead (and the suite runs on 2 cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def mlp(width, seed=0, depth=2, d_in=D_IN, d_out=D_OUT):

@@ -16,12 +16,7 @@ V, T = 16, 8  # vocabulary and sequence length of the test language
 CE = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def gpt(width, depth=2, seed=0):

@@ -25,13 +25,7 @@ TINY = dict(PARAMETERIZATION="sp", N_TEST=16, N_SAMPLES=8, MAX_ITER=20, LOSS_CHE
             DETERMINISTIC=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def run(cfg, bfn, store, iters=([8, 16],), names=("WIDTH",), **kw):
