@@ -33,7 +33,7 @@ from torch import nn
 
 from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
     run_config_safe, train_prepared
-from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, read_losses
+from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, observers_wanting, read_losses
 from modelscape import model as original_model
 from modelscape.models import MLP
 
@@ -121,6 +121,9 @@ def why_not_fusable(job: PreparedJob) -> str | None:
     for path, mod in model.named_modules():
         if mod._forward_pre_hooks or any(h is not _scale_output for h in mod._forward_hooks.values()):
             return f"module {path or '<model>'!r} has forward hooks other than muP's"
+    acting = [type(o).__name__ for o in job.observers if o.wants("before_step")]
+    if acting:  # between steps a member's weights live in the stack, not in its module
+        return f"{', '.join(acting)} acts on the model before steps"
     kind = _opt_kind(job.opt)
     if kind is None:
         return f"optimizer {type(job.opt).__name__} is not SGD, Adam or AdamW"
@@ -310,6 +313,8 @@ class _Member:
                                  opt=job.opt, grab_kwargs=lk["grab_kwargs"])
         self.max_iter = int(lk["max_iter"])
         self.unread: list[np.ndarray] = []  # losses read back from the device, not yet fed to the tracker
+        self.after_sync = observers_wanting(job.observers, "after_sync")
+        self.at_end = observers_wanting(job.observers, "at_end")
         self.X = self.y = None
 
 
@@ -405,7 +410,13 @@ def train_fused(jobs: list) -> list:
             m = members[i]
             new = np.concatenate(m.unread)
             m.unread.clear()
-            if m.tracker.feed(new) or step >= m.max_iter:
+            stop = m.tracker.feed(new)
+            try:
+                for fn in m.after_sync:
+                    fn(step, m.tracker, m.evals)
+            except Exception as e:
+                fail(i, e)
+            if stop or step >= m.max_iter:
                 leaving.append(r)
         leaving += [r for r, i in enumerate(active) if records[i] is not None and r not in leaving]  # failed
         if not leaving:
@@ -418,6 +429,8 @@ def train_fused(jobs: list) -> list:
             m = members[i]
             try:
                 out_i = m.evals.result(m.tracker, step, m.X, m.y)
+                for fn in m.at_end:
+                    fn(out_i, m.job.model, m.job.opt)
                 # wall time: this member's share of the group's time so far
                 records[i] = finish_record(m.job, out_i, (time.perf_counter() - t0) / len(jobs))
             except Exception as e:

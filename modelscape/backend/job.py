@@ -6,7 +6,7 @@ import os
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from modelscape import mup
 from modelscape.config import BY_NAME, SILENT_ALIASES, ConfigError, canonicalize, check_job_config, signature_names
 from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
 from modelscape.models import BUILTIN_MODELS, Centered
+from modelscape.backend.observers import job_observers
 from modelscape.backend.trainloop import GRAB_ARGS, train_loop
 from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
 
@@ -190,6 +191,7 @@ class PreparedJob:
     y_te: object
     loop_kwargs: dict
     t0: float
+    observers: list = field(default_factory=list)  # LoopObservers: live progress, TensorBoard, checkpoints, hooks
 
 
 def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
@@ -286,8 +288,10 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
                        only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
                        grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
                        verbose=cfg["VERBOSE"])
-    return PreparedJob(cfg, axes, device, trial, base_seed, model, net, opt, loss_fn, batch_fn, X_tr, y_tr, X_te,
-                       y_te, loop_kwargs, t0)
+    job = PreparedJob(cfg, axes, device, trial, base_seed, model, net, opt, loss_fn, batch_fn, X_tr, y_tr, X_te,
+                      y_te, loop_kwargs, t0)
+    job.observers = job_observers(job)
+    return job
 
 
 def finish_record(job: PreparedJob, out: dict, wall_time: float | None = None) -> dict:
@@ -299,7 +303,7 @@ def finish_record(job: PreparedJob, out: dict, wall_time: float | None = None) -
 
 def train_prepared(job: PreparedJob) -> dict:
     """Train a prepared job with ``train_loop`` and return its result record."""
-    out = train_loop(job.net, job.batch_fn, job.opt, job.loss_fn, **job.loop_kwargs)
+    out = train_loop(job.net, job.batch_fn, job.opt, job.loss_fn, observers=job.observers, **job.loop_kwargs)
     return finish_record(job, out)
 
 

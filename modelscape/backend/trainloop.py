@@ -194,11 +194,45 @@ class Evaluations:
         return result
 
 
+class LoopObserver:
+    """Something that watches (or acts on) one job's step loop: live progress, TensorBoard, checkpoints, hooks.
+
+    Subclasses override what they need; the loop calls only what an observer overrides (``wants``), so an
+    observer costs nothing at the points it ignores. Called by ``train_loop`` and, per member, by the fused
+    trainer (which calls only ``after_sync`` and ``at_end``: a job with an observer that overrides
+    ``before_step`` is not fused, since a member's model does not exist as a module between steps).
+
+    - ``before_step(step, model, opt)``: ``model`` has had ``step`` updates; batch ``step`` is about to be used.
+      ``model`` is the user's model (not the centered wrapper). Runs every step: keep it cheap when idle.
+    - ``after_sync(step, tracker, evals)``: the losses of steps ``< step`` have just been fed to ``tracker``
+      (a ``LossTracker``); ``evals`` (``Evaluations``) holds the test losses and grabs recorded so far.
+    - ``at_end(record, model, opt)``: the job's result record (``train_loop``'s dict), the trained model.
+    """
+
+    def before_step(self, step: int, model, opt) -> None:
+        pass
+
+    def after_sync(self, step: int, tracker: "LossTracker", evals: "Evaluations") -> None:
+        pass
+
+    def at_end(self, record: dict, model, opt) -> None:
+        pass
+
+    def wants(self, method: str) -> bool:
+        """Whether this observer overrides ``method`` (so the loop must call it)."""
+        return getattr(type(self), method) is not getattr(LoopObserver, method)
+
+
+def observers_wanting(observers, method: str) -> list:
+    """The bound ``method`` of each observer that overrides it."""
+    return [getattr(o, method) for o in observers or () if o.wants(method)]
+
+
 def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
                 max_iter: int, thresholds, relative: bool = False, ema_smoother: float = 0.9,
                 X_te=None, y_te=None, only_thresholds: bool = True, eval_every: int = 100,
                 sync_every: int = 1, grabs: dict | None = None, grab_kwargs: dict | None = None,
-                grab_model: torch.nn.Module | None = None, verbose: bool = False) -> dict:
+                grab_model: torch.nn.Module | None = None, verbose: bool = False, observers=()) -> dict:
     """Train ``model`` with ``batch_fn(step) -> (X, y)`` until the EMA train loss is below every threshold.
 
     Step ``i`` computes the loss of the model after ``i`` updates on batch ``i``, then updates. ``timekeys[j]``
@@ -212,15 +246,21 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     Returns a dict: status, steps, thresholds, timekeys, train_loss (final EMA), test_loss (final model),
     and unless ``only_thresholds``: train_curve (EMA per step), train_raw (loss per step), eval_steps,
     test_curve; grabs: ``{name: value}`` at the end, or stacked over ``eval_steps`` along the curve.
+
+    ``observers`` (``LoopObserver``) are called before each step, after each loss read-back and at the end.
     """
     sync_every = max(1, int(sync_every))
     tracker = LossTracker(thresholds, relative, ema_smoother, keep_raw=not only_thresholds, verbose=verbose)
     evals = Evaluations(model, loss_fn, X_te, y_te, curves=not only_thresholds, eval_every=eval_every,
                         grabs=grabs, grab_model=grab_model, opt=opt, grab_kwargs=grab_kwargs)
+    user_model = model if grab_model is None else grab_model
+    before, after, at_end = (observers_wanting(observers, m) for m in ("before_step", "after_sync", "at_end"))
     pending: list[torch.Tensor] = []
     X = y = None
     step = 0
     while step < max_iter:
+        for fn in before:
+            fn(step, user_model, opt)
         X, y = batch_fn(step)
         if evals.due(step):
             evals.record(step, X, y)
@@ -237,9 +277,15 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
             continue
         new = read_losses(pending)
         pending.clear()
-        if tracker.feed(new):
+        stop = tracker.feed(new)
+        for fn in after:
+            fn(step, tracker, evals)
+        if stop:
             break
-    return evals.result(tracker, step, X, y)
+    result = evals.result(tracker, step, X, y)
+    for fn in at_end:
+        fn(result, user_model, opt)
+    return result
 
 
 def read_losses(pending: list) -> np.ndarray:
