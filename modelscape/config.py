@@ -129,6 +129,9 @@ SCHEMA: tuple[HP, ...] = (
     HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
        "a CPU).", group="execution", range="[1, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
+    HP("JOB_ID", str, "", "Set by the engine, not by users: the job's id in its store, which files its "
+       "checkpoints, TensorBoard run and live progress ('' outside a sweep with a store).", cli=False,
+       group="results"),
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),

@@ -247,12 +247,15 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
     context_id = uuid.uuid4().hex
 
+    def overrides(i):  # the worker learns the job's store id: its checkpoints and live progress are filed by it
+        return {**jobs[i][1], "JOB_ID": ids[i] or ""}
+
     def spec_of(unit):
         if len(unit) == 1:
-            return JobSpec(unit[0], jobs[unit[0]][0], jobs[unit[0]][1], context_id, context)
+            return JobSpec(unit[0], jobs[unit[0]][0], overrides(unit[0]), context_id, context)
         # a fused group travels as one job (modelscape.backend.fused)
-        return JobSpec(unit[0], {}, group_overrides([jobs[i][:2] for i in unit]), context_id, context,
-                       size=len(unit))
+        return JobSpec(unit[0], {}, group_overrides([(jobs[i][0], overrides(i)) for i in unit]), context_id,
+                       context, size=len(unit))
 
     # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
     units = plan_units([(i, jobs[i][2]) for i in todo])
