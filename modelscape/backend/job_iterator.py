@@ -16,6 +16,7 @@ from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check
 from modelscape.backend.executors import JobSpec, make_executor
 from modelscape.backend.fused import group_overrides, plan_units, split_records
 from modelscape.backend.job import consumers
+from modelscape.backend.tensorboard import start_sweep as start_tensorboard
 from modelscape.results import SweepResults, axis_label
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
@@ -174,6 +175,7 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
             jobs.append((axes, overrides, cfg))
 
     check_names(jobs)
+    start_tensorboard(jobs)  # TENSORBOARD=True: tensorboard installed, the experiment's hparams summary written
     if resume is None:
         resume = base["RESUME"]
     st, own_store = _open_store(store, base)

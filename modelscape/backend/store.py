@@ -62,7 +62,8 @@ NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVI
                              "RESUME", "CLAIM_TIMEOUT", "THREADS", "JOB_TIMEOUT", "RETRY_FAILED", "RAY_ADDRESS",
                              "SLURM_PARTITION", "SLURM_TIME", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK",
                              "SLURM_MEM", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_EXTRA", "SLURM_SHARDS",
-                             "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID"})
+                             "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID",
+                             "TENSORBOARD"})
 
 # crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
 STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
