@@ -1,4 +1,4 @@
-"""Ray and submitit are optional: importing modelscape never imports them, and asking for a backend whose
+"""Ray, submitit and tensorboard are optional: importing modelscape never imports them, and asking for a backend whose
 package is missing is a one-line ConfigError naming the extra to install."""
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from modelscape.config import ConfigError
 
 def test_importing_modelscape_needs_neither():
     code = ("import sys, modelscape, modelscape.backend.job_iterator, modelscape.backend.executors, modelscape.cli; "
-            "print(sorted(m for m in ('ray', 'submitit') if m in sys.modules))")
+            "print(sorted(m for m in ('ray', 'submitit', 'tensorboard') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -1,7 +1,7 @@
-"""TENSORBOARD=True: each job's run, read back with tensorboard's own reader, holds the record's numbers."""
+"""TENSORBOARD=True: each job's run, read back with tensorboard's own reader, holds the record's numbers (that importing
+modelscape does not import tensorboard is checked in test_optional_backends.py)."""
 import glob
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -194,7 +194,11 @@ def test_missing_tensorboard_is_one_config_error_before_any_job(tmp_path, monkey
     main([[0.1]], ["LR"], dict(cfg, TENSORBOARD=False, MAX_ITER=2), BFN, executor="inprocess", progress=False)
 
 
-def test_importing_modelscape_does_not_import_tensorboard():
-    code = ("import sys, modelscape, modelscape.backend.job_iterator, modelscape.backend.job, modelscape.cli; "
-            "assert 'tensorboard' not in sys.modules, 'tensorboard imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_long_jobs_write_every_kth_step_and_the_last(tmp_path, one_torch_thread, monkeypatch):
+    monkeypatch.setattr(tb, "MAX_POINTS", 10)
+    cfg = config(tmp_path, MAX_ITER=35, EVAL_EVERY=0, LOSS_CHECKPOINTS=[-1.0], otherreturns={})
+    record = run_config(cfg, BFN, axes={"trial": 0})
+    (directory,) = glob.glob(os.path.join(str(tmp_path), "tb", "tensorboard", "trial=0,id=*"))
+    ema = read_run(directory)[0]["train/loss_ema"]
+    assert sorted(ema) == list(range(0, 35, 4)) + [34]  # every ceil(35 / 10)-th step, and the last
+    np.testing.assert_array_equal(f32([ema[s] for s in sorted(ema)]), f32(record["train_curve"][sorted(ema)]))

@@ -31,7 +31,7 @@ from modelscape.backend.trainloop import LoopObserver, ema_thresholds
 from modelscape.utils import qualname
 
 FLUSH_SECS = 5.0  # at most one write every this many seconds while a job trains (TensorBoard reloads every 5 s)
-MAX_POINTS = 2000  # train-loss points per run: longer jobs write every k-th step (TensorBoard shows 1000 anyway)
+MAX_POINTS = 1000  # train-loss points per run: longer jobs write every k-th step (TensorBoard shows 1000)
 MAX_NAME = 150  # characters of axis values in a run's name
 # The hyperparameters every run lists besides its axes (those a config holds as numbers, strings or bools).
 HPARAM_KEYS = ("WIDTH", "DEPTH", "LR", "GAMMA", "N_SAMPLES", "PARAMETERIZATION", "MODEL", "OPTIMIZER", "LOSS",
