@@ -132,11 +132,11 @@ SCHEMA: tuple[HP, ...] = (
     HP("JOB_ID", str, "", "Set by the engine, not by users: the job's id in its store, which files its "
        "checkpoints, TensorBoard run and live progress ('' outside a sweep with a store).", cli=False,
        group="results"),
+    HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
+       group="results"),
     HP("TENSORBOARD", bool, False, "Write each job as a TensorBoard run under RESULTS_DIR/EXPT_NAME/tensorboard: "
        "train and test loss, grabs, and its hyperparameters and final metrics for the HPARAMS tab (pip install "
        "modelscape[tensorboard]); open with `tensorboard --logdir RESULTS_DIR/EXPT_NAME`.", group="results"),
-    HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
-       group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
     HP("RETRY_FAILED", bool, False, "On resume, also re-run the jobs stored as `crashed` (killed their worker "
        "twice) or `timeout`; `failed` jobs are always re-run.", group="results"),

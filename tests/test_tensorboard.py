@@ -6,7 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 from modelscape.backend import fused, tensorboard as tb
 from modelscape.backend.job import prepare_job, run_config, train_prepared
@@ -14,10 +15,6 @@ from modelscape.backend.job_iterator import main
 from modelscape.backend.trainloop import LoopObserver
 from modelscape.config import ConfigError
 from modelscape.data import powerlaw_bfn
-
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2  # noqa: E402
 
 BFN = dict(base_bfn=powerlaw_bfn, dim=8)
 
