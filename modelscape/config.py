@@ -148,10 +148,11 @@ SCHEMA: tuple[HP, ...] = (
     HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
        "a CPU).", group="execution", range="[1, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
-    HP("CHECKPOINTS", str, [], "Save the model's weights at these steps (the model after that many updates), "
-       "at `thresholds` (the model at each timekey) and/or at the `final` step, in RESULTS_DIR/EXPT_NAME/"
-       "checkpoints (safetensors); `res.checkpoint(...)` loads them. Not part of a job's identity: a stored job "
-       "that lacks a requested checkpoint is trained again.", is_list=True, group="results", item=checkpoint_item),
+    HP("CHECKPOINTS", str, [], "Save the model's weights at these step numbers (the model after that many "
+       "updates), at `thresholds` (the model at each timekey) and/or at the `final` step, in RESULTS_DIR/"
+       "EXPT_NAME/checkpoints (safetensors); `res.checkpoint(...)` loads them. Not part of a job's identity: a "
+       "stored job that lacks a requested checkpoint is trained again.", is_list=True, group="results",
+       item=checkpoint_item),
     HP("CHECKPOINT_OPTIMIZER", bool, False, "With CHECKPOINTS, also save the optimizer's state beside each "
        "checkpoint (so training can continue from it).", group="results"),
     HP("JOB_ID", str, "", "Set by the engine, not by users: the job's id in its store, which files its "
