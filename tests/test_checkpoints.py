@@ -215,3 +215,25 @@ def test_errors_name_the_key_the_job_and_what_exists(tmp_path):
     (tmp_path / "expt" / res.records[0]["checkpoints"][0]["file"]).unlink()
     with pytest.raises(FileNotFoundError, match="step-0.safetensors is missing"):
         res.checkpoint(LR=0.05, step=0)
+
+
+def test_the_command_line_takes_steps_and_words():
+    from modelscape.backend.cli import parse_args
+    from modelscape.config import canonicalize
+    args = parse_args(["--CHECKPOINTS", "0", "5e2", "thresholds", "final", "--CHECKPOINT_OPTIMIZER", "true"])
+    cfg = canonicalize(vars(args))
+    assert cfg["CHECKPOINTS"] == [0, 500, "thresholds", "final"] and cfg["CHECKPOINT_OPTIMIZER"] is True
+    assert checkpoints.plan(cfg) == ([0, 500], True, True)
+
+
+def test_a_record_from_a_shard_file_finds_its_checkpoints(tmp_path):
+    """A Slurm array task writes its records to shard-*.db beside results.db, and its checkpoints beside both."""
+    from modelscape.backend.store import Store, shard_path
+    expt = tmp_path / "expt"
+    res = main([[0.05], [0]], ["LR", "trial"], dict(TINY, CHECKPOINTS=["final"]), BFN, executor="inprocess",
+               store=shard_path(expt, "task0"), progress=False)
+    assert not (expt / "results.db").exists() and (expt / "checkpoints").is_dir()
+    with Store(expt) as st:  # the driver's file records the sweep; the job's row lives in the shard file
+        st.begin_sweep(["LR", "trial"], [[0.05], [0]], [res.records[0]["job_id"]])
+    loaded = modelscape.load(expt)
+    assert torch.equal(out(loaded.checkpoint(LR=0.05, step="final")), out(res.checkpoint(LR=0.05, step="final")))
