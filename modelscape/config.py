@@ -32,6 +32,9 @@ class HP:
     item: Callable | None = None  # parses one value of a key whose values are not all of one type
 
 
+CHECKPOINT_WORDS = ("thresholds", "final")
+
+
 def checkpoint_item(v: Any):
     """One entry of CHECKPOINTS: a step number (an int >= 0; '500' and 5e2 read as 500), 'thresholds' or 'final'."""
     if isinstance(v, str) and v.strip().lower() in CHECKPOINT_WORDS:
@@ -45,9 +48,6 @@ def checkpoint_item(v: Any):
     if step < 0:
         raise ValueError("a step is >= 0")
     return step
-
-
-CHECKPOINT_WORDS = ("thresholds", "final")
 
 
 PARAMETERIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
