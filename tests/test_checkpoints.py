@@ -121,21 +121,44 @@ def test_the_optimizer_state_lets_training_continue_as_it_went(tmp_path, optimiz
     np.testing.assert_allclose(losses, raw[6:10], rtol=1e-6)
 
 
+MODEL_SOURCE = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, d_in, d_out, WIDTH):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, WIDTH), nn.Tanh(), nn.Linear(WIDTH, d_out))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
 def test_a_fresh_process_loads_a_checkpoint_from_the_store(tmp_path):
     res = sweep(tmp_path, lrs=(0.05, 0.1), CHECKPOINTS=["final"])
+    # a class from MODEL_FILE: its module cannot be imported by name in another process, so it travels whole
+    (tmp_path / "net.py").write_text(MODEL_SOURCE)
+    from_file = main([[0.05], [0]], ["LR", "trial"], dict(TINY, CHECKPOINTS=[4], MODEL_FILE=str(tmp_path / "net.py"),
+                                                          MODEL_NAME="Net"),
+                     BFN, executor="inprocess", store=tmp_path / "expt2", progress=False)
     code = f"""
 import json, sys, torch
 import modelscape
-torch.manual_seed(0)
 probe = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-res = modelscape.load({str(tmp_path / 'expt')!r})
 with torch.no_grad():
-    print(json.dumps(res.checkpoint(LR=0.1, trial=0, step='final')(probe).tolist()))
+    a = modelscape.load({str(tmp_path / 'expt')!r}).checkpoint(LR=0.1, trial=0, step='final')(probe)
+    b = modelscape.load({str(tmp_path / 'expt2')!r}).checkpoint(step=4)(probe)
+print(json.dumps([a.tolist(), b.tolist()]))
 """
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path.parent)  # net.py is not importable from there
     assert got.returncode == 0, got.stderr
-    expected = out(res.checkpoint(LR=0.1, step="final"))
-    assert torch.equal(torch.tensor(json.loads(got.stdout)), expected)
+    a, b = json.loads(got.stdout)
+    assert torch.equal(torch.tensor(a), out(res.checkpoint(LR=0.1, step="final")))
+    model = from_file.checkpoint(step=4)
+    assert type(model.model).__name__ == "Net"
+    assert torch.equal(torch.tensor(b), out(model))
 
 
 def test_show_lists_checkpoints_and_their_size_and_the_sweep_prints_the_total(tmp_path, capsys):

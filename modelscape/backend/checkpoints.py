@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 from modelscape.backend.trainloop import LoopObserver
 from modelscape.config import ConfigError
+from modelscape.utils import USER_MODULE_PREFIX
 
 DIRNAME = "checkpoints"
 SKELETON = "model.pkl"
@@ -190,7 +192,16 @@ def skeleton_bytes(net, model, opt) -> bytes:
     memo[id(opt.state)] = defaultdict(dict)
     net_copy, opt_copy = copy.deepcopy((net, opt), memo)
     net_copy.to("cpu")
-    return cloudpickle.dumps({"format": FORMAT, "net": net_copy, "opt": opt_copy, "centered": net is not model})
+    # A class loaded from MODEL_FILE lives in a module no other process can import by name: pickle it whole.
+    from_files = {sys.modules[type(m).__module__] for m in net.modules()
+                  if type(m).__module__.startswith(USER_MODULE_PREFIX)}
+    for mod in from_files:
+        cloudpickle.register_pickle_by_value(mod)
+    try:
+        return cloudpickle.dumps({"format": FORMAT, "net": net_copy, "opt": opt_copy, "centered": net is not model})
+    finally:
+        for mod in from_files:
+            cloudpickle.unregister_pickle_by_value(mod)
 
 
 def flatten_model(state: dict) -> tuple[dict, dict]:
