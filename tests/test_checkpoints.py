@@ -260,3 +260,19 @@ def test_a_record_from_a_shard_file_finds_its_checkpoints(tmp_path):
         st.begin_sweep(["LR", "trial"], [[0.05], [0]], [res.records[0]["job_id"]])
     loaded = modelscape.load(expt)
     assert torch.equal(out(loaded.checkpoint(LR=0.05, step="final")), out(res.checkpoint(LR=0.05, step="final")))
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.out = torch.nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+    model = Tied()
+    tensors, meta = checkpoints.flatten_model(model.state_dict())
+    assert list(tensors) == ["emb.weight"] and meta["aliases"] == {"out.weight": "emb.weight"}
+    checkpoints.write_tensors(tmp_path / "t.safetensors", tensors, meta, {"step": 0})
+    back, meta = checkpoints.read_tensors(tmp_path / "t.safetensors")
+    assert meta["step"] == 0 and torch.equal(back["emb.weight"], model.emb.weight)

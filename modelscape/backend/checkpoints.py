@@ -190,15 +190,19 @@ def skeleton_bytes(net, model, opt) -> bytes:
     if isinstance(getattr(net, "_cache", None), list):  # Centered's f0 on the data: tensors of data
         memo[id(net._cache)] = []
     memo[id(opt.state)] = defaultdict(dict)
-    net_copy, opt_copy = copy.deepcopy((net, opt), memo)
-    net_copy.to("cpu")
     # A class loaded from MODEL_FILE lives in a module no other process can import by name: pickle it whole.
     from_files = {sys.modules[type(m).__module__] for m in net.modules()
                   if type(m).__module__.startswith(USER_MODULE_PREFIX)}
     for mod in from_files:
         cloudpickle.register_pickle_by_value(mod)
     try:
+        net_copy, opt_copy = copy.deepcopy((net, opt), memo)
+        net_copy.to("cpu")
         return cloudpickle.dumps({"format": FORMAT, "net": net_copy, "opt": opt_copy, "centered": net is not model})
+    except Exception as e:
+        raise RuntimeError(f"CHECKPOINTS: the built model ({type(model).__qualname__}) or its optimizer cannot be "
+                           f"copied and pickled, so its checkpoints could not be loaded back: {type(e).__name__}: "
+                           f"{e}") from e
     finally:
         for mod in from_files:
             cloudpickle.unregister_pickle_by_value(mod)
