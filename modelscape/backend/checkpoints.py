@@ -297,6 +297,9 @@ def load(record: dict, root, step=None, threshold=None, optimizer: bool = False,
     ``Centered`` wrapper (what was trained: ``.model`` minus ``.baseline``, the model at init).
     """
     entry = find_entry(record, step, threshold)
+    if optimizer and not entry.get("optimizer"):
+        raise ValueError(f"job {_axes(record)}: the checkpoint at {entry['label']} holds no optimizer state (the "
+                         "sweep ran without CHECKPOINT_OPTIMIZER)")
     root = Path(root)
     skeleton_path = root / Path(entry["file"]).parent / SKELETON
     net, opt, centered = _rebuild(skeleton_path, record)
@@ -308,9 +311,6 @@ def load(record: dict, root, step=None, threshold=None, optimizer: bool = False,
     net.to(device)
     if not optimizer:
         return net
-    if not entry.get("optimizer"):
-        raise ValueError(f"job {_axes(record)}: the checkpoint at {entry['label']} holds no optimizer state (the "
-                         "sweep ran without CHECKPOINT_OPTIMIZER)")
     opt.load_state_dict(unflatten_tree(*read_tensors(_existing(root / entry["optimizer"], record))))
     return net, opt
 
