@@ -205,7 +205,12 @@ def cmd_show(args) -> int:
     with StoreUnion(args.path) as st:
         sweep, names, rows = sweep_rows(st, args.sweep)
         meta = sweep_meta(st, sweep)
+        store_dir = st.path.parent
     footer = provenance_lines(meta, [r for _, r in rows])
+    with_ckpt = any(r and r.get("checkpoints") for _, r in rows)
+    if with_ckpt:  # imported only here: it imports torch, which `show` otherwise does without
+        from modelscape.backend import checkpoints
+        footer.append(checkpoints.disk_line(store_dir) or "")
     several_codes = len({json.dumps(r.get("code"), sort_keys=True) for _, r in rows if r and r.get("code")}) > 1
     conds = _parse_where(args.where, names)
     out, numeric_axis = [], {n: True for n in names}
@@ -222,14 +227,15 @@ def cmd_show(args) -> int:
         out.append([*[str(axes.get(n, "-")) for n in names], status, _fmt_timekeys(rec.get("timekeys")),
                     _fmt_num(rec.get("train_loss")), _fmt_num(rec.get("test_loss")), _fmt_num(rec.get("steps")),
                     f"{wall:.2f}s" if _is_number(wall) else "-", *([_code_cell(rec)] if several_codes else []),
+                    *([checkpoints.record_cell(rec)] if with_ckpt else []),
                     short_error(rec.get("error")) if status in NO_RESULT + ("damaged",) else ""])
     if not out:
         print("no jobs match" + (f" in sweep {sweep}" if sweep is not None else ""), file=sys.stderr)
         return 0
     header = [*names, "status", "timekeys", "train_loss", "test_loss", "steps", "wall_time",
-              *(["code"] if several_codes else []), "error"]
+              *(["code"] if several_codes else []), *(["checkpoints"] if with_ckpt else []), "error"]
     numeric = [numeric_axis[n] for n in names] + [False, False, True, True, True, True] + [False] * (
-        1 + several_codes)
+        1 + several_codes + with_ckpt)
     if not any(r[-1] for r in out):  # no failed job shown: drop the empty error column
         header, numeric, out = header[:-1], numeric[:-1], [r[:-1] for r in out]
     print_table(header, out, numeric)

@@ -29,6 +29,25 @@ class HP:
     cli: bool = True
     group: str = "training"
     range: str | None = None
+    item: Callable | None = None  # parses one value of a key whose values are not all of one type
+
+
+CHECKPOINT_WORDS = ("thresholds", "final")
+
+
+def checkpoint_item(v: Any):
+    """One entry of CHECKPOINTS: a step number (an int >= 0; '500' and 5e2 read as 500), 'thresholds' or 'final'."""
+    if isinstance(v, str) and v.strip().lower() in CHECKPOINT_WORDS:
+        return v.strip().lower()
+    if isinstance(v, bool):
+        raise ValueError("a bool is not a step")
+    try:
+        step = parse_int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"give step numbers, {' or '.join(map(repr, CHECKPOINT_WORDS))}") from None
+    if step < 0:
+        raise ValueError("a step is >= 0")
+    return step
 
 
 PARAMETERIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
@@ -129,6 +148,13 @@ SCHEMA: tuple[HP, ...] = (
     HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
        "a CPU).", group="execution", range="[1, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),
+    HP("CHECKPOINTS", str, [], "Save the model's weights at these step numbers (the model after that many "
+       "updates), at `thresholds` (the model at each timekey) and/or at the `final` step, in RESULTS_DIR/"
+       "EXPT_NAME/checkpoints (safetensors); `res.checkpoint(...)` loads them. Not part of a job's identity: a "
+       "stored job that lacks a requested checkpoint is trained again.", is_list=True, group="results",
+       item=checkpoint_item),
+    HP("CHECKPOINT_OPTIMIZER", bool, False, "With CHECKPOINTS, also save the optimizer's state beside each "
+       "checkpoint (so training can continue from it).", group="results"),
     HP("JOB_ID", str, "", "Set by the engine, not by users: the job's id in its store, which files its "
        "checkpoints, TensorBoard run and live progress ('' outside a sweep with a store).", cli=False,
        group="results"),
@@ -290,7 +316,7 @@ def _same(a, b) -> bool:
 def coerce(name: str, value: Any) -> Any:
     """Check and convert one value against the schema; ConfigError names the key and the value."""
     hp = BY_NAME[name]
-    if hp.type is str and not isinstance(value, str) and value is not None:
+    if hp.type is str and not isinstance(value, str) and value is not None and hp.item is None:
         return value  # a class or callable given directly (MODEL, OPTIMIZER, LOSS)
     if hp.type is dict:
         if not isinstance(value, dict):
@@ -329,6 +355,8 @@ def _scalar(hp: HP, v: Any) -> Any:
     try:
         if v is None and hp.default is None:
             return None
+        if hp.item is not None:
+            return hp.item(v)
         if hp.type is bool:
             return parse_bool(v)
         if hp.type in (int, float):

@@ -196,10 +196,11 @@ class SweepResults(Mapping):
 
     KEYS = ("jobs", "var_axes", "losses", "train_losses", "timekeys", "extras")
 
-    def __init__(self, axis_names, axis_values, records):
+    def __init__(self, axis_names, axis_values, records, store_dir=None):
         self.axis_names = list(axis_names)
         self.axis_values = [list(v) for v in axis_values]
         self.records = list(records)
+        self.store_dir = store_dir  # the experiment directory of the store the records come from, if any
         self._xr = None
 
     # --- the seed's dict ---------------------------------------------------------------------------
@@ -257,6 +258,37 @@ class SweepResults(Mapping):
                 if n not in names:
                     names.append(n)
         return names
+
+    def record(self, **axes) -> dict:
+        """The record of the job with these axis values (an axis with one value may be left out); KeyError naming
+        the axes and the values they take when there is no such job."""
+        unknown = set(axes) - set(self.axis_names)
+        if unknown:
+            raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.axis_names}")
+        values = dict(zip(self.axis_names, self.axis_values))
+        unset = [n for n in self.axis_names if n not in axes and len(values[n]) > 1]
+        if unset:
+            raise KeyError(f"give a value for axis {', '.join(unset)}: "
+                           + "; ".join(f"{n} takes {values[n]}" for n in unset))
+        key = tuple(axis_label(axes[n]) if n in axes else axis_label(values[n][0]) for n in self.axis_names)
+        for r in self.records:
+            if self.key(r) == key:
+                return r
+        taken = "; ".join(f"{n} takes {values[n]}" for n in self.axis_names)
+        raise KeyError(f"no stored job with {dict(zip(self.axis_names, key))} in this sweep ({taken})")
+
+    def checkpoint(self, step=None, *, threshold=None, optimizer: bool = False, device="cpu", **axes):
+        """The model of one job (named by its axis values) at a checkpoint, built as the job built it and loaded
+        with the saved weights; ``(model, optimizer)`` with ``optimizer=True`` (CHECKPOINT_OPTIMIZER).
+
+        ``step``: a step number (the model after that many updates) or ``"final"``; or ``threshold``: a value
+        of LOSS_CHECKPOINTS (the model at its timekey). ``res.checkpoint(WIDTH=256, trial=0, step=500)``. Under
+        CENTER the model is the Centered wrapper (what was trained). See ``modelscape.backend.checkpoints``.
+        """
+        from modelscape.backend import checkpoints
+        if self.store_dir is None:
+            raise ValueError("these results come from no store, so they have no checkpoints")
+        return checkpoints.load(self.record(**axes), self.store_dir, step, threshold, optimizer, device)
 
     def status_counts(self) -> dict:
         """``{status: number of jobs}``."""

@@ -32,12 +32,15 @@ def ensure_torch(x, device=None, dtype=None):
     return x.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else x
 
 
+USER_MODULE_PREFIX = "_modelscape_user_"  # the names of the modules load_from_file makes
+
+
 def load_from_file(path: str, name: str):
     """Load ``name`` (a function or class) from the Python file at ``path``; errors name both."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"cannot load {name!r}: file {path!r} does not exist")
-    mod_name = "_modelscape_user_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    mod_name = USER_MODULE_PREFIX + hashlib.sha1(path.encode()).hexdigest()[:12]
     mod = sys.modules.get(mod_name)
     if mod is None:
         spec = importlib.util.spec_from_file_location(mod_name, path)

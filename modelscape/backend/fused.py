@@ -124,6 +124,9 @@ def why_not_fusable(job: PreparedJob) -> str | None:
     acting = [type(o).__name__ for o in job.observers if o.wants("before_step")]
     if acting:  # between steps a member's weights live in the stack, not in its module
         return f"{', '.join(acting)} acts on the model before steps"
+    unfusable = [type(o).__name__ for o in job.observers if not o.fusable]
+    if unfusable:
+        return f"{', '.join(unfusable)} needs the job's own optimizer state"
     kind = _opt_kind(job.opt)
     if kind is None:
         return f"optimizer {type(job.opt).__name__} is not SGD, Adam or AdamW"

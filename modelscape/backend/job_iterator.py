@@ -11,6 +11,7 @@ import uuid
 import warnings
 from collections import deque
 
+from modelscape.backend import checkpoints
 from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
     signature_names
 from modelscape.backend.executors import JobSpec, make_executor
@@ -175,16 +176,22 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
             jobs.append((axes, overrides, cfg))
 
     check_names(jobs)
-    start_tensorboard(jobs)  # TENSORBOARD=True: tensorboard installed, the experiment's hparams summary written
+    checkpoints.check_sweep([cfg for _, _, cfg in jobs], store is not False)
     if resume is None:
         resume = base["RESUME"]
     st, own_store = _open_store(store, base)
+    # TENSORBOARD=True: tensorboard installed, the experiment's hparams summary written where the jobs write
+    where = _store_location(st)
+    start_tensorboard([(axes, overrides, {**cfg, **where}) for axes, overrides, cfg in jobs])
+    store_dir = st.path.parent if st is not None else None
     ids, codes = _identities(st, jobs, bfn_config)
     since = time.time()  # records written from now on by another driver count as this sweep's
     if st is not None:
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
     records = _stored_records(st, ids, base["RETRY_FAILED"]) if resume else {}
+    if store_dir is not None:  # checkpoints are not part of a job's identity: a job lacking some runs again
+        records = checkpoints.keep_satisfied(records, jobs, ids, store_dir)
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
     if executor == "slurm":  # the whole sweep goes to Slurm array tasks, each running run_jobs on its node
         from modelscape.backend.executors.slurm import run_sweep
@@ -193,7 +200,7 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
         finally:
             if own_store:
                 st.close()
-        return _result(names, values, ids, records, progress)
+        return _result(names, values, ids, records, progress, store_dir)
 
     bar = _progress(len(jobs), len(jobs) - len(todo), progress)
     counts, run = {}, None
@@ -222,16 +229,19 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
             bar.close()
         if own_store:
             st.close()
-    return _result(names, values, ids, records, progress)
+    return _result(names, values, ids, records, progress, store_dir)
 
 
-def _result(names, values, ids, records, progress) -> SweepResults:
+def _result(names, values, ids, records, progress, store_dir=None) -> SweepResults:
     """The sweep's SweepResults in product order (``records`` keyed by job id, or by index without a store);
     ``SweepFailed`` if every job failed."""
     order = ids if ids and ids[0] is not None else list(range(len(ids)))
-    result = SweepResults(names, values, [records[k] for k in order if k in records])
+    result = SweepResults(names, values, [records[k] for k in order if k in records], store_dir=store_dir)
     if progress:
         print(summary(result), file=sys.stderr)
+        disk = checkpoints.disk_line(store_dir) if store_dir is not None else None
+        if disk:
+            print(disk, file=sys.stderr)
     if result.records and all(r["status"] == "failed" for r in result.records):
         first = (result.failed()[0].get("error") or "").strip().splitlines()
         raise SweepFailed(f"all {len(result.records)} jobs of the sweep failed; the first with: "
@@ -249,8 +259,10 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
     context_id = uuid.uuid4().hex
 
+    where = _store_location(st)
+
     def overrides(i):  # the worker learns the job's store id: its checkpoints and live progress are filed by it
-        return {**jobs[i][1], "JOB_ID": ids[i] or ""}
+        return {**jobs[i][1], "JOB_ID": ids[i] or "", **where}
 
     def spec_of(unit):
         if len(unit) == 1:
@@ -275,6 +287,15 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
             yield i, record
     finally:
         dispatch.close()
+
+
+def _store_location(st) -> dict:
+    """RESULTS_DIR and EXPT_NAME naming the directory of the store ``st`` (given as a path of its own, or a shard
+    file beside results.db), so that what a job files beside the store (checkpoints) lands beside it."""
+    if st is None:
+        return {}
+    directory = st.path.resolve().parent
+    return {"RESULTS_DIR": str(directory.parent), "EXPT_NAME": directory.name}
 
 
 def check_names(jobs) -> None:

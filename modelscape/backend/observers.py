@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from modelscape.backend import checkpoints
 from modelscape.backend.tensorboard import tensorboard_observers
 
 
@@ -14,5 +15,6 @@ def job_observers(job) -> list:
     Interventions run first (they change the model a step sees), then what saves or reports it.
     """
     observers: list = []
+    observers += checkpoints.job_observers(job)
     observers += tensorboard_observers(job)
     return observers

@@ -63,7 +63,7 @@ NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVI
                              "SLURM_PARTITION", "SLURM_TIME", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK",
                              "SLURM_MEM", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_EXTRA", "SLURM_SHARDS",
                              "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID",
-                             "TENSORBOARD"})
+                             "TENSORBOARD", "CHECKPOINTS", "CHECKPOINT_OPTIMIZER"})
 
 # crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
 STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
@@ -1106,7 +1106,7 @@ class Store:
                 sweep = row[0]
             names, values = self._sweep_row(conn, sweep)
             records = self._records(conn, self._sweep_job_ids(conn, sweep))
-        return SweepResults(names, values, records)
+        return SweepResults(names, values, records, store_dir=self.path.parent)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -1221,7 +1221,8 @@ class StoreUnion:
         info = next((s for s in self.sweeps() if s["id"] == sweep), None)
         if info is None:
             self._check_sweep(sweep)  # raises, naming the sweeps there are
-        return SweepResults(info["axis_names"], info["axis_values"], self.records(self.sweep_job_ids(sweep)))
+        return SweepResults(info["axis_names"], info["axis_values"], self.records(self.sweep_job_ids(sweep)),
+                            store_dir=self.path.parent)
 
     def close(self) -> None:
         for st in self.stores:

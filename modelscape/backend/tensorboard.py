@@ -52,8 +52,8 @@ def tensorboard_observers(job) -> list:
 
 
 def logdir(cfg: dict) -> str:
-    """Where a config's runs go: ``RESULTS_DIR/EXPT_NAME/tensorboard`` (the store's folder, unless ``main``
-    was given another ``store``), with a store or without one."""
+    """Where a config's runs go: ``RESULTS_DIR/EXPT_NAME/tensorboard``, with a store or without one (in a sweep
+    the engine sets RESULTS_DIR and EXPT_NAME to the store's folder, so ``main(store=PATH)`` puts them there)."""
     return os.path.join(cfg["RESULTS_DIR"], cfg["EXPT_NAME"], "tensorboard")
 
 

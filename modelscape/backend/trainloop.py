@@ -207,7 +207,12 @@ class LoopObserver:
     - ``after_sync(step, tracker, evals)``: the losses of steps ``< step`` have just been fed to ``tracker``
       (a ``LossTracker``); ``evals`` (``Evaluations``) holds the test losses and grabs recorded so far.
     - ``at_end(record, model, opt)``: the job's result record (``train_loop``'s dict), the trained model.
+
+    ``fusable`` False keeps the job out of fused groups for another reason (the fused trainer steps a stacked
+    optimizer, so ``opt`` at ``at_end`` holds no state of its own).
     """
+
+    fusable = True
 
     def before_step(self, step: int, model, opt) -> None:
         pass
