@@ -199,3 +199,13 @@ def test_long_jobs_write_every_kth_step_and_the_last(tmp_path, one_torch_thread,
     ema = read_run(directory)[0]["train/loss_ema"]
     assert sorted(ema) == list(range(0, 35, 4)) + [34]  # every ceil(35 / 10)-th step, and the last
     np.testing.assert_array_equal(f32([ema[s] for s in sorted(ema)]), f32(record["train_curve"][sorted(ema)]))
+
+
+def test_runs_and_summary_go_beside_a_store_given_by_path(tmp_path, one_torch_thread):
+    store = tmp_path / "elsewhere" / "results.db"
+    main([[0.1, 0.2]], ["LR"], config(tmp_path, MAX_ITER=5), BFN, executor="inprocess", progress=False,
+         store=str(store))
+    runs = sorted(os.path.basename(d) for d in glob.glob(str(tmp_path / "elsewhere" / "tensorboard" / "LR=*")))
+    assert [r.split(",id=")[0] for r in runs] == ["LR=0.1", "LR=0.2"]
+    assert glob.glob(str(tmp_path / "elsewhere" / "tensorboard" / "events.out.tfevents*"))  # the sweep's summary
+    assert not os.path.exists(tmp_path / "tb")  # not under RESULTS_DIR/EXPT_NAME

@@ -17,7 +17,7 @@ from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check
 from modelscape.backend.executors import JobSpec, make_executor
 from modelscape.backend.fused import group_overrides, plan_units, split_records
 from modelscape.backend.job import consumers
-from modelscape.backend.tensorboard import start_sweep as start_tensorboard
+from modelscape.backend.tensorboard import require_tensorboard, start_sweep as start_tensorboard
 from modelscape.results import SweepResults, axis_label
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
@@ -177,6 +177,8 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
 
     check_names(jobs)
     checkpoints.check_sweep([cfg for _, _, cfg in jobs], store is not False)
+    if any(cfg.get("TENSORBOARD") for _, _, cfg in jobs):
+        require_tensorboard()  # before the store exists: a missing extra leaves nothing behind
     if resume is None:
         resume = base["RESUME"]
     st, own_store = _open_store(store, base)
