@@ -64,11 +64,13 @@ def accuracy(model, X_te, y_te, trained_model=None, **kwargs):
 def parse(argv):
     """``--out`` and ``--binary`` are this script's own flags; the others are hyperparameters (parse_args)."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME))
-    own.add_argument("--binary", action="store_true")
+    own.add_argument("--out", default=os.path.join("results", NAME),
+                     help="folder for the results store and the figures (default: %(default)s)")
+    own.add_argument("--binary", action="store_true",
+                     help="even vs odd digits with +-1 targets and MSE, instead of 10 classes")
     ns, rest = own.parse_known_args(argv)
     defaults = {**DEFAULTS, **(BINARY if ns.binary else {})}
-    return ns.out, ns.binary, parse_args(rest, defaults=defaults, description=__doc__)
+    return ns.out, ns.binary, parse_args(rest, defaults=defaults, description=__doc__, parents=[own])
 
 
 def main(argv=None):

@@ -48,9 +48,10 @@ DATA = dict(dim=32, alpha=1.5, beta=1.0)    # the batch function's arguments (pa
 def parse(argv):
     """``--out`` is this script's own flag; every other flag is a hyperparameter for ``parse_args``."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME))
+    own.add_argument("--out", default=os.path.join("results", NAME),
+                     help="folder for the results store and the figure (default: %(default)s)")
     ns, rest = own.parse_known_args(argv)
-    return ns.out, parse_args(rest, defaults=DEFAULTS, description=__doc__)
+    return ns.out, parse_args(rest, defaults=DEFAULTS, description=__doc__, parents=[own])
 
 
 def main(argv=None):
