@@ -24,7 +24,8 @@ Any hyperparameter flag overrides the task's setting for every task run: ``--WID
 ``--PARAMETERIZATION`` runs that parameterization alone (``auto`` is muP; one without a grid of its own, such as
 ``ntp``, is swept over a grid spanning both). Writes ``<out>/<task>/results.db`` (one sweep per
 parameterization; a rerun skips the jobs already stored) and ``<out>/<task>/lr_transfer.png``; ``--out``
-defaults to ``results/example_lr_transfer``.
+defaults to RESULTS_DIR/EXPT_NAME, ``results/example_lr_transfer`` unless ``--RESULTS_DIR`` or ``--EXPT_NAME``
+say otherwise.
 """
 import argparse
 import os
@@ -61,15 +62,17 @@ TASKS = {
 def parse(argv):
     """``--out`` and ``--task`` are this script's own flags; every other flag is a hyperparameter."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME),
-                     help="folder for each task's results store and figure, <out>/<task>/ (default: %(default)s)")
+    own.add_argument("--out", default=None,
+                     help=f"folder for each task's results store and figure, <out>/<task>/ (default: "
+                          f"RESULTS_DIR/EXPT_NAME, results/{NAME})")
     own.add_argument("--task", choices=["digits", "gpt", "both"], default="both",
                      help="which task to run (default: %(default)s)")
     ns, rest = own.parse_known_args(argv)
-    args = parse_args(rest, description=__doc__, parents=[own])
+    args = parse_args(rest, defaults={"EXPT_NAME": NAME}, description=__doc__, parents=[own])
     given = set(vars(build_parser().parse_known_args(rest)[0]))  # flags typed on the command line
     overrides = {k: v for k, v in vars(args).items() if k in given}
-    return ns.out, ["digits", "gpt"] if ns.task == "both" else [ns.task], vars(args), overrides
+    out = ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME)
+    return out, ["digits", "gpt"] if ns.task == "both" else [ns.task], vars(args), overrides
 
 
 def lr_grid(spec, param):

@@ -14,7 +14,8 @@ trial's control, log axes.
 Any hyperparameter flag changes every job (``--WIDTH``, ``--LR``, ``--MAX_ITER``, ``--NUM_TRIALS``,
 ``--PARAMETERIZATION`` ...). Writes ``<out>/results.db`` (``modelscape.load(out)``; a rerun skips the jobs
 already stored, and a changed hook trains them anew) and ``<out>/perturb_init.png``; ``--out`` defaults to
-``results/example_perturb_init``.
+RESULTS_DIR/EXPT_NAME, ``results/example_perturb_init`` unless ``--RESULTS_DIR`` or ``--EXPT_NAME`` say
+otherwise.
 """
 import argparse
 import os
@@ -61,8 +62,9 @@ def perturb(model, opt, step, eps, SEED, trial):
 def parse(argv):
     """``--out`` and ``--eps`` are this script's own flags; every other flag is a hyperparameter."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME),
-                     help="folder for the results store and the figure (default: %(default)s)")
+    own.add_argument("--out", default=None,
+                     help=f"folder for the results store and the figure (default: RESULTS_DIR/EXPT_NAME, "
+                          f"results/{NAME})")
     own.add_argument("--eps", type=float, nargs="+", default=EPSILONS,
                      help="perturbation sizes, relative to each weight tensor's RMS; 0 is the control "
                           "(default: %(default)s)")
@@ -70,7 +72,10 @@ def parse(argv):
     if any(e < 0 for e in ns.eps):
         own.error(f"--eps takes sizes >= 0, got {ns.eps}")
     eps = sorted(set(ns.eps) | {0.0})  # the control is always run: the deviations are measured from it
-    return ns.out, eps, parse_args(rest, defaults=DEFAULTS, description=__doc__, parents=[own])
+    args = parse_args(rest, defaults={**DEFAULTS, "EXPT_NAME": NAME}, description=__doc__, parents=[own])
+    if args.ONLYTHRESHOLDS:
+        own.error("this example plots loss curves: --ONLYTHRESHOLDS must stay False")
+    return ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME), eps, args
 
 
 def main(argv=None):

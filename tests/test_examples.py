@@ -155,6 +155,15 @@ def test_every_example_lists_out_in_its_help(name, monkeypatch, capsys):
     assert "--out OUT" in help_text, help_text[:2000]
 
 
+@pytest.mark.parametrize("name", ["example_synthetic_run.py", "example_digits_run.py", "example_lr_transfer.py",
+                                  "example_perturb_init.py"])
+def test_examples_store_under_out_or_results_dir_and_expt_name(name):
+    parse = load_example(name).parse  # each returns the output folder first
+    assert parse([])[0] == os.path.join("results", name[:-3])
+    assert parse(["--RESULTS_DIR", "runs", "--EXPT_NAME", "mine"])[0] == os.path.join("runs", "mine")
+    assert parse(["--out", "here", "--EXPT_NAME", "mine"])[0] == "here"
+
+
 def test_lr_transfer_sweeps_the_parameterization_given():
     module = load_example("example_lr_transfer.py")
 
