@@ -335,7 +335,7 @@ class SweepResults(Mapping):
             data[f] = (dims, arr)
 
         extra_coords = {}
-        with_thresholds = [(i, r) for i, r in ok if r.get("timekeys") is not None]
+        with_thresholds = [(i, r) for i, r in ok if r.get("timekeys") is not None and len(r["timekeys"])]
         if with_thresholds:
             labels, slots = threshold_grid([r for _, r in with_thresholds])
             for f in ("timekeys", "thresholds"):

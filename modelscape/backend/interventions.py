@@ -79,8 +79,6 @@ def check_step_hooks(hooks, config: dict | None = None) -> dict:
                                           f"{type(key).__name__}")
             if norm < 0:
                 raise ConfigError(where + f"step {norm} is negative; steps count from 0")
-        if norm in out:
-            raise ConfigError(where + f"step {_describe(norm)} is given twice")
         _check_signature(fn, where, config)
         out[norm] = fn
     return out
