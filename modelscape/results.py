@@ -286,11 +286,12 @@ class SweepResults(Mapping):
         return [r for r in self.records if r["status"] in NO_RESULT]
 
     def get(self, var="test_loss", **sel):
-        """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256)``)."""
+        """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256, threshold=0.1)``): ``sel``
+        names sweep axes or the variable's other coordinates (``threshold``, ``step``, ``eval_step``)."""
         ds = self.to_xarray()
         if var not in ds:
             raise KeyError(f"no variable {var!r}; there are {sorted(ds.data_vars)}")
-        unknown = set(sel) - set(self.axis_names)
+        unknown = set(sel) - set(self.axis_names) - set(ds[var].coords)
         if unknown:
             raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.axis_names}")
         return ds[var].sel(**{k: axis_label(v) for k, v in sel.items()})

@@ -314,6 +314,9 @@ def test_threshold_is_a_coordinate_of_the_threshold_values(handmade, curve_sweep
     assert list(ds["threshold"].values) == [0.5, 0.1]  # records stored without thresholds_given: their thresholds
     at = dict(WIDTH=32, act="act:relu", opt="sgd")
     assert ds["timekeys"].sel(**at, threshold=0.5).item() == 32 and np.isnan(ds["timekeys"].sel(**at, threshold=0.1))
+    assert res.get("timekeys", threshold=0.5, **at).item() == 32
+    with pytest.raises(KeyError, match="no axis"):
+        res.get("test_loss", threshold=0.5)  # a final value has no threshold dimension
     # relative thresholds: the coordinate holds the fractions given, ``thresholds`` each job's losses to reach
     real = curve_sweep.to_xarray()
     assert list(real["threshold"].values) == [0.6, 0.3]
