@@ -66,7 +66,7 @@ def parse(argv):
                      help=f"folder for the results store and the figure (default: RESULTS_DIR/EXPT_NAME, "
                           f"results/{NAME})")
     own.add_argument("--eps", type=float, nargs="+", default=EPSILONS,
-                     help="perturbation sizes, relative to each weight tensor's RMS; 0 is the control "
+                     help="perturbation sizes, relative to each weight tensor's RMS; 0, the control, is always run "
                           "(default: %(default)s)")
     ns, rest = own.parse_known_args(argv)
     if any(e < 0 for e in ns.eps):

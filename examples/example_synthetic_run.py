@@ -50,7 +50,8 @@ def parse(argv):
     """``--out`` is this script's own flag; every other flag is a hyperparameter for ``parse_args``."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--out", default=None,
-                     help=f"folder for the results store and the figure (default: RESULTS_DIR/EXPT_NAME, results/{NAME})")
+                     help=f"folder for the results store and the figure (default: RESULTS_DIR/EXPT_NAME, "
+                          f"results/{NAME})")
     ns, rest = own.parse_known_args(argv)
     args = parse_args(rest, defaults={**DEFAULTS, "EXPT_NAME": NAME}, description=__doc__, parents=[own])
     return ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME), args
