@@ -220,3 +220,17 @@ def test_a_changed_hook_trains_anew_on_resume_and_an_unchanged_one_resumes(tmp_p
     changed = sweep(HOOK.replace("1.1", "0.9"))
     assert changed["job_id"] != first["job_id"]
     assert changed["train_loss"] != first["train_loss"]  # trained anew, with the new hook
+
+
+def test_a_hooked_jobs_identity_is_the_same_in_another_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = job_identity(canonicalize({**CFG, "step_hooks": {(0, 3): kick, 7: kick}}), BFN, {"trial": 0})
+    tests = Path(__file__).resolve().parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_interventions as t; "
+            "print(t.job_identity(t.canonicalize({**t.CFG, 'step_hooks': {(0, 3): t.kick, 7: t.kick}}), t.BFN, "
+            "{'trial': 0}))")
+    out = subprocess.run([sys.executable, "-c", code, str(tests)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == here  # tuple keys and hook code hash the same in every process
