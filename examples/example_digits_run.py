@@ -13,7 +13,8 @@ training, the accuracy on the held-out test images (a *grab*). The sweep crosses
 The test set is the held-out part of a fixed split of the 1797 images (``digits_test_set``), given to the jobs
 as ``X_te``/``y_te``; training images are drawn, per trial, only from the rest. Writes ``<out>/results.db``
 (``modelscape.load(out)``; a rerun skips the jobs already stored), ``<out>/loss_curves_train.png`` and
-``<out>/loss_curves_test.png``; ``--out`` defaults to ``results/example_digits_run``.
+``<out>/loss_curves_test.png``; ``--out`` defaults to RESULTS_DIR/EXPT_NAME, ``results/example_digits_run`` unless
+``--RESULTS_DIR`` or ``--EXPT_NAME`` say otherwise.
 """
 import argparse
 import os
@@ -64,11 +65,17 @@ def accuracy(model, X_te, y_te, trained_model=None, **kwargs):
 def parse(argv):
     """``--out`` and ``--binary`` are this script's own flags; the others are hyperparameters (parse_args)."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME))
-    own.add_argument("--binary", action="store_true")
+    own.add_argument("--out", default=None,
+                     help=f"folder for the results store and the figures (default: RESULTS_DIR/EXPT_NAME, "
+                          f"results/{NAME})")
+    own.add_argument("--binary", action="store_true",
+                     help="even vs odd digits with +-1 targets and MSE, instead of 10 classes")
     ns, rest = own.parse_known_args(argv)
-    defaults = {**DEFAULTS, **(BINARY if ns.binary else {})}
-    return ns.out, ns.binary, parse_args(rest, defaults=defaults, description=__doc__)
+    defaults = {**DEFAULTS, **(BINARY if ns.binary else {}), "EXPT_NAME": NAME}
+    args = parse_args(rest, defaults=defaults, description=__doc__, parents=[own])
+    if args.ONLYTHRESHOLDS:
+        own.error("this example plots loss curves and accuracy along training: --ONLYTHRESHOLDS must stay False")
+    return ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME), ns.binary, args
 
 
 def main(argv=None):

@@ -21,9 +21,11 @@ units of "how far a layer's output moves per step", so they are larger).
 
 Any hyperparameter flag overrides the task's setting for every task run: ``--WIDTH``, ``--MAX_ITER``,
 ``--N_SAMPLES``, ``--DEPTH``, ``--NUM_TRIALS``, ``--OPTIMIZER`` ...; ``--LR`` replaces both grids by one, and
-``--PARAMETERIZATION`` runs that parameterization alone. Writes ``<out>/<task>/results.db`` (one sweep per
+``--PARAMETERIZATION`` runs that parameterization alone (``auto`` is muP; one without a grid of its own, such as
+``ntp``, is swept over a grid spanning both). Writes ``<out>/<task>/results.db`` (one sweep per
 parameterization; a rerun skips the jobs already stored) and ``<out>/<task>/lr_transfer.png``; ``--out``
-defaults to ``results/example_lr_transfer``.
+defaults to RESULTS_DIR/EXPT_NAME, ``results/example_lr_transfer`` unless ``--RESULTS_DIR`` or ``--EXPT_NAME``
+say otherwise.
 """
 import argparse
 import os
@@ -60,17 +62,33 @@ TASKS = {
 def parse(argv):
     """``--out`` and ``--task`` are this script's own flags; every other flag is a hyperparameter."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME))
-    own.add_argument("--task", choices=["digits", "gpt", "both"], default="both")
+    own.add_argument("--out", default=None,
+                     help=f"folder for each task's results store and figure, <out>/<task>/ (default: "
+                          f"RESULTS_DIR/EXPT_NAME, results/{NAME})")
+    own.add_argument("--task", choices=["digits", "gpt", "both"], default="both",
+                     help="which task to run (default: %(default)s)")
     ns, rest = own.parse_known_args(argv)
-    args = parse_args(rest, description=__doc__)
+    args = parse_args(rest, defaults={"EXPT_NAME": NAME}, description=__doc__, parents=[own])
     given = set(vars(build_parser().parse_known_args(rest)[0]))  # flags typed on the command line
     overrides = {k: v for k, v in vars(args).items() if k in given}
-    return ns.out, ["digits", "gpt"] if ns.task == "both" else [ns.task], vars(args), overrides
+    out = ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME)
+    return out, ["digits", "gpt"] if ns.task == "both" else [ns.task], vars(args), overrides
 
 
-def run_task(task, out, base, overrides):
-    """Both parameterizations' sweeps of one task; returns their results as one Dataset."""
+def lr_grid(spec, param):
+    """The learning rates a parameterization is swept over: its own grid, muP's for ``auto`` (which is muP),
+    and for a parameterization without a grid of its own one spanning both."""
+    grids = spec["lrs"]
+    if param in grids:
+        return grids[param]
+    if param == "auto":
+        return grids["mup"]
+    return sorted(set(grids["sp"]) | set(grids["mup"]))
+
+
+def plan_task(task, base, overrides):
+    """The sweeps of one task: ``(config, bfn_config, [(iterators, iterator_names), ...])``, one sweep per
+    parameterization (sp and mup, or the ``--PARAMETERIZATION`` given alone)."""
     spec = TASKS[task]
     cfg = {**base, **COMMON, **spec["config"], **overrides}
     bfn_config = {"base_bfn": markov_bfn} if task == "gpt" else {"base_bfn": digits_bfn}
@@ -78,13 +96,19 @@ def run_task(task, out, base, overrides):
         cfg["X_te"], cfg["y_te"] = digits_test_set()
     params = [overrides["PARAMETERIZATION"]] if "PARAMETERIZATION" in overrides else list(spec["lrs"])
     widths, trials = as_list(cfg["WIDTH"]), range(cfg["NUM_TRIALS"])
-    store = os.path.join(out, task)
-    parts = []
+    sweeps = []
     for p in params:
-        lrs = sorted(as_list(overrides["LR"])) if "LR" in overrides else spec["lrs"][p]
-        res = run_job_iterator([[p], widths, lrs, trials], ["PARAMETERIZATION", "WIDTH", "LR", "trial"],
-                               cfg, bfn_config, store=store)
-        parts.append(res.to_xarray())
+        lrs = sorted(as_list(overrides["LR"])) if "LR" in overrides else lr_grid(spec, p)
+        sweeps.append(([[p], widths, lrs, trials], ["PARAMETERIZATION", "WIDTH", "LR", "trial"]))
+    return cfg, bfn_config, sweeps
+
+
+def run_task(task, out, base, overrides):
+    """The sweeps of one task (``plan_task``); returns their results as one Dataset, and the config."""
+    cfg, bfn_config, sweeps = plan_task(task, base, overrides)
+    store = os.path.join(out, task)
+    parts = [run_job_iterator(iterators, names, cfg, bfn_config, store=store).to_xarray()
+             for iterators, names in sweeps]
     ds = xr.concat(parts, dim="PARAMETERIZATION", join="outer", data_vars="all", coords="minimal",
                    compat="override") if len(parts) > 1 else parts[0]
     ds["status"] = ds["status"].fillna("missing")  # grid points a parameterization did not run

@@ -13,7 +13,8 @@ Runs as is on a CPU in well under a minute, with no downloads or environment var
         --NUM_TRIALS 8 --WIDTH 512 --MAX_ITER 5000        # any hyperparameter flag scales it up
 
 Writes ``<out>/results.db`` (reload it with ``modelscape.load(out)``; a rerun skips the jobs already stored)
-and ``<out>/timekeys.png``; ``--out`` defaults to ``results/example_synthetic_run``.
+and ``<out>/timekeys.png``; ``--out`` defaults to RESULTS_DIR/EXPT_NAME, ``results/example_synthetic_run`` unless
+``--RESULTS_DIR`` or ``--EXPT_NAME`` say otherwise.
 """
 import argparse
 import os
@@ -48,9 +49,12 @@ DATA = dict(dim=32, alpha=1.5, beta=1.0)    # the batch function's arguments (pa
 def parse(argv):
     """``--out`` is this script's own flag; every other flag is a hyperparameter for ``parse_args``."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--out", default=os.path.join("results", NAME))
+    own.add_argument("--out", default=None,
+                     help=f"folder for the results store and the figure (default: RESULTS_DIR/EXPT_NAME, "
+                          f"results/{NAME})")
     ns, rest = own.parse_known_args(argv)
-    return ns.out, parse_args(rest, defaults=DEFAULTS, description=__doc__)
+    args = parse_args(rest, defaults={**DEFAULTS, "EXPT_NAME": NAME}, description=__doc__, parents=[own])
+    return ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME), args
 
 
 def main(argv=None):

@@ -184,7 +184,8 @@ SILENT_ALIASES: dict[str, str] = {
 }
 
 # Keys the package reads from a config that are not hyperparameters (callables, arrays): never "unknown".
-RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "fused_group"})
+RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "fused_group",
+                      "step_hooks"})
 
 
 def defaults() -> dict:
@@ -424,6 +425,9 @@ def check_job_config(cfg: dict) -> None:
                           "the hook do it, or drop the hook (call modelscape.mup.parameterize inside it if you need both)")
     if not cfg["LOSS_CHECKPOINTS"]:
         raise ConfigError("LOSS_CHECKPOINTS is empty; give at least one threshold")
+    if cfg.get("step_hooks"):
+        from modelscape.backend.interventions import check_step_hooks  # the interventions' own rules
+        check_step_hooks(cfg["step_hooks"], cfg)
 
 
 def readme_table() -> str:

@@ -187,6 +187,21 @@ def _common_shape(shapes):
     return tuple(max(s[i] for s in shapes) for i in range(nd.pop()))
 
 
+def threshold_grid(records) -> tuple[np.ndarray, list]:
+    """The ``threshold`` coordinate of ``records`` (each with timekeys) and each record's positions on it.
+
+    A record's labels are its thresholds as given (``thresholds_given``; ``thresholds`` in records stored before
+    there was one). When every record has the same labels, they are the coordinate, in their order (the order of
+    ``timekeys``); otherwise (jobs given different thresholds) the coordinate is the union of the labels, largest
+    first (the order a falling loss crosses them), and a job is NaN at a threshold it was not given.
+    """
+    labels = [np.asarray(r.get("thresholds_given", r["thresholds"]), dtype=float).ravel() for r in records]
+    if all(len(lab) == len(labels[0]) and np.array_equal(lab, labels[0]) for lab in labels):
+        return labels[0], [slice(0, len(labels[0]))] * len(labels)
+    union = np.array(sorted(set(np.concatenate(labels).tolist()), reverse=True))
+    return union, [np.searchsorted(-union, -lab) for lab in labels]
+
+
 class SweepResults(Mapping):
     """The results of a sweep: its axes, one record per job, and labelled views of them.
 
@@ -303,11 +318,12 @@ class SweepResults(Mapping):
         return [r for r in self.records if r["status"] in NO_RESULT]
 
     def get(self, var="test_loss", **sel):
-        """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256)``)."""
+        """``to_xarray()[var].sel(**sel)`` as a DataArray (``get('timekeys', WIDTH=256, threshold=0.1)``): ``sel``
+        names sweep axes or the variable's other coordinates (``threshold``, ``step``, ``eval_step``)."""
         ds = self.to_xarray()
         if var not in ds:
             raise KeyError(f"no variable {var!r}; there are {sorted(ds.data_vars)}")
-        unknown = set(sel) - set(self.axis_names)
+        unknown = set(sel) - set(self.axis_names) - set(ds[var].coords)
         if unknown:
             raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.axis_names}")
         return ds[var].sel(**{k: axis_label(v) for k, v in sel.items()})
@@ -316,10 +332,15 @@ class SweepResults(Mapping):
     def to_xarray(self):
         """An ``xarray.Dataset`` with one dimension per sweep axis (coordinates = axis labels).
 
-        Variables: status, steps, wall_time, train_loss, test_loss, timekeys/thresholds (dim ``threshold``);
-        with curves, train_curve (dim ``step``) and test_curve (dim ``eval_step``, the union of all jobs'
-        evaluation steps, NaN where a job did not evaluate); one ``grab_<name>`` per grab (strings for a grab
-        that returns strings, "" where missing). Missing jobs are NaN.
+        Variables: status, steps, wall_time, train_loss, test_loss; timekeys and thresholds (the losses to reach)
+        along ``threshold``, a coordinate holding the thresholds as given (LOSS_CHECKPOINTS: fractions of the first
+        loss under RELATIVE_THRESHOLDS; see ``threshold_grid``), so ``timekeys.sel(threshold=0.1)`` works. With
+        curves, every job is on one step grid: train_curve and train_raw along ``step`` (0 .. the longest job's
+        last step; entry ``k`` is step ``k``'s loss), test_curve along ``eval_step`` (the union of all jobs'
+        evaluation steps); a job's values sit at its own steps, so a job that stopped early is NaN after its last
+        step, never shifted. NaN also marks an evaluation step a job did not have (another job's last step, off
+        the EVAL_EVERY grid). One ``grab_<name>`` per grab, along ``eval_step`` with curves (strings for a grab
+        that returns strings, "" where missing). Missing and failed jobs are NaN.
         """
         if self._xr is not None:
             return self._xr
@@ -346,15 +367,17 @@ class SweepResults(Mapping):
                 arr[i] = r.get(f, np.nan)
             data[f] = (dims, arr)
 
-        n_thr = max((len(r["timekeys"]) for _, r in ok if r.get("timekeys") is not None), default=0)
-        if n_thr:
-            for f in ("timekeys", "thresholds"):
-                arr = np.full(shape + [n_thr], np.nan)
-                for i, r in ok:
-                    arr[i][: len(r[f])] = r[f]
-                data[f] = (dims + ["threshold"], arr)
-
         extra_coords = {}
+        with_thresholds = [(i, r) for i, r in ok if r.get("timekeys") is not None and len(r["timekeys"])]
+        if with_thresholds:
+            labels, slots = threshold_grid([r for _, r in with_thresholds])
+            for f in ("timekeys", "thresholds"):
+                arr = np.full(shape + [len(labels)], np.nan)
+                for (i, r), where in zip(with_thresholds, slots):
+                    arr[i][where] = r[f]
+                data[f] = (dims + ["threshold"], arr)
+            extra_coords["threshold"] = labels
+
         curves = [(i, r) for i, r in ok if r.get("train_curve") is not None]
         if curves:
             n_steps = max(len(r["train_curve"]) for _, r in curves)
@@ -369,7 +392,7 @@ class SweepResults(Mapping):
             for i, r in curves:
                 arr[i][[pos[int(s)] for s in r["eval_steps"]]] = r["test_curve"]
             data["test_curve"] = (dims + ["eval_step"], arr)
-            extra_coords = {"step": np.arange(n_steps), "eval_step": np.asarray(eval_steps)}
+            extra_coords.update(step=np.arange(n_steps), eval_step=np.asarray(eval_steps))
 
         for name in self.grab_names:
             raw = [(i, r, r["grabs"][name]) for i, r in ok if name in (r.get("grabs") or {})]

@@ -127,12 +127,71 @@ def test_lr_transfer_example(tmp_path):
             line = next(ln for ln in section.splitlines() if ln.strip().startswith(f"{p}: width"))
             assert "width 16 -> LR" in line and "width 32 -> LR" in line
 
-    # --PARAMETERIZATION runs that parameterization alone
-    out = tmp_path / "only_mup"
-    run_example("example_lr_transfer.py", out, "--task", "digits", "--PARAMETERIZATION", "mup", "--WIDTH", 16,
+    # --PARAMETERIZATION runs that parameterization alone, and its jobs are trained under it
+    out = tmp_path / "only_ntp"
+    run_example("example_lr_transfer.py", out, "--task", "digits", "--PARAMETERIZATION", "ntp", "--WIDTH", 16,
                 "--LR", 1, "--MAX_ITER", 3)
     res = modelscape.load(out / "digits")
-    assert res.axis_values[0] == ["mup"] and len(res.records) == 1
+    assert res.axis_values[0] == ["ntp"] and len(res.records) == 1
+    assert res.records[0]["config"]["PARAMETERIZATION"] == "ntp"
+
+
+def load_example(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("example_*.py")))
+def test_every_example_lists_out_in_its_help(name, monkeypatch, capsys):
+    module = load_example(name)
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--out OUT" in help_text, help_text[:2000]
+
+
+@pytest.mark.parametrize("name", ["example_synthetic_run.py", "example_digits_run.py", "example_lr_transfer.py",
+                                  "example_perturb_init.py"])
+def test_examples_store_under_out_or_results_dir_and_expt_name(name):
+    parse = load_example(name).parse  # each returns the output folder first
+    assert parse([])[0] == os.path.join("results", name[:-3])
+    assert parse(["--RESULTS_DIR", "runs", "--EXPT_NAME", "mine"])[0] == os.path.join("runs", "mine")
+    assert parse(["--out", "here", "--EXPT_NAME", "mine"])[0] == "here"
+
+
+def test_lr_transfer_sweeps_the_parameterization_given():
+    module = load_example("example_lr_transfer.py")
+
+    def planned(*flags):
+        _, _, base, overrides = module.parse(["--task", "digits", "--WIDTH", "16", *flags])
+        cfg, _, sweeps = module.plan_task("digits", base, overrides)
+        return {iterators[0][0]: iterators[2] for iterators, names in sweeps}, cfg
+
+    both, _ = planned()
+    assert list(both) == ["sp", "mup"] and both["sp"] != both["mup"]
+    ntp, cfg = planned("--PARAMETERIZATION", "ntp")
+    assert list(ntp) == ["ntp"] and set(ntp["ntp"]) == set(both["sp"]) | set(both["mup"])
+    assert planned("--PARAMETERIZATION", "auto")[0] == {"auto": both["mup"]}
+    assert planned("--PARAMETERIZATION", "sp", "--LR", "0.5", "0.25")[0] == {"sp": [0.25, 0.5]}
+
+
+def test_perturb_init_example(tmp_path):
+    out = tmp_path / "perturb"
+    stdout = run_example("example_perturb_init.py", out, "--eps", 0.1, "--NUM_TRIALS", 2, "--MAX_ITER", 20,
+                         "--WIDTH", 16, "--N_TEST", 64, "--EVAL_EVERY", 5)
+    res = check_store(out, {"eps": [0.0, 0.1], "trial": [0, 1]}, 4)  # the control is always run
+    test = res.to_xarray()["test_curve"]
+    assert list(test["eval_step"].values) == [0, 5, 10, 15, 20]
+    # the hook perturbs the initialization: the very first evaluation already differs, in every trial
+    assert np.all(test.sel(eps=0.1, eval_step=0).values != test.sel(eps=0.0, eval_step=0).values)
+    assert res.records[0]["config"]["step_hooks"] == {"0": "__main__.perturb"}
+    assert "relative distance from the control" in stdout
+    check_png(out / "perturb_init.png")
 
 
 def test_coord_check_example_on_the_gpt(tmp_path):

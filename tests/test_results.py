@@ -304,3 +304,56 @@ def test_jobs_of_one_trial_share_their_initial_weights_and_trials_differ(curve_s
         assert w0.sel(WIDTH=w, LR=0.02, trial=0).item() != w0.sel(WIDTH=w, LR=0.02, trial=1).item()
     raw = curve_sweep.to_xarray()["train_raw"].isel(step=0)  # the first loss: same data, same init
     assert (raw.sel(LR=0.02).values == raw.sel(LR=0.2).values).all()
+
+
+# --- labels that line up: the threshold coordinate and one step grid -----------------------------------------
+
+def test_threshold_is_a_coordinate_of_the_threshold_values(handmade, curve_sweep):
+    res, recs = handmade
+    ds = res.to_xarray()
+    assert list(ds["threshold"].values) == [0.5, 0.1]  # records stored without thresholds_given: their thresholds
+    at = dict(WIDTH=32, act="act:relu", opt="sgd")
+    assert ds["timekeys"].sel(**at, threshold=0.5).item() == 32 and np.isnan(ds["timekeys"].sel(**at, threshold=0.1))
+    assert res.get("timekeys", threshold=0.5, **at).item() == 32
+    with pytest.raises(KeyError, match="no axis"):
+        res.get("test_loss", threshold=0.5)  # a final value has no threshold dimension
+    # relative thresholds: the coordinate holds the fractions given, ``thresholds`` each job's losses to reach
+    real = curve_sweep.to_xarray()
+    assert list(real["threshold"].values) == [0.6, 0.3]
+    for r in curve_sweep.records:
+        np.testing.assert_allclose(real["thresholds"].sel(**r["axes"]).values, np.array([0.6, 0.3]) * r["train_raw"][0])
+        np.testing.assert_array_equal(real["timekeys"].sel(**r["axes"], threshold=0.3), r["timekeys"][1])
+
+
+def test_jobs_given_different_thresholds_share_the_union_of_them():
+    def rec(lr, given):
+        return dict(status="done", axes={"LR": lr}, steps=5, wall_time=1.0, train_loss=0.0, test_loss=0.0,
+                    thresholds=np.array(given) * 2, thresholds_given=np.array(given),
+                    timekeys=np.arange(len(given), dtype=float) + 10 * lr, grabs={})
+
+    res = SweepResults(["LR"], [[1, 2]], [rec(1, [0.5, 0.1]), rec(2, [0.2])])
+    ds = res.to_xarray()
+    assert list(ds["threshold"].values) == [0.5, 0.2, 0.1]  # largest first: the order a loss crosses them
+    np.testing.assert_array_equal(ds["timekeys"].sel(LR=1).values, [10, np.nan, 11])
+    np.testing.assert_array_equal(ds["timekeys"].sel(LR=2).values, [np.nan, 20, np.nan])
+    np.testing.assert_array_equal(ds["thresholds"].sel(LR=2).values, [np.nan, 0.4, np.nan])
+
+
+def test_curves_of_jobs_of_different_lengths_share_one_step_grid():
+    g = vars(base_args())
+    g.update(WIDTH=8, N_TEST=32, N_SAMPLES=16, LOSS_CHECKPOINTS=[1e-9], ONLYTHRESHOLDS=False, EVAL_EVERY=20)
+    res = main([[30, 50]], ["MAX_ITER"], g, dict(base_bfn=powerlaw_bfn, dim=4), executor="inprocess", store=False,
+               progress=False)
+    ds = res.to_xarray()
+    assert list(ds["eval_step"].values) == [0, 20, 30, 40, 50] and ds.sizes["step"] == 50
+    short, long_ = (next(r for r in res.records if r["axes"]["MAX_ITER"] == n) for n in (30, 50))
+    tc = ds["test_curve"]
+    np.testing.assert_array_equal(tc.sel(MAX_ITER=30, eval_step=[0, 20, 30]).values, short["test_curve"])
+    assert np.isnan(tc.sel(MAX_ITER=30, eval_step=[40, 50]).values).all()  # past its end
+    np.testing.assert_array_equal(tc.sel(MAX_ITER=50, eval_step=[0, 20, 40, 50]).values, long_["test_curve"])
+    assert np.isnan(tc.sel(MAX_ITER=50, eval_step=30))  # the short job's last step is no evaluation of this one
+    train = ds["train_raw"]
+    np.testing.assert_array_equal(train.sel(MAX_ITER=30, step=slice(0, 29)).values, short["train_raw"])
+    assert np.isnan(train.sel(MAX_ITER=30, step=slice(30, None)).values).all()
+    # both jobs saw the same data and weights: their losses agree step by step where both ran
+    np.testing.assert_array_equal(train.sel(MAX_ITER=30, step=slice(0, 29)), train.sel(MAX_ITER=50, step=slice(0, 29)))

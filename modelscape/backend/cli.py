@@ -30,13 +30,15 @@ def _named(fn, name):
     return conv
 
 
-def build_parser(defaults: dict | None = None, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(defaults: dict | None = None, description: str | None = None,
+                 parents=()) -> argparse.ArgumentParser:
     """The argparse parser: one ``--NAME`` flag per schema entry, grouped, defaults shown in ``--help``
-    (a script's own ``defaults`` where it gives them)."""
+    (a script's own ``defaults`` where it gives them), after the flags of ``parents`` (a script's own parsers)."""
     defaults = defaults or {}
     parser = argparse.ArgumentParser(
         description=description or "modelscape sweep hyperparameters",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep a script docstring as written
+        parents=list(parents),
         allow_abbrev=False)  # --EMA_SMOOTH is a typo to report (as in a config), not a prefix of EMA_SMOOTHER
     groups = {}
     for hp in SCHEMA:
@@ -54,7 +56,8 @@ def build_parser(defaults: dict | None = None, description: str | None = None) -
     return parser
 
 
-def parse_args(argv=None, defaults: dict | None = None, description: str | None = None) -> argparse.Namespace:
+def parse_args(argv=None, defaults: dict | None = None, description: str | None = None,
+               parents=()) -> argparse.Namespace:
     """Parse command-line flags into a Namespace holding every hyperparameter (defaults filled in).
 
     Lists take several values (``--LOSS_CHECKPOINTS 0.1 0.05``); sweepable keys (N_SAMPLES, LR, DEPTH, WIDTH,
@@ -64,6 +67,10 @@ def parse_args(argv=None, defaults: dict | None = None, description: str | None 
     bools accept true/false. An unknown flag is an error that suggests the closest known names. ``defaults`` are a
     script's own defaults for some keys (``{"WIDTH": [64, 256], "MAX_ITER": 500}``): checked against the
     schema, shown by ``--help``, and overridden by flags on the command line. ``description`` heads ``--help``.
+
+    ``parents`` are a script's own ``argparse.ArgumentParser(add_help=False)`` parsers (``--out`` ...): their
+    flags are listed by ``--help`` and accepted, but their values are not hyperparameters and are left out of
+    the Namespace returned; the script reads them with its own parser (``own.parse_known_args(argv)``).
     """
     script = {}
     for key, value in (defaults or {}).items():
@@ -72,9 +79,11 @@ def parse_args(argv=None, defaults: dict | None = None, description: str | None 
             raise ConfigError(f"parse_args(defaults=...): {key!r} is not a hyperparameter"
                               + (f"; did you mean {close[0]!r}?" if close else ""))
         script[key] = coerce(key, value)
-    parser = build_parser(script, description)
+    parser = build_parser(script, description, parents)
     argv = sys.argv[1:] if argv is None else list(argv)
     ns, unknown = parser.parse_known_args(argv)
+    for own in {a.dest for p in parents for a in p._actions}:
+        vars(ns).pop(own, None)
     flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
     if unknown:
         bad = flags[0] if flags else unknown[0]

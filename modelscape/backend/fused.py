@@ -523,6 +523,8 @@ def _fusable_name(cfg: dict) -> str | None:
         return f"model {getattr(model, '__name__', model)} is not the built-in MLP"
     if cfg.get("post_init_fn") is not None or cfg.get("POST_INIT_FN") is not None:
         return "a post_init_fn may change the model in ways the fused trainer cannot see"
+    if cfg.get("step_hooks"):  # a fused member's weights live in the stack between steps, not in its module
+        return "step_hooks act on the model between steps"
     try:
         opt = resolve_optimizer(cfg.get("OPTIMIZER"))
     except ValueError:

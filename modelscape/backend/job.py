@@ -16,6 +16,7 @@ from modelscape import mup
 from modelscape.config import BY_NAME, SILENT_ALIASES, ConfigError, canonicalize, check_job_config, signature_names
 from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
 from modelscape.models import BUILTIN_MODELS, Centered
+from modelscape.backend.interventions import hook_functions
 from modelscape.backend.observers import job_observers
 from modelscape.backend.trainloop import GRAB_ARGS, train_loop
 from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
@@ -116,7 +117,7 @@ def resolve_names(cfg: dict) -> None:
 
 def consumers(cfg: dict, bfn_config: dict) -> list:
     """The callables whose signatures decide which non-schema config keys are user data."""
-    fns = [fn for fn in (cfg.get("otherreturns") or {}).values()]
+    fns = [fn for fn in (cfg.get("otherreturns") or {}).values()] + hook_functions(cfg)
     try:
         fns.append(get_base_bfn(bfn_config))
     except (ValueError, FileNotFoundError, AttributeError):
@@ -204,6 +205,9 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
     t0 = time.perf_counter()
     axes = dict(axes or {})
     bfn_config = dict(bfn_config or {})
+    if "step_hooks" in bfn_config:
+        raise ConfigError("step_hooks is in bfn_config; it belongs in the config (global_config), beside "
+                          "otherreturns: bfn_config holds the batch function and its arguments")
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
@@ -279,7 +283,7 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
                 net.remember(t)
 
     sync = cfg["SYNC_EVERY"] or (16 if device.type == "cuda" else 1)
-    grab_kwargs = {k: v for k, v in cfg.items() if k not in GRAB_ARGS and k != "otherreturns"}
+    grab_kwargs = {k: v for k, v in cfg.items() if k not in GRAB_ARGS and k not in ("otherreturns", "step_hooks")}
     grab_kwargs["trial"] = trial
     # Grabs get the user's model, as in the seed; the function actually trained (f - f0) comes along too.
     grab_kwargs["trained_model"] = net

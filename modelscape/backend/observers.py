@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from modelscape.backend import checkpoints
 from modelscape.backend.tensorboard import tensorboard_observers
+from modelscape.backend.interventions import step_hooks_observers
 
 
 def job_observers(job) -> list:
@@ -15,6 +16,7 @@ def job_observers(job) -> list:
     Interventions run first (they change the model a step sees), then what saves or reports it.
     """
     observers: list = []
+    observers += step_hooks_observers(job)
     observers += checkpoints.job_observers(job)
     observers += tensorboard_observers(job)
     return observers

@@ -90,6 +90,7 @@ class LossTracker:
     def __init__(self, thresholds, relative: bool = False, ema_smoother: float = 0.9, keep_raw: bool = False,
                  verbose: bool = False):
         self.thresholds = np.asarray(list(thresholds), dtype=np.float64)
+        self.given = self.thresholds.copy()  # as configured: fractions of the first loss when ``relative``
         self.relative = relative
         self.smoother = ema_smoother
         self.raw: list[float] | None = [] if keep_raw else None
@@ -179,6 +180,7 @@ class Evaluations:
         final_test = self.test_loss()
         ema = tracker.ema
         result = dict(status=tracker.status, steps=steps, thresholds=tracker.thresholds, timekeys=tracker.crossed,
+                      thresholds_given=tracker.given,
                       train_loss=float(ema) if ema is not None else float("nan"), test_loss=final_test)
         if self.curves:
             raw_arr = np.asarray(tracker.raw if tracker.raw is not None else [])
@@ -248,7 +250,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     Every grab is called once before the first update (``check_grabs``): one returning something the store
     cannot keep (None, a dict, an object) fails the job there, before any training.
 
-    Returns a dict: status, steps, thresholds, timekeys, train_loss (final EMA), test_loss (final model),
+    Returns a dict: status, steps, thresholds (the losses to reach), thresholds_given (as given: fractions of the
+    first loss with ``relative``), timekeys, train_loss (final EMA), test_loss (final model),
     and unless ``only_thresholds``: train_curve (EMA per step), train_raw (loss per step), eval_steps,
     test_curve; grabs: ``{name: value}`` at the end, or stacked over ``eval_steps`` along the curve.
 
