@@ -66,7 +66,9 @@ BASE = dict(PARAMETERIZATION="sp", N_TEST=64, N_SAMPLES=32, MAX_ITER=120, LR=0.1
 
 def crash_sweep():
     """The 12-job sweep the subprocess runs: curves and grabs along them, so records are large-ish."""
-    cfg = dict(BASE, MAX_ITER=200, ONLYTHRESHOLDS=False, EVAL_EVERY=50,
+    # THREADS=1: by default a job's threads follow the idle cores, and two runs compared bit for bit must not
+    # differ in how their sums are split across threads because the machine was busier during one of them.
+    cfg = dict(BASE, MAX_ITER=200, ONLYTHRESHOLDS=False, EVAL_EVERY=50, THREADS=1,
                otherreturns={"norms": grab_norms, "out_mean": grab_out_mean})
     return [[16, 32], [0.05, 0.1, 0.2], [0, 1]], ["WIDTH", "LR", "trial"], cfg, BFN
 
