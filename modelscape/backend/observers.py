@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from modelscape.backend.live import live_observers
+
 
 def job_observers(job) -> list:
     """The observers of a prepared job (``job.PreparedJob``), in the order they are called at each point.
@@ -12,4 +14,5 @@ def job_observers(job) -> list:
     Interventions run first (they change the model a step sees), then what saves or reports it.
     """
     observers: list = []
+    observers += live_observers(job)
     return observers
