@@ -292,8 +292,8 @@ def watch_view(store: StoreUnion, sweep=None, name: str = "") -> tuple[str, dict
     if not table:
         return head, counts
     buf = io.StringIO()
-    print_table([*names, "steps", "%", "train (ema)", "test", "elapsed"], table,
-                [False] * len(names) + [True] * 5, file=buf)
+    numeric = [all(_is_number(axes.get(n)) for axes, _ in rows) for n in names]
+    print_table([*names, "steps", "%", "train (ema)", "test", "elapsed"], table, numeric + [True] * 5, file=buf)
     return head + "\n\n" + buf.getvalue().rstrip("\n"), counts
 
 
