@@ -312,7 +312,7 @@ class LiveBoard:
         self.statuses.append(record.get("status", "failed"))
         self.running.pop(i, None)
         self.dirty.discard(i)
-        self._tick(redraw=True)
+        self._draw(force=True)  # no flush here: the records of a fused group arrive together, back to back
 
     def echo(self, stream: str, text: str) -> None:
         """A line a job printed: written above the bar (on the driver's real ``stream``)."""
@@ -324,16 +324,20 @@ class LiveBoard:
             out.flush()
 
     # --- output ---
-    def _tick(self, redraw: bool = False) -> None:
+    def _tick(self) -> None:
+        """After a message: redraw the bar and flush the store when they are due."""
+        self._draw()
+        if self.st is not None and self.dirty and time.monotonic() >= self._next_flush:
+            self._next_flush = time.monotonic() + self.every * FLUSH_PERIODS
+            self.flush()
+
+    def _draw(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.bar is not None and (redraw or now >= self._next_draw):
+        if self.bar is not None and (force or now >= self._next_draw):
             self._next_draw = now + BAR_INTERVAL
             position = steps_done(self.max_iter, {i: p.steps for i, p in self.running.items()}, self.finished)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.update(position - self.bar.n)
-        if self.st is not None and self.dirty and now >= self._next_flush:
-            self._next_flush = now + self.every * FLUSH_PERIODS
-            self.flush()
 
     def flush(self) -> None:
         """Write the partial records of the running jobs that reported since the last flush to the store."""
