@@ -132,10 +132,11 @@ def _matches(label, text: str) -> bool:
 
 def sweep_rows(store: StoreUnion, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
-    order, or every stored job when the store has no sweep. A job not stored yet is None (queued), a record of
-    status ``running`` where a live driver holds it (its partial record, with ``steps`` and ``max_iter``, once
-    it has reported), ``interrupted`` where only a dead driver's partial record is left, and ``{"status":
-    "damaged", "error": why}`` where its row cannot be read."""
+    order, or every stored job when the store has no sweep. A job not stored yet is None (queued); a record of
+    status ``running`` where a live driver holds it and it has reported progress (its partial record, with
+    ``steps`` and ``max_iter``; where no job reports, every job a live driver holds, with no steps);
+    ``interrupted`` where only a dead driver's partial record is left; ``{"status": "damaged", "error": why}``
+    where its row cannot be read."""
     sweep = sweep if sweep is not None else store.latest_sweep()
     if sweep is None:
         records = store.records()
@@ -146,12 +147,15 @@ def sweep_rows(store: StoreUnion, sweep=None):
     ids = store.sweep_job_ids(sweep)
     running = {c["job_id"]: c for c in store.live_claims()}
     partial = store.live_records()
+    # A driver claims a few jobs ahead of its free workers. Where its jobs report progress, a claimed job that
+    # has not reported is still waiting (queued); where none reports (LIVE_EVERY=0, Ray), every claim counts.
+    reporting = any(j in partial for j in running)
     rows = []
     for job_id, key in zip(ids, itertools.product(*res.axis_values)):
         rec = by_key.get(key)
         if rec is None and job_id in store.damaged:
             rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
-        elif rec is None and job_id in running:  # claimed by a live driver: running, or about to
+        elif rec is None and job_id in running and (job_id in partial or not reporting):
             claim = running[job_id]
             rec = {**partial.get(job_id, {"job_id": job_id}), "status": "running",
                    "device": f"{claim['host']} pid {claim['pid']}"}
@@ -282,8 +286,8 @@ def watch_view(store: StoreUnion, sweep=None, name: str = "") -> tuple[str, dict
         counts[key] += 1
         if status == "running":
             steps, top = rec.get("steps"), rec.get("max_iter")
-            done = f"{steps}/{top}" if top else "starting"
-            pct = f"{100 * steps / top:.0f}%" if top else ""
+            done = f"{steps}/{top}" if top else "-"
+            pct = f"{100 * steps / top:.0f}%" if top else "-"
             table.append([*[str(axes.get(n, "-")) for n in names], done, pct, _fmt_num(rec.get("train_loss")),
                           _fmt_num(rec.get("test_loss")), _fmt_elapsed(rec.get("wall_time"))])
     title = f"{name} sweep {sweep}" if sweep is not None else name

@@ -125,13 +125,15 @@ def running_record(job_id, lr, steps, max_iter=100):
 
 @pytest.fixture
 def half_run(tmp_path):
-    """A sweep over LR of 4 jobs: a done, b running (held by a live driver of this process, reported 40 of
-    100 steps), c queued, d left behind by a dead driver at 70 steps."""
+    """A sweep over LR of 5 jobs: a done, b running (held by a live driver of this process, reported 40 of
+    100 steps), c queued, d left behind by a dead driver at 70 steps, e claimed by the live driver but not
+    started (a driver claims a few jobs ahead of its free workers)."""
     driver = Driver.start()
     with Store(tmp_path / "expt") as st:
-        st.begin_sweep(["LR"], [[0.1, 0.2, 0.3, 0.4]], ["a", "b", "c", "d"])
+        st.begin_sweep(["LR"], [[0.1, 0.2, 0.3, 0.4, 0.5]], ["a", "b", "c", "d", "e"])
         st.write({"job_id": "a", "status": "done", "axes": {"LR": 0.1}, "steps": 100, "train_loss": 0.1})
         st.claim("b", driver)
+        st.claim("e", driver)
         st.write_live([(running_record("b", 0.2, 40), time.time()), (running_record("d", 0.4, 70), time.time())])
     yield tmp_path / "expt", driver
     driver.stop()
@@ -140,12 +142,12 @@ def half_run(tmp_path):
 def test_show_tells_running_from_queued_and_interrupted(half_run, capsys):
     store, _ = half_run
     assert cli.main(["show", str(store)]) == 0
-    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[1:5]]
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[1:6]]
     assert [(r[0], r[1]) for r in rows] == [("0.1", "done"), ("0.2", "running"), ("0.3", "queued"),
-                                            ("0.4", "interrupted")]
+                                            ("0.4", "interrupted"), ("0.5", "queued")]
     assert rows[1][-2] == "40/100" and rows[3][-2] == "70/100"
     assert cli.main(["show", str(store), "--status", "queued"]) == 0
-    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[1:]] == ["0.3"]
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[1:]] == ["0.3", "0.5"]
 
 
 def test_load_gives_running_jobs_with_their_partial_records_and_never_a_dead_drivers(half_run):
@@ -176,10 +178,10 @@ def test_watch_prints_the_running_jobs_and_exits_when_none_is_left(half_run, cap
     assert time.monotonic() - t0 < 10
     frames = capsys.readouterr().out.split("\n\n\n")
     first = frames[0].splitlines()
-    assert "4 jobs | 1 running, 2 queued, 1 done, 0 failed" in first[0]
+    assert "5 jobs | 1 running, 3 queued, 1 done, 0 failed" in first[0]
     assert first[2].split() == ["LR", "steps", "%", "train", "(ema)", "test", "elapsed"]
     assert first[3].split() == ["0.2", "40/100", "40%", "0.25", "0.5", "01:05"]
-    assert "0 running, 3 queued, 1 done" in frames[-1]  # it looked a few times, then gave up
+    assert "0 running, 4 queued, 1 done" in frames[-1]  # it looked a few times, then gave up
 
 
 def test_watch_stops_on_ctrl_c_with_status_0(half_run, monkeypatch, capsys):

@@ -102,15 +102,17 @@ class LiveObserver(LoopObserver):
         now = time.monotonic()
         self._due = now + self.every
         msg = {"key": self.key, "steps": step, "wall_time": time.perf_counter() - self.t0,
-               "train_loss": float(tracker.ema) if tracker.ema is not None else math.nan}
+               "train_loss": float(tracker.ema) if tracker.ema is not None else math.nan,
+               "test_loss": float(evals.test_curve[-1]) if evals.test_curve else math.nan,
+               "thresholds": np.array(tracker.thresholds), "timekeys": np.array(tracker.crossed)}
         if now >= self._curves_due:
             self._curves_due = now + self.every * CURVE_PERIODS
             msg.update(self._new_points(tracker, evals))
         self.sink(msg)
 
     def _new_points(self, tracker, evals) -> dict:
-        """The curve points recorded since the last message, and the threshold crossings so far."""
-        out = {"thresholds": np.array(tracker.thresholds), "timekeys": np.array(tracker.crossed)}
+        """The curve points recorded since the last message."""
+        out = {}
         if tracker.raw is not None:
             raw = np.asarray(tracker.raw[self._raw_sent:], dtype=np.float64)
             # the same recurrence, from the same last value, as the final record's train_curve
@@ -221,13 +223,14 @@ class _Partial:
 
     def __init__(self, max_iter: int, started: float):
         self.max_iter, self.started = max_iter, started
-        self.steps, self.wall_time, self.train_loss = 0, 0.0, math.nan
+        self.steps, self.wall_time, self.train_loss, self.test_loss = 0, 0.0, math.nan, math.nan
         self.parts: dict = {}  # curve name -> list of arrays received
         self.grabs: dict = {}  # grab name -> list of arrays received
         self.last: dict = {}  # thresholds, timekeys
 
     def add(self, msg: dict) -> None:
-        self.steps, self.wall_time, self.train_loss = msg["steps"], msg["wall_time"], msg["train_loss"]
+        self.steps, self.wall_time = msg["steps"], msg["wall_time"]
+        self.train_loss, self.test_loss = msg["train_loss"], msg.get("test_loss", math.nan)
         for name in ("train_curve", "train_raw", "eval_steps", "test_curve"):
             if name in msg:
                 self.parts.setdefault(name, []).append(msg[name])
@@ -240,11 +243,9 @@ class _Partial:
     def record(self, job_id, axes) -> dict:
         """The job's partial record (status ``running``), shaped as a finished one."""
         curves = {name: np.concatenate(parts) for name, parts in self.parts.items()}
-        test = curves.get("test_curve")
         rec = {"job_id": job_id, "status": "running", "axes": axes, "steps": int(self.steps),
                "max_iter": int(self.max_iter), "wall_time": float(self.wall_time),
-               "train_loss": float(self.train_loss),
-               "test_loss": float(test[-1]) if test is not None and len(test) else math.nan,
+               "train_loss": float(self.train_loss), "test_loss": float(self.test_loss),
                "thresholds": self.last.get("thresholds"), "timekeys": self.last.get("timekeys"), **curves,
                "grabs": {name: np.concatenate(parts) for name, parts in self.grabs.items()}}
         return rec
