@@ -244,7 +244,7 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     if board is None:
         every = jobs[todo[0]][2]["LIVE_EVERY"] if todo else 0
         board = LiveBoard(jobs, ids, todo, st, every)
-    hooks = executor.on_live, executor.on_output
+    hooks = getattr(executor, "on_live", None), getattr(executor, "on_output", None)
     executor.on_live, executor.on_output = board.receive, board.echo
     # A fresh id per run: id(context) can be reused by a later sweep once this one's context is freed, and
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
