@@ -18,6 +18,10 @@ the file as ours):
 - ``claims`` (schema 2): which driver (host, pid, start time, last heartbeat) is running each job right now, so
   that several drivers on one store share a sweep's jobs instead of training each twice (``claim``,
   ``heartbeat``, ``release``, ``live_claims``). A schema-1 store gains the table when it is opened for writing.
+- ``live``: the partial record (columns as in ``jobs``, plus ``max_iter`` and ``started``) of each job its driver
+  reported running (``write_live``, every few seconds), dropped in the transaction that writes the job's record.
+  A row whose job no live driver holds is what a dead driver left: ``StoreUnion.running_records`` leaves it out.
+  Created, if missing, whenever a store is opened for writing; readers of older versions ignore it.
 
 A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
 
@@ -62,7 +66,8 @@ NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVI
                              "RESUME", "CLAIM_TIMEOUT", "THREADS", "JOB_TIMEOUT", "RETRY_FAILED", "RAY_ADDRESS",
                              "SLURM_PARTITION", "SLURM_TIME", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK",
                              "SLURM_MEM", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_EXTRA", "SLURM_SHARDS",
-                             "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID", "LIVE_EVERY"})
+                             "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID",
+                             "LIVE_EVERY"})
 
 # crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
 STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
