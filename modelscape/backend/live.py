@@ -278,11 +278,11 @@ class LiveBoard:
         from tqdm import tqdm  # plain text: tqdm.auto needs ipywidgets in a notebook
         total = sum(self.max_iter.values())
         start = steps_done(self.max_iter, {}, self.finished)
-        bar = tqdm(total=total, initial=start, unit="", unit_scale=True, dynamic_ncols=True, mininterval=BAR_INTERVAL,
-                   smoothing=0.1, bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
-                   "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-        bar.set_postfix_str(self._postfix(), refresh=False)
-        return bar
+        # k and M only where the counts are large: "0.00/160 steps" reads badly
+        return tqdm(total=total, initial=start, unit="", unit_scale=total >= 10_000, dynamic_ncols=True,
+                    mininterval=BAR_INTERVAL, smoothing=0.1, postfix=self._postfix(),
+                    bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
+                    "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
 
     def counts(self) -> dict:
         """``{running, queued, done, failed}`` right now."""
