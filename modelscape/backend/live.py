@@ -127,7 +127,7 @@ class LiveObserver(LoopObserver):
             out.update(eval_steps=np.asarray(evals.eval_steps[n:], dtype=np.int64),
                        test_curve=np.asarray(evals.test_curve[n:], dtype=np.float64),
                        grabs={name: np.asarray(vals[n:]) for name, vals in evals.grab_trace.items()
-                              if all(np.ndim(v) == 0 for v in vals)})
+                              if all(np.ndim(v) == 0 for v in vals[n:])})  # scalars: arrays can be large
         return out
 
 
