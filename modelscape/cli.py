@@ -130,6 +130,15 @@ def _matches(label, text: str) -> bool:
     return False
 
 
+def running_ids(claimed, reported) -> set:
+    """The jobs running now, from the ids live drivers hold (``claimed``) and those with a live row
+    (``reported``). A driver claims a few jobs ahead of its free workers: where its jobs report progress, a
+    claimed job that has not reported is still waiting; where none reports (LIVE_EVERY=0, Ray), every claim
+    counts."""
+    both = set(claimed) & set(reported)
+    return both if both else set(claimed)
+
+
 def sweep_rows(store: StoreUnion, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
     order, or every stored job when the store has no sweep. A job not stored yet is None (queued); a record of
@@ -145,18 +154,16 @@ def sweep_rows(store: StoreUnion, sweep=None):
     res = store.results(sweep)
     by_key = {res.key(r): r for r in res.records}
     ids = store.sweep_job_ids(sweep)
-    running = {c["job_id"]: c for c in store.live_claims()}
+    claims = {c["job_id"]: c for c in store.live_claims()}
     partial = store.live_records()
-    # A driver claims a few jobs ahead of its free workers. Where its jobs report progress, a claimed job that
-    # has not reported is still waiting (queued); where none reports (LIVE_EVERY=0, Ray), every claim counts.
-    reporting = any(j in partial for j in running)
+    running = running_ids(claims, partial)
     rows = []
     for job_id, key in zip(ids, itertools.product(*res.axis_values)):
         rec = by_key.get(key)
         if rec is None and job_id in store.damaged:
             rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
-        elif rec is None and job_id in running and (job_id in partial or not reporting):
-            claim = running[job_id]
+        elif rec is None and job_id in running:
+            claim = claims[job_id]
             rec = {**partial.get(job_id, {"job_id": job_id}), "status": "running",
                    "device": f"{claim['host']} pid {claim['pid']}"}
         elif rec is None and job_id in partial:  # its driver died (or was stopped) while it ran
@@ -200,7 +207,8 @@ def cmd_ls(args) -> int:
     for name, db in stores:
         try:
             with StoreUnion(db) as st:
-                running = len({c["job_id"] for c in st.live_claims()})  # held by a live driver or array task
+                # held by a live driver or array task, and started
+                running = len(running_ids({c["job_id"] for c in st.live_claims()}, st.live_records()))
                 table.append((name, st.status_counts(), running, len(st.sweeps())))
         except StoreError as e:
             bad += 1
