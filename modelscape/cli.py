@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -282,9 +283,10 @@ def _fmt_elapsed(seconds) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def watch_view(store: StoreUnion, sweep=None, name: str = "") -> tuple[str, dict]:
+def watch_view(store: StoreUnion, sweep=None, name: str = "", max_rows: int | None = None) -> tuple[str, dict]:
     """``(text, counts)``: what ``modelscape watch`` prints once, a line of counts (running, queued, done,
-    failed) and one row per running job (axes, steps/MAX_ITER, EMA train loss, last test loss, elapsed)."""
+    failed) and one row per running job (axes, steps/MAX_ITER, EMA train loss, last test loss, elapsed), at
+    most ``max_rows`` of them (then a line saying how many more run)."""
     sweep, names, rows = sweep_rows(store, sweep)
     counts = {"running": 0, "queued": 0, "done": 0, "failed": 0}
     table = []
@@ -303,10 +305,13 @@ def watch_view(store: StoreUnion, sweep=None, name: str = "") -> tuple[str, dict
             f"{counts['done']} done, {counts['failed']} failed | {time.strftime('%H:%M:%S')}")
     if not table:
         return head, counts
+    more = len(table) - max_rows if max_rows is not None and len(table) > max_rows else 0
     buf = io.StringIO()
     numeric = [all(_is_number(axes.get(n)) for axes, _ in rows) for n in names]
-    print_table([*names, "steps", "%", "train (ema)", "test", "elapsed"], table, numeric + [True] * 5, file=buf)
-    return head + "\n\n" + buf.getvalue().rstrip("\n"), counts
+    print_table([*names, "steps", "%", "train (ema)", "test", "elapsed"], table[:len(table) - more],
+                numeric + [True] * 5, file=buf)
+    tail = f"\n... and {more} more running" if more else ""
+    return head + "\n\n" + buf.getvalue().rstrip("\n") + tail, counts
 
 
 def cmd_watch(args) -> int:
@@ -318,8 +323,10 @@ def cmd_watch(args) -> int:
     idle = 0
     try:
         while True:
+            # a terminal shows as many rows as fit (the header, a blank line, the column titles, "... more")
+            max_rows = max(1, shutil.get_terminal_size().lines - 5) if tty else None
             with StoreUnion(args.path) as st:  # opened afresh: an array task may have added its shard file
-                text, counts = watch_view(st, args.sweep, name)
+                text, counts = watch_view(st, args.sweep, name, max_rows)
             if tty:
                 sys.stdout.write("\x1b[H\x1b[J")  # redraw in place
             print(text + ("" if tty else "\n"), flush=True)

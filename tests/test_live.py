@@ -184,6 +184,18 @@ def test_watch_prints_the_running_jobs_and_exits_when_none_is_left(half_run, cap
     assert "0 running, 4 queued, 1 done" in frames[-1]  # it looked a few times, then gave up
 
 
+def test_watch_shows_as_many_running_jobs_as_fit(half_run):
+    from modelscape.backend.store import StoreUnion
+    store, driver = half_run
+    with Store(store) as st:
+        st.claim("c", driver)
+        st.write_live([(running_record("c", 0.3, 10), time.time())])
+    with StoreUnion(store) as st:
+        text, counts = cli.watch_view(st, max_rows=1)
+    assert counts["running"] == 2
+    assert text.splitlines()[3].split()[:2] == ["0.2", "40/100"] and text.splitlines()[-1] == "... and 1 more running"
+
+
 def test_watch_stops_on_ctrl_c_with_status_0(half_run, monkeypatch, capsys):
     store, _ = half_run
 

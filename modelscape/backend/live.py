@@ -278,10 +278,13 @@ class LiveBoard:
         from tqdm import tqdm  # plain text: tqdm.auto needs ipywidgets in a notebook
         total = sum(self.max_iter.values())
         start = steps_done(self.max_iter, {}, self.finished)
-        # k and M only where the counts are large: "0.00/160 steps" reads badly
-        return tqdm(total=total, initial=start, unit="", unit_scale=total >= 10_000, dynamic_ncols=True,
+        # k and M in the rate, and in the counts only where they are long ("0.00/160 steps" reads badly).
+        # miniters=1: tqdm's own adaptive minimum (raised by a burst of finished jobs) would hold back the
+        # small steps of a slow job for many seconds; _draw throttles instead.
+        counts = "{n_fmt}/{total_fmt}" if total >= 1_000_000 else "{n}/{total}"
+        return tqdm(total=total, initial=start, unit="", unit_scale=True, dynamic_ncols=True, miniters=1,
                     mininterval=BAR_INTERVAL, smoothing=0.1, postfix=self._postfix(),
-                    bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
+                    bar_format="{percentage:3.0f}%|{bar}| " + counts + " steps "
                     "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
 
     def counts(self) -> dict:
