@@ -241,6 +241,12 @@ def test_the_board_moves_its_bar_by_steps_and_counts_states():
         board.close()
 
 
+def test_the_board_counts_the_stored_jobs_by_their_status():
+    jobs = [({"LR": lr}, {}, {"MAX_ITER": 10}) for lr in (0.1, 0.2, 0.3)]
+    board = live.LiveBoard(jobs, ["a", "b", "c"], [2], stored=["timeout", "not_reached"])
+    assert board.counts() == {"running": 0, "queued": 1, "done": 1, "failed": 1}
+
+
 # --- in the worker ------------------------------------------------------------------------------------------
 
 def quick_bfn(bsz, gen, X=None, y=None, dim=4):

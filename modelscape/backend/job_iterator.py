@@ -194,7 +194,8 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
                 st.close()
         return _result(names, values, ids, records, progress)
 
-    board = LiveBoard(jobs, ids, todo, st, base["LIVE_EVERY"], bar=progress)
+    board = LiveBoard(jobs, ids, todo, st, base["LIVE_EVERY"], bar=progress,
+                      stored=[r["status"] for r in records.values()])
     run = None
     try:
         run = run_jobs(executor, jobs, ids, codes, todo, st, (global_config, bfn_config), since,

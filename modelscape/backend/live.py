@@ -242,13 +242,20 @@ class _Partial:
 
     def record(self, job_id, axes) -> dict:
         """The job's partial record (status ``running``), shaped as a finished one."""
-        curves = {name: np.concatenate(parts) for name, parts in self.parts.items()}
         rec = {"job_id": job_id, "status": "running", "axes": axes, "steps": int(self.steps),
                "max_iter": int(self.max_iter), "wall_time": float(self.wall_time),
                "train_loss": float(self.train_loss), "test_loss": float(self.test_loss),
-               "thresholds": self.last.get("thresholds"), "timekeys": self.last.get("timekeys"), **curves,
-               "grabs": {name: np.concatenate(parts) for name, parts in self.grabs.items()}}
+               "thresholds": self.last.get("thresholds"), "timekeys": self.last.get("timekeys"),
+               **{name: _joined(parts) for name, parts in self.parts.items()},
+               "grabs": {name: _joined(parts) for name, parts in self.grabs.items()}}
         return rec
+
+
+def _joined(parts: list) -> np.ndarray:
+    """The arrays of ``parts`` as one, which then replaces them (the next flush joins only what came since)."""
+    if len(parts) > 1:
+        parts[:] = [np.concatenate(parts)]
+    return parts[0]
 
 
 class LiveBoard:
@@ -256,18 +263,19 @@ class LiveBoard:
     rows out.
 
     ``jobs``/``ids``/``todo`` as in ``job_iterator.run_jobs``; ``st`` the store this driver writes (None: keep
-    nothing); ``every``: LIVE_EVERY; ``bar``: draw a progress bar on stderr. The bar counts training steps:
-    its total is the sum of every job's MAX_ITER (the jobs stored before the sweep started count as done).
+    nothing); ``every``: LIVE_EVERY; ``bar``: draw a progress bar on stderr; ``stored``: the statuses of the
+    jobs not in ``todo`` (stored before the sweep started). The bar counts training steps: its total is the sum
+    of every job's MAX_ITER (the stored jobs count as done).
     """
 
-    def __init__(self, jobs, ids, todo, st=None, every: float = 1.0, bar: bool = False):
+    def __init__(self, jobs, ids, todo, st=None, every: float = 1.0, bar: bool = False, stored=()):
         todo = list(todo)
         self.jobs, self.ids, self.st = jobs, ids, st
         self.every = float(every)
         self.index = {job_key(ids[i], jobs[i][0]): i for i in todo}
         self.max_iter = {i: int(cfg["MAX_ITER"]) for i, (_, _, cfg) in enumerate(jobs)}
-        self.finished = set(range(len(jobs))) - set(todo)  # stored before this sweep: done
-        self.statuses = ["done"] * len(self.finished)
+        self.finished = set(range(len(jobs))) - set(todo)  # stored before this sweep started
+        self.statuses = list(stored) or ["done"] * len(self.finished)  # their statuses, if known
         self.running: dict[int, _Partial] = {}
         self.dirty: set = set()
         self._next_flush = 0.0
