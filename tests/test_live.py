@@ -170,7 +170,7 @@ def test_load_gives_running_jobs_with_their_partial_records_and_never_a_dead_dri
 
 def test_watch_prints_the_running_jobs_and_exits_when_none_is_left(half_run, capsys):
     store, driver = half_run
-    stopper = threading.Timer(0.5, driver.stop)  # the driver "dies": b no longer runs
+    stopper = threading.Timer(1.5, driver.stop)  # the driver "dies": b no longer runs
     stopper.start()
     t0 = time.monotonic()
     assert cli.main(["watch", str(store), "--every", "0.1"]) == 0
