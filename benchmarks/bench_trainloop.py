@@ -6,7 +6,9 @@ with a 2000-sample test set. modelscape goes through ``run_config`` (seeding, da
 trainloop) with thresholds that are never reached, so every run takes exactly ``--steps`` steps; the time of
 ``train_loop`` alone is taken by wrapping it, and ``run_config`` end to end is shown as well. Rates are given per
 wall-clock second and per CPU second of the (single) training thread; each measurement is repeated
-``--repeats`` times, interleaved, and the best is kept (the machine may be shared).
+``--repeats`` times, interleaved, and the best is kept (the machine may be shared). The last row has live progress
+on, as in a sweep's worker (``LIVE_EVERY=1``: a report at the first step and then once a second, to a sink that
+drops it): the cost of ``LiveObserver`` on the hot path.
 
     python benchmarks/bench_trainloop.py [--steps 400] [--repeats 3]
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 import modelscape.backend.job as job
+from modelscape.backend import live
 from modelscape.data import powerlaw_bfn
 from modelscape.models import MLP
 
@@ -61,11 +64,13 @@ def plain_loop(online: bool, steps: int) -> tuple[float, float]:
     return rates(steps, t0)
 
 
-def modelscape_loop(online: bool, center: bool, steps: int, curves: bool = False):
-    """run_config with MAX_ITER=steps; returns ((wall, CPU) steps/s of train_loop, the same of run_config)."""
+def modelscape_loop(online: bool, center: bool, steps: int, curves: bool = False, live_every: float = 0.0):
+    """run_config with MAX_ITER=steps; returns ((wall, CPU) steps/s of train_loop, the same of run_config).
+
+    ``live_every`` > 0: live progress on, as in a sweep's worker (a sink that drops the messages)."""
     config = dict(PARAMETERIZATION="sp", ONLINE=online, CENTER=center, WIDTH=WIDTH, DEPTH=DEPTH, N_SAMPLES=BSZ,
                   N_TEST=N_TEST, MAX_ITER=steps, LR=LR, LOSS_CHECKPOINTS=[1e-30], ONLYTHRESHOLDS=not curves,
-                  EVAL_EVERY=100, SYNC_EVERY=1)
+                  EVAL_EVERY=100, SYNC_EVERY=1, LIVE_EVERY=live_every)
     timing = {}
     inner = job.train_loop
 
@@ -78,7 +83,8 @@ def modelscape_loop(online: bool, center: bool, steps: int, curves: bool = False
     job.train_loop = timed_train_loop
     try:
         t0 = clock()
-        result = job.run_config(config, dict(base_bfn=powerlaw_bfn, dim=D_IN), quiet=True)
+        with live.reporting((lambda msg: None) if live_every else None):
+            result = job.run_config(config, dict(base_bfn=powerlaw_bfn, dim=D_IN), quiet=True)
         total = rates(steps, t0)
     finally:
         job.train_loop = inner
@@ -94,7 +100,8 @@ def main():
     torch.set_num_threads(1)
 
     labels = ["plain PyTorch loop", "train_loop, CENTER=False", "train_loop, CENTER=True",
-              "train_loop, CENTER=True, curves (EVAL_EVERY=100)", "run_config end to end, CENTER=True"]
+              "train_loop, CENTER=True, curves (EVAL_EVERY=100)", "run_config end to end, CENTER=True",
+              "train_loop, CENTER=True, curves + live progress"]
     rows = []  # (mode, label)
     cases = []  # (mode, fn) where fn() -> {label: steps/s}
     for online in (True, False):
@@ -104,6 +111,8 @@ def main():
         cases.append((mode, lambda o=online: {labels[1]: modelscape_loop(o, False, args.steps)[0]}))
         cases.append((mode, lambda o=online: dict(zip(labels[2::2], modelscape_loop(o, True, args.steps)))))
         cases.append((mode, lambda o=online: {labels[3]: modelscape_loop(o, True, args.steps, curves=True)[0]}))
+        cases.append((mode, lambda o=online: {labels[5]: modelscape_loop(o, True, args.steps, curves=True,
+                                                                          live_every=1.0)[0]}))
 
     # warm-up (allocator, first-call overheads), then interleaved repeats keeping the best
     plain_loop(True, 50)

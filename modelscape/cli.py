@@ -5,6 +5,9 @@
     modelscape show PATH [--status S] [--where AXIS=VALUE ...] [--sweep N]
                                             one row per job of a sweep (default: the latest), then
                                             where it ran (host, git commit, versions) and its code versions
+    modelscape watch PATH [--every S] [--sweep N]
+                                            the running jobs of a sweep (steps, losses, elapsed) and
+                                            counts of queued/done/failed, refreshed until none runs
     modelscape export PATH (--csv FILE | --netcdf FILE) [--sweep N]
 
 PATH is a results directory holding experiments (``RESULTS_DIR``), one experiment's directory
@@ -16,10 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import itertools
 import json
 import math
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,7 @@ from modelscape.results import NO_RESULT
 SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
 # netCDF engines in xarray's order of preference, by the module that provides each
 NETCDF_ENGINES = (("netCDF4", "netcdf4"), ("h5netcdf", "h5netcdf"), ("scipy", "scipy"))
+WATCH_IDLE_LOOKS = 3  # refreshes with nothing running (but jobs left) before ``watch`` gives up
 
 
 class UsageError(Exception):
@@ -124,11 +131,22 @@ def _matches(label, text: str) -> bool:
     return False
 
 
+def running_ids(claimed, reported) -> set:
+    """The jobs running now, from the ids live drivers hold (``claimed``) and those with a live row
+    (``reported``). A driver claims a few jobs ahead of its free workers: where its jobs report progress, a
+    claimed job that has not reported is still waiting; where none reports (LIVE_EVERY=0, Ray), every claim
+    counts."""
+    both = set(claimed) & set(reported)
+    return both if both else set(claimed)
+
+
 def sweep_rows(store: StoreUnion, sweep=None):
     """``(sweep id or None, axis names, [(axes labels dict, record or None)])``: the jobs of a sweep in product
-    order (None where a job is not stored yet, ``{"status": "running"}`` where a live driver holds it,
-    ``{"status": "damaged", "error": why}`` where its row cannot be read), or every stored job when the store
-    has no sweep."""
+    order, or every stored job when the store has no sweep. A job not stored yet is None (queued); a record of
+    status ``running`` where a live driver holds it and it has reported progress (its partial record, with
+    ``steps`` and ``max_iter``; where no job reports, every job a live driver holds, with no steps);
+    ``interrupted`` where only a dead driver's partial record is left; ``{"status": "damaged", "error": why}``
+    where its row cannot be read."""
     sweep = sweep if sweep is not None else store.latest_sweep()
     if sweep is None:
         records = store.records()
@@ -137,15 +155,20 @@ def sweep_rows(store: StoreUnion, sweep=None):
     res = store.results(sweep)
     by_key = {res.key(r): r for r in res.records}
     ids = store.sweep_job_ids(sweep)
-    running = {c["job_id"]: c for c in store.live_claims()}
+    claims = {c["job_id"]: c for c in store.live_claims()}
+    partial = store.live_records()
+    running = running_ids(claims, partial)
     rows = []
     for job_id, key in zip(ids, itertools.product(*res.axis_values)):
         rec = by_key.get(key)
         if rec is None and job_id in store.damaged:
             rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
-        elif rec is None and job_id in running:  # claimed by a live driver: running or about to
-            rec = {"job_id": job_id, "status": "running", "device": f"{running[job_id]['host']} pid "
-                   f"{running[job_id]['pid']}"}
+        elif rec is None and job_id in running:
+            claim = claims[job_id]
+            rec = {**partial.get(job_id, {"job_id": job_id}), "status": "running",
+                   "device": f"{claim['host']} pid {claim['pid']}"}
+        elif rec is None and job_id in partial:  # its driver died (or was stopped) while it ran
+            rec = {**partial[job_id], "status": "interrupted"}
         rows.append((dict(zip(res.axis_names, key)), rec))
     return sweep, res.axis_names, rows
 
@@ -185,7 +208,8 @@ def cmd_ls(args) -> int:
     for name, db in stores:
         try:
             with StoreUnion(db) as st:
-                running = len({c["job_id"] for c in st.live_claims()})  # held by a live driver or array task
+                # held by a live driver or array task, and started
+                running = len(running_ids({c["job_id"] for c in st.live_claims()}, st.live_records()))
                 table.append((name, st.status_counts(), running, len(st.sweeps())))
         except StoreError as e:
             bad += 1
@@ -213,10 +237,13 @@ def cmd_show(args) -> int:
         footer.append(checkpoints.disk_line(store_dir) or "")
     several_codes = len({json.dumps(r.get("code"), sort_keys=True) for _, r in rows if r and r.get("code")}) > 1
     conds = _parse_where(args.where, names)
+    wanted = set(args.status or ())
+    if "pending" in wanted:  # the name before running and queued were told apart: every job not finished
+        wanted |= {"queued", "running", "interrupted"}
     out, numeric_axis = [], {n: True for n in names}
     for axes, rec in rows:
-        status = rec["status"] if rec is not None else "pending"
-        if args.status and status not in args.status:
+        status = rec["status"] if rec is not None else "queued"
+        if wanted and status not in wanted:
             continue
         if not all(_matches(axes.get(n), v) for n, v in conds):
             continue
@@ -225,7 +252,7 @@ def cmd_show(args) -> int:
         rec = rec or {}
         wall = rec.get("wall_time")
         out.append([*[str(axes.get(n, "-")) for n in names], status, _fmt_timekeys(rec.get("timekeys")),
-                    _fmt_num(rec.get("train_loss")), _fmt_num(rec.get("test_loss")), _fmt_num(rec.get("steps")),
+                    _fmt_num(rec.get("train_loss")), _fmt_num(rec.get("test_loss")), _fmt_steps(rec),
                     f"{wall:.2f}s" if _is_number(wall) else "-", *([_code_cell(rec)] if several_codes else []),
                     *([checkpoints.record_cell(rec)] if with_ckpt else []),
                     short_error(rec.get("error")) if status in NO_RESULT + ("damaged",) else ""])
@@ -243,6 +270,80 @@ def cmd_show(args) -> int:
         print()
         print("\n".join(footer))
     return 0
+
+
+def _fmt_steps(rec) -> str:
+    """Steps done: ``340/1000`` (of MAX_ITER) for a running or interrupted job, the count for a finished one."""
+    if rec.get("max_iter") is not None and rec.get("status") in ("running", "interrupted"):
+        return f"{rec.get('steps', 0)}/{rec['max_iter']}"
+    return _fmt_num(rec.get("steps"))
+
+
+# --- watch ------------------------------------------------------------------------------------------------
+
+def _fmt_elapsed(seconds) -> str:
+    if not _is_number(seconds) or math.isnan(seconds):
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def watch_view(store: StoreUnion, sweep=None, name: str = "", max_rows: int | None = None) -> tuple[str, dict]:
+    """``(text, counts)``: what ``modelscape watch`` prints once, a line of counts (running, queued, done,
+    failed) and one row per running job (axes, steps/MAX_ITER, EMA train loss, last test loss, elapsed), at
+    most ``max_rows`` of them (then a line saying how many more run)."""
+    sweep, names, rows = sweep_rows(store, sweep)
+    counts = {"running": 0, "queued": 0, "done": 0, "failed": 0}
+    table = []
+    for axes, rec in rows:
+        status = "queued" if rec is None or rec["status"] == "interrupted" else rec["status"]
+        key = ("failed" if status in NO_RESULT + ("damaged",) else status if status in counts else "done")
+        counts[key] += 1
+        if status == "running":
+            steps, top = rec.get("steps"), rec.get("max_iter")
+            done = f"{steps}/{top}" if top else "-"
+            pct = f"{100 * steps / top:.0f}%" if top else "-"
+            table.append([*[str(axes.get(n, "-")) for n in names], done, pct, _fmt_num(rec.get("train_loss")),
+                          _fmt_num(rec.get("test_loss")), _fmt_elapsed(rec.get("wall_time"))])
+    title = f"{name} sweep {sweep}" if sweep is not None else name
+    head = (f"{title}: {len(rows)} jobs | {counts['running']} running, {counts['queued']} queued, "
+            f"{counts['done']} done, {counts['failed']} failed | {time.strftime('%H:%M:%S')}")
+    if not table:
+        return head, counts
+    more = len(table) - max_rows if max_rows is not None and len(table) > max_rows else 0
+    buf = io.StringIO()
+    numeric = [all(_is_number(axes.get(n)) for axes, _ in rows) for n in names]
+    print_table([*names, "steps", "%", "train (ema)", "test", "elapsed"], table[:len(table) - more],
+                numeric + [True] * 5, file=buf)
+    tail = f"\n... and {more} more running" if more else ""
+    return head + "\n\n" + buf.getvalue().rstrip("\n") + tail, counts
+
+
+def cmd_watch(args) -> int:
+    """Print the running jobs of a sweep every ``--every`` seconds until nothing runs (Ctrl-C: exit 0)."""
+    if not args.every > 0:
+        raise UsageError(f"--every must be a positive number of seconds, got {args.every}")
+    name = find_stores(args.path)[0][0] if Path(args.path).expanduser().exists() else str(args.path)
+    tty = sys.stdout.isatty()
+    idle = 0
+    try:
+        while True:
+            # a terminal shows as many rows as fit (the header, a blank line, the column titles, "... more")
+            max_rows = max(1, shutil.get_terminal_size().lines - 5) if tty else None
+            with StoreUnion(args.path) as st:  # opened afresh: an array task may have added its shard file
+                text, counts = watch_view(st, args.sweep, name, max_rows)
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[J")  # redraw in place
+            print(text + ("" if tty else "\n"), flush=True)
+            # nothing runs: done if nothing is left either, else give a driver between jobs a few looks
+            idle = idle + 1 if counts["running"] == 0 else 0
+            if idle and (counts["queued"] == 0 or idle >= WATCH_IDLE_LOOKS):
+                return 0
+            time.sleep(args.every)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 0
 
 
 def cmd_export(args) -> int:
@@ -332,12 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a table of a sweep's jobs")
     show.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")
     show.add_argument("--status", action="append", metavar="S",
-                      help=f"only jobs with this status ({', '.join(STATUSES)}, running, pending, damaged); "
-                      "repeatable")
+                      help=f"only jobs with this status ({', '.join(STATUSES)}, running, queued, interrupted, "
+                      "damaged; pending = not finished); repeatable")
     show.add_argument("--where", action="append", metavar="AXIS=VALUE", help="only jobs with this axis value; "
                       "repeatable (all must hold)")
     show.add_argument("--sweep", type=int, metavar="N", help="sweep id (default: the latest)")
     show.set_defaults(func=cmd_show)
+
+    watch = sub.add_parser("watch", help="a live table of a sweep's running jobs, refreshed until none runs")
+    watch.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")
+    watch.add_argument("--every", type=float, default=2.0, metavar="S", help="seconds between refreshes "
+                       "(default 2)")
+    watch.add_argument("--sweep", type=int, metavar="N", help="sweep id (default: the latest)")
+    watch.set_defaults(func=cmd_watch)
 
     ex = sub.add_parser("export", help="write a sweep as CSV (one row per job) or netCDF (xarray)")
     ex.add_argument("path", metavar="PATH", help="an experiment directory or its results.db")

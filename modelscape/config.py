@@ -145,6 +145,9 @@ SCHEMA: tuple[HP, ...] = (
     HP("FUSE", str, "auto", "Train jobs that differ only in numbers (LR, GAMMA, trial, PARAMETERIZATION ...) of the "
        "built-in MLP together as one stacked model (auto), or each alone (off).", choices=("auto", "off"),
        group="execution"),
+    HP("LIVE_EVERY", float, 1.0, "Seconds between a running job's progress reports to its driver (steps done; its "
+       "curves so far every 5 periods), which drive the progress bar and are flushed to the store for `load()` and "
+       "`modelscape watch`; 0 turns live progress off.", group="execution", range="[0, inf)"),
     HP("FUSE_MAX", int, 64, "Most jobs trained as one fused group (also capped by free GPU memory, and at 64 on "
        "a CPU).", group="execution", range="[1, inf)"),
     HP("RESULTS_DIR", str, "results", "Directory holding experiment stores.", group="results"),

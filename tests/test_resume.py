@@ -224,7 +224,9 @@ def test_sigkill_mid_sweep_leaves_a_readable_store_and_resume_trains_only_the_mi
     assert "grab_norms" in ds and "train_curve" in ds
     trained_before_kill = take(tmp_path / "killed.log")
     stored = sorted((r["axes"]["WIDTH"], r["axes"]["LR"], r["axes"]["trial"]) for r in partial.records)
-    assert set(stored) <= set(trained_before_kill) and len(trained_before_kill) <= n_done + 1
+    # lost: at most the unit of work in flight, a fused group of 6 (LR x trial); its records are stored one
+    # after the other, so the kill may land between them
+    assert set(stored) <= set(trained_before_kill) and len(trained_before_kill) <= n_done + 6
 
     # Re-running the same sweep trains only the missing jobs...
     finish(start_sweep(script, killed, tmp_path / "resumed.log"))
@@ -401,7 +403,7 @@ def test_load_while_a_sweep_is_writing_returns_the_jobs_finished_so_far(tmp_path
         deadline = time.time() + 90
         while p.poll() is None and time.time() < deadline:
             try:
-                snapshots.append(modelscape.load(path))
+                snapshots.append(modelscape.load(path, running=False))  # finished jobs only (test_live: running)
             except StoreError:
                 # only before the sweep is recorded: no file yet, or no sweep in it yet
                 assert not snapshots, "load failed after it had worked once"

@@ -81,7 +81,7 @@ def test_show_prints_one_aligned_row_per_job(capsys, results_dir):
     rows = [ln.split(None, 8) for ln in lines[1:]]
     assert [(int(r[0]), float(r[1]), r[2]) for r in rows] == [
         (16, 0.1, "done"), (16, 0.01, "done"), (32, 0.1, "done"), (32, 0.01, "failed"),
-        (64, 0.1, "not_reached"), (64, 0.01, "pending")]
+        (64, 0.1, "not_reached"), (64, 0.01, "queued")]
     r = recs[(32, 0.1)]
     assert rows[2][3] == f"{int(r['timekeys'][0])},{int(r['timekeys'][1])}"
     assert float(rows[2][4]) == pytest.approx(r["train_loss"], rel=1e-3)
@@ -91,7 +91,7 @@ def test_show_prints_one_aligned_row_per_job(capsys, results_dir):
     assert rows[3][2:] == ["failed", "-", "nan", "nan", "0", "0.25s", "ValueError: boom 3"]
     # columns line up: each header starts where its column starts
     col = lines[0].index("status")
-    assert all(ln[col:].split()[0] in ("done", "failed", "not_reached", "pending") for ln in lines[1:])
+    assert all(ln[col:].split()[0] in ("done", "failed", "not_reached", "queued") for ln in lines[1:])
 
 
 def test_show_filters(capsys, results_dir):

@@ -58,7 +58,7 @@ def test_cli_reads_the_directory_as_one(expt, capsys):
     assert cli.main(["show", str(d)]) == 0
     rows = capsys.readouterr().out.splitlines()
     status = {int(ln.split()[0]): ln.split()[1] for ln in rows[1:5]}
-    assert status == {8: "done", 16: "done", 32: "failed", 64: "pending"}
+    assert status == {8: "done", 16: "done", 32: "failed", 64: "queued"}
 
 
 def test_a_shard_file_being_created_is_skipped_with_a_warning(expt):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelscape.backend import live
 from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
     run_config_safe, train_prepared
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, observers_wanting, read_losses
@@ -318,6 +319,7 @@ class _Member:
         self.unread: list[np.ndarray] = []  # losses read back from the device, not yet fed to the tracker
         self.after_sync = observers_wanting(job.observers, "after_sync")
         self.at_end = observers_wanting(job.observers, "at_end")
+        self.label = live.axes_label(job.axes)  # prefixes what this member's tracker and grabs print
         self.X = self.y = None
 
 
@@ -379,6 +381,7 @@ def train_fused(jobs: list) -> list:
             write_back(due)
         for r in (due if step else range(len(active))):  # as train_loop: record, or at step 0 check the grabs
             m = members[active[r]]
+            live.set_label(m.label)
             try:
                 if r in due:
                     m.evals.record(step, m.X, m.y)
@@ -413,6 +416,7 @@ def train_fused(jobs: list) -> list:
             m = members[i]
             new = np.concatenate(m.unread)
             m.unread.clear()
+            live.set_label(m.label)
             stop = m.tracker.feed(new)
             try:
                 for fn in m.after_sync:
@@ -501,6 +505,7 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
 
 def _train_alone(job: PreparedJob) -> dict:
     """``train_prepared`` that never raises, as ``run_config_safe``."""
+    live.set_label(live.axes_label(job.axes))
     try:
         return train_prepared(job)
     except Exception as e:

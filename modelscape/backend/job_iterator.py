@@ -17,6 +17,7 @@ from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check
 from modelscape.backend.executors import JobSpec, make_executor
 from modelscape.backend.fused import group_overrides, plan_units, split_records
 from modelscape.backend.job import consumers
+from modelscape.backend.live import LiveBoard
 from modelscape.backend.tensorboard import require_tensorboard, start_sweep as start_tensorboard
 from modelscape.results import SweepResults, axis_label
 
@@ -204,31 +205,26 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
                 st.close()
         return _result(names, values, ids, records, progress, store_dir)
 
-    bar = _progress(len(jobs), len(jobs) - len(todo), progress)
-    counts, run = {}, None
+    board = LiveBoard(jobs, ids, todo, st, base["LIVE_EVERY"], bar=progress,
+                      stored=[r["status"] for r in records.values()])
+    run = None
     try:
         run = run_jobs(executor, jobs, ids, codes, todo, st, (global_config, bfn_config), since,
-                       base["CLAIM_TIMEOUT"])
+                       base["CLAIM_TIMEOUT"], board)
         for i, record in run:
             records[ids[i] if ids[i] is not None else i] = record
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
-            if bar is not None:
-                bar.set_postfix_str(_postfix(counts, record), refresh=False)
-                bar.update(1)
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
+        board.close()
         lost = executor.in_flight()
         if own_executor:
             executor.shutdown(now=True)
         else:  # a pool the caller passed in stays theirs, and usable
             executor.cancel()
-        _interrupted(len(records), len(jobs), lost, st is not None, after_bar=bar is not None)
+        _interrupted(len(records), len(jobs), lost, st is not None, after_bar=progress)
     finally:
         if run is not None:
             run.close()  # stops the heartbeat and releases this driver's claims now, even on an error
-        if bar is not None:
-            bar.close()
+        board.close()
         if own_store:
             st.close()
     return _result(names, values, ids, records, progress, store_dir)
@@ -251,12 +247,20 @@ def _result(names, values, ids, records, progress, store_dir=None) -> SweepResul
     return result
 
 
-def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout):
+def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout, board=None):
     """The engine's loop: run the jobs ``todo`` (indices into ``jobs``, a list of ``(axes, overrides,
     config)``) on ``executor`` and yield ``(index, record)`` as each finishes, its record stored in ``st``
     (None: keep nothing) the moment it arrives. ``context`` is ``(global_config, bfn_config)``. A job that
     another driver on ``st`` stored meanwhile is yielded with that driver's record. Close the generator to
-    release this driver's claims early."""
+    release this driver's claims early.
+
+    ``board`` (a ``live.LiveBoard``; default, one without a progress bar) receives the running jobs' progress
+    messages and lines of output from the executor, and writes their partial records to ``st``."""
+    if board is None:
+        every = jobs[todo[0]][2]["LIVE_EVERY"] if todo else 0
+        board = LiveBoard(jobs, ids, todo, st, every)
+    hooks = getattr(executor, "on_live", None), getattr(executor, "on_output", None)
+    executor.on_live, executor.on_output = board.receive, board.echo
     # A fresh id per run: id(context) can be reused by a later sweep once this one's context is freed, and
     # a reused executor's workers would then run that sweep with this sweep's (stale) config.
     context_id = uuid.uuid4().hex
@@ -286,8 +290,10 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
                 if st is not None:
                     record["code"] = codes[i]
                     record = _store_record(st, record, jobs[i][2])
+            board.finished_job(i, record)
             yield i, record
     finally:
+        executor.on_live, executor.on_output = hooks
         dispatch.close()
 
 
@@ -521,19 +527,6 @@ def _store_record(st, record, cfg):
         except Exception:
             pass  # the store itself is broken: the sweep's results still come back in memory
         return failed
-
-
-def _progress(total, initial, enabled):
-    if not enabled:
-        return None
-    from tqdm import tqdm  # plain text: tqdm.auto needs ipywidgets in a notebook
-    return tqdm(total=total, initial=initial, desc="jobs", dynamic_ncols=True)
-
-
-def _postfix(counts, r):
-    c = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    axes = " ".join(f"{k}={v}" for k, v in r["axes"].items())
-    return f"{c} | last: {axes} train {r['train_loss']:.3g} test {r['test_loss']:.3g}"
 
 
 def summary(result: SweepResults) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from modelscape.backend import checkpoints
 from modelscape.backend.tensorboard import tensorboard_observers
 from modelscape.backend.interventions import step_hooks_observers
+from modelscape.backend.live import live_observers
 
 
 def job_observers(job) -> list:
@@ -19,4 +20,5 @@ def job_observers(job) -> list:
     observers += step_hooks_observers(job)
     observers += checkpoints.job_observers(job)
     observers += tensorboard_observers(job)
+    observers += live_observers(job)
     return observers

@@ -18,6 +18,10 @@ the file as ours):
 - ``claims`` (schema 2): which driver (host, pid, start time, last heartbeat) is running each job right now, so
   that several drivers on one store share a sweep's jobs instead of training each twice (``claim``,
   ``heartbeat``, ``release``, ``live_claims``). A schema-1 store gains the table when it is opened for writing.
+- ``live``: the partial record (columns as in ``jobs``, plus ``max_iter`` and ``started``) of each job its driver
+  reported running (``write_live``, every few seconds), dropped in the transaction that writes the job's record.
+  A row whose job no live driver holds is what a dead driver left: ``StoreUnion.running_records`` leaves it out.
+  Created, if missing, whenever a store is opened for writing; readers of older versions ignore it.
 
 A job's identity hashes everything that decides its numbers and nothing else; see ``job_identity``.
 
@@ -63,7 +67,8 @@ NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVI
                              "SLURM_PARTITION", "SLURM_TIME", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK",
                              "SLURM_MEM", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_EXTRA", "SLURM_SHARDS",
                              "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID",
-                             "TENSORBOARD", "CHECKPOINTS", "CHECKPOINT_OPTIMIZER"})
+                             "TENSORBOARD", "CHECKPOINTS", "CHECKPOINT_OPTIMIZER",
+                             "LIVE_EVERY"})
 
 # crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
 STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
@@ -122,6 +127,29 @@ CREATE TABLE claims (
     heartbeat REAL NOT NULL
 );
 CREATE INDEX claims_driver ON claims(driver);
+"""
+# The partial records of running jobs (``write_live``), one row per job, dropped when its record is written.
+# Added to any store a writer opens (older readers ignore it), so it needs no new schema version.
+_LIVE_SQL = """
+CREATE TABLE IF NOT EXISTS live (
+    job_id     TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    axes       TEXT NOT NULL,
+    config     TEXT,
+    error      TEXT,
+    steps      INTEGER,
+    wall_time  REAL,
+    device     TEXT,
+    seed       INTEGER,
+    trial      INTEGER,
+    train_loss REAL,
+    test_loss  REAL,
+    created    REAL NOT NULL,
+    layout     TEXT NOT NULL,
+    arrays     BLOB,
+    max_iter   INTEGER,
+    started    REAL
+)
 """
 _OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}  # every schema version has these
 
@@ -733,6 +761,7 @@ class Store:
             if not readonly:
                 self._enable_wal(timeout)
                 self._conn.execute("PRAGMA synchronous = NORMAL")
+                self._conn.execute(_LIVE_SQL)
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(f"{self.path} is not a usable results store: {e}") from None
@@ -932,9 +961,28 @@ class Store:
         row = _encode(record)
         row["created"] = time.time()
         names = list(row)
-        with self._guard(f"writing job {row['job_id']}") as conn:
+        with self._guard(f"writing job {row['job_id']}") as conn, self._write_transaction(conn):
             conn.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                          [row[k] for k in names])
+            conn.execute("DELETE FROM live WHERE job_id = ?", (row["job_id"],))  # the final record wins
+
+    def write_live(self, partials) -> None:
+        """Store the partial records of running jobs, in one transaction: ``partials`` is a list of
+        ``(record, started)``, each record shaped as a finished one (``job_id``, ``status`` 'running', ``axes``,
+        ``steps``, ``max_iter``, curves so far) and ``started`` the time the job began. Replaces each job's
+        earlier live row; ``write`` drops it."""
+        self._writable()
+        rows = []
+        for record, started in partials:
+            row = _encode({k: v for k, v in record.items() if k != "max_iter"})
+            row.update(created=time.time(), max_iter=record.get("max_iter"), started=started)
+            rows.append(row)
+        if not rows:
+            return
+        names = list(rows[0])
+        with self._guard("writing the progress of running jobs") as conn, self._write_transaction(conn):
+            conn.executemany(f"INSERT OR REPLACE INTO live ({', '.join(names)}) VALUES "
+                             f"({', '.join('?' * len(names))})", [[r[k] for k in names] for r in rows])
 
     def _writable(self):
         if self.readonly:
@@ -1048,6 +1096,22 @@ class Store:
                               "trains it again", stacklevel=4)
             self.damaged[row[0]] = why
             return None
+
+    def live_records(self) -> list[dict]:
+        """The partial records of the jobs a driver reported running (``write_live``), whether or not that
+        driver still lives (see ``StoreUnion.running_records``); each has ``max_iter``, ``started`` and
+        ``updated`` (the time of its last flush). Empty for a store written before live rows existed."""
+        with self._snapshot("reading running jobs") as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'live'").fetchone():
+                return []
+            rows = conn.execute(_SELECT.replace("FROM jobs", ", max_iter, started, created FROM live")).fetchall()
+        out = []
+        for row in rows:
+            rec = self._decode(row[:-3])
+            if rec is not None:
+                rec.update(max_iter=row[-3], started=row[-2], updated=row[-1])
+                out.append(rec)
+        return out
 
     def sweeps(self) -> list[dict]:
         """The recorded sweeps, oldest first: id, created, last_run, runs, axis_names, axis_values (labels),
@@ -1205,6 +1269,25 @@ class StoreUnion:
     def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
         return [c for st in self.stores for c in st.live_claims(stale_after)]
 
+    def live_records(self) -> dict:
+        """``{job id: partial record}`` of the jobs some driver reported running and no file holds a record
+        of (a finished record wins), the newest row where several files have one. Includes the rows a dead
+        driver left behind: ``running_records`` keeps only those a live driver holds."""
+        finished = self._best()
+        out = {}
+        for st in self.stores:
+            for rec in st.live_records():
+                j = rec["job_id"]
+                if j not in finished and (j not in out or rec["updated"] > out[j]["updated"]):
+                    out[j] = rec
+        return out
+
+    def running_records(self) -> dict:
+        """``{job id: partial record}`` of the jobs running right now: a live row whose job a live driver
+        holds (``live_claims``). A row left by a driver that died is not among them."""
+        held = {c["job_id"] for c in self.live_claims()}
+        return {j: r for j, r in self.live_records().items() if j in held}
+
     def sweeps(self) -> list[dict]:
         return self.primary.sweeps()
 
@@ -1214,15 +1297,21 @@ class StoreUnion:
     def sweep_job_ids(self, sweep_id: int) -> list[str]:
         return self.primary.sweep_job_ids(sweep_id)
 
-    def results(self, sweep: int | None = None) -> SweepResults:
+    def results(self, sweep: int | None = None, running: bool = False) -> SweepResults:
+        """The sweep ``sweep`` (default: the latest) with the records of its jobs stored so far; with ``running``
+        also the partial records (status ``running``) of its jobs running now (``running_records``)."""
         sweep = self.latest_sweep() if sweep is None else sweep
         if sweep is None:
             raise StoreError(f"{self.path} holds no recorded sweep")
         info = next((s for s in self.sweeps() if s["id"] == sweep), None)
         if info is None:
             self._check_sweep(sweep)  # raises, naming the sweeps there are
-        return SweepResults(info["axis_names"], info["axis_values"], self.records(self.sweep_job_ids(sweep)),
-                            store_dir=self.path.parent)
+        ids = self.sweep_job_ids(sweep)
+        records = self.records(ids)
+        if running:
+            now = self.running_records()
+            records += [now[j] for j in ids if j in now]
+        return SweepResults(info["axis_names"], info["axis_values"], records, store_dir=self.path.parent)
 
     def close(self) -> None:
         for st in self.stores:
@@ -1238,12 +1327,14 @@ class StoreUnion:
         return f"StoreUnion({str(self.path)!r}, {len(self.stores) - 1} shards)"
 
 
-def load(path, sweep: int | None = None) -> SweepResults:
+def load(path, sweep: int | None = None, running: bool = True) -> SweepResults:
     """Load a sweep from a results store, from any process, even while the sweep is still running.
 
     ``path``: the .db file, or the directory holding it (``RESULTS_DIR/EXPT_NAME``). ``sweep``: a sweep id
     (see ``Store(path).sweeps()``); default, the sweep run most recently. Returns the SweepResults the job
-    iterator returns, with the jobs stored so far (from ``results.db`` and any shard files beside it).
+    iterator returns, with the jobs stored so far (from ``results.db`` and any shard files beside it) and,
+    with ``running``, the jobs running right now: status ``running``, ``steps`` done of ``max_iter``, their
+    curves so far (as of the driver's last flush, a few seconds old) and ``train_loss`` the EMA at ``steps``.
     """
     with StoreUnion(path) as store:
-        return store.results(sweep)
+        return store.results(sweep, running=running)

@@ -50,7 +50,15 @@ class JobSpec:
 
 
 class Executor:
-    """``submit(spec) -> Future`` of a record; ``as_completed(futures)`` yields them as they finish."""
+    """``submit(spec) -> Future`` of a record; ``as_completed(futures)`` yields them as they finish.
+
+    While a sweep runs, its driver sets ``on_live(message)`` (a running job's progress, see
+    ``modelscape.backend.live``) and ``on_output(stream_name, text)`` (whole lines a job printed, prefixed with
+    its axis values); an executor that can, delivers them from within ``as_completed``. None: nobody listens.
+    """
+
+    on_live = None
+    on_output = None
 
     def submit(self, spec: JobSpec) -> Future:
         raise NotImplementedError

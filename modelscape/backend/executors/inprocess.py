@@ -9,6 +9,7 @@ from concurrent.futures import Future
 
 import torch
 
+from modelscape.backend import live
 from modelscape.backend.executors.base import Executor, JobSpec, default_threads
 from modelscape.backend.job import run_config_safe
 
@@ -37,10 +38,12 @@ class InProcessExecutor(Executor):
         torch.set_num_threads(self.threads)
         self._running = 1
         try:
-            record = run_config_safe(config, bfn_config, self.device, spec.axes)
-            if record.get("oom"):  # retried once, after giving the cache back
-                torch.cuda.empty_cache()
+            # the driver, in this process, hears the job's progress directly, and prints its lines above its bar
+            with live.capture_output(self.on_output), live.reporting(self.on_live, live.axes_label(spec.axes)):
                 record = run_config_safe(config, bfn_config, self.device, spec.axes)
+                if record.get("oom"):  # retried once, after giving the cache back
+                    torch.cuda.empty_cache()
+                    record = run_config_safe(config, bfn_config, self.device, spec.axes)
         finally:
             self._running = 0
             torch.set_num_threads(before)

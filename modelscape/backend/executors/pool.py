@@ -41,7 +41,14 @@ def _worker_main(conn, device: str, threads: int, driver_pid: int, death_signal:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # torch's deterministic CUDA needs it
     import torch
 
+    from modelscape.backend import live
     from modelscape.backend.job import failed_record, run_config_safe
+
+    lock = threading.Lock()  # a thread of the job may print while the main thread sends
+
+    def send(*msg):
+        with lock:
+            conn.send(msg)
 
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
@@ -69,11 +76,14 @@ def _worker_main(conn, device: str, threads: int, driver_pid: int, death_signal:
                 raise RuntimeError("the worker could not unpickle the sweep's config and bfn_config") from context
             overrides, axes = cloudpickle.loads(payload)
         except Exception as e:
-            conn.send(("result", index, failed_record({}, e, device)))
+            send("result", index, failed_record({}, e, device))
             continue
         global_config, bfn_config = context
         try:
-            record = run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+            # progress messages and whole output lines, labelled with the job's axes, go to the driver
+            with live.capture_output(lambda stream, text: send("out", stream, text)), \
+                    live.reporting(lambda m: send("live", m), live.axes_label(axes)):
+                record = run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
         except SystemExit as e:
             # The job called sys.exit: end this process as that call asked, so the driver records the exit
             # code (never as a clean end of the worker, never as a result).
@@ -81,7 +91,7 @@ def _worker_main(conn, device: str, threads: int, driver_pid: int, death_signal:
             if not isinstance(e.code, (int, type(None))):
                 print(e.code, file=sys.stderr)  # sys.exit("message") prints it, as Python does
             _quit(code)
-        conn.send(("result", index, record))
+        send("result", index, record)
 
 
 def _watch_driver(driver_pid: int, death_signal: bool) -> None:
@@ -297,6 +307,16 @@ class PoolExecutor(Executor):
             w.ready = True
             self._start_failures = 0
             return
+        if msg[0] == "live":
+            if self.on_live is not None:
+                self.on_live(msg[1])
+            return
+        if msg[0] == "out":
+            if self.on_output is not None:
+                self.on_output(msg[1], msg[2])
+            else:
+                print(msg[2], end="", file=sys.stderr if msg[1] == "stderr" else sys.stdout, flush=True)
+            return
         _, index, record = msg
         spec, fut = w.job
         w.job = None
@@ -308,6 +328,15 @@ class PoolExecutor(Executor):
             return
         fut.set_result(record)
         finished.append(fut)
+
+    def _drain(self, w: _Worker, finished: list, most: int = 256) -> None:
+        """Receive what the worker has sent (up to ``most`` messages: progress and output lines come often)."""
+        for _ in range(most):
+            if w not in self._workers or w.conn.closed:  # replaced (earlier in this round, or just now)
+                return
+            self._receive(w, finished)
+            if w.job is None or not w.conn.poll():
+                return
 
     def _enforce_timeout(self, finished: list) -> float:
         """Kill the workers whose job is past ``job_timeout``; return the seconds until the next deadline."""
@@ -341,8 +370,7 @@ class PoolExecutor(Executor):
             sentinels = {w.proc.sentinel: w for w in self._workers}
             for obj in (wait(list(conns) + list(sentinels), timeout=max(0.01, wait_s)) if not finished else []):
                 if obj in conns:
-                    if conns[obj] in self._workers:  # not replaced earlier in this round
-                        self._receive(conns[obj], finished)
+                    self._drain(conns[obj], finished)
                 elif sentinels[obj] in self._workers and not sentinels[obj].conn.poll():
                     self._reap(sentinels[obj], finished)
             for fut in finished:
