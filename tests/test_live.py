@@ -1,3 +1,4 @@
+import math
 """Live progress: running jobs report to their driver, which draws a bar by steps and flushes their partial
 records to the store, where ``load``, ``show`` and ``watch`` (other processes) see them."""
 import os
@@ -237,6 +238,29 @@ def test_the_board_moves_its_bar_by_steps_and_counts_states():
         board.finished_job(2, {"status": "failed"})
         assert board.bar.n == 1000 and board.counts() == {"running": 0, "queued": 0, "done": 2, "failed": 1}
         assert "0 running, 0 queued, 2 done, 1 failed" in str(board.bar)
+    finally:
+        board.close()
+
+
+def test_the_rate_and_eta_count_trained_steps_not_the_steps_credited_to_an_early_stop():
+    assert math.isnan(live.step_rate([(0.0, 0)]))
+    assert live.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)]) == 75.0
+    # a window of 10 s: the rate of the last 10 s only
+    assert live.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)], window=10.0) == 100.0
+    assert live.eta_seconds(1000, 400, 100.0) == 6.0
+    assert live.eta_seconds(1000, 1000, math.nan) == 0.0 and math.isnan(live.eta_seconds(1000, 10, math.nan))
+
+    jobs = [({"LR": lr}, {}, {"MAX_ITER": 1000}) for lr in (0.1, 0.2)]
+    board = live.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
+    try:
+        board.receive({"key": "a", "steps": 40, "wall_time": 1.0, "train_loss": 0.5})
+        board.receive({"key": "b", "steps": 60, "wall_time": 1.0, "train_loss": 0.5})
+        assert board.trained() == 100
+        board.finished_job(0, {"status": "done", "steps": 50})  # a stopped at 50 steps: 950 credited to the bar
+        assert board.bar.n == 1000 + 60 and board.trained() == 50 + 60
+        board.history[:] = [(0.0, 0), (10.0, board.trained())]
+        assert board.rate() == 11.0  # 110 trained steps in 10 s, not the 1060 steps the bar moved
+        assert "<01:25, 11.0/s" in str(board.bar)  # 940 steps left at 11 steps/s: 85.5 s
     finally:
         board.close()
 

@@ -33,6 +33,7 @@ from modelscape.results import NO_RESULT, axis_label
 CURVE_PERIODS = 5  # a job's curves travel every this many LIVE_EVERY periods; its step count every period
 FLUSH_PERIODS = 2  # the driver writes the running jobs' partial records to the store every this many periods
 BAR_INTERVAL = 0.25  # seconds between redraws of the progress bar (at most)
+RATE_WINDOW = 30.0  # seconds of history the bar's step rate (and so its ETA) is measured over
 
 _sink = None  # where this process's observers send their messages: set by the worker around a unit of work
 _label = ""  # the axis values of the job running now in this process, prefixed to its output lines
@@ -210,6 +211,28 @@ def steps_done(max_iter: dict, reported: dict, finished) -> int:
             + sum(min(s, max_iter[i]) for i, s in reported.items() if i not in finished))
 
 
+def step_rate(history, window: float = RATE_WINDOW) -> float:
+    """Training steps per second over the last ``window`` seconds of ``history`` (``(time, steps trained)`` in
+    time order); NaN until two points lie apart. Steps a job was credited by stopping early are not in
+    ``steps trained``: they would make the rate, and so the ETA, jump whenever a job reaches its thresholds."""
+    if len(history) < 2:
+        return math.nan
+    t1, n1 = history[-1]
+    t0, n0 = next(((t, n) for t, n in history if t >= t1 - window), history[0])
+    if t1 - t0 <= 0:
+        t0, n0 = history[0]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else math.nan
+
+
+def eta_seconds(total: int, position: int, rate: float) -> float:
+    """Seconds left at ``rate`` steps per second for the ``total - position`` steps not yet done (an upper
+    bound: jobs that reach their thresholds early skip the rest of their steps); NaN without a rate."""
+    left = max(0, total - position)
+    if left == 0:
+        return 0.0
+    return left / rate if rate > 0 else math.nan
+
+
 def state_counts(n_jobs: int, running: int, finished_statuses) -> dict:
     """``{running, queued, done, failed}`` of a sweep of ``n_jobs``: ``finished_statuses`` lists each
     finished job's status (failed, crashed and timeout count as failed)."""
@@ -277,6 +300,8 @@ class LiveBoard:
         self.finished = set(range(len(jobs))) - set(todo)  # stored before this sweep started
         self.statuses = list(stored) or ["done"] * len(self.finished)  # their statuses, if known
         self.running: dict[int, _Partial] = {}
+        self.trained_finished = 0  # steps the jobs finished in this sweep actually trained
+        self.history: list = []  # (monotonic time, steps trained in this sweep), for the rate
         self.dirty: set = set()
         self._next_flush = 0.0
         self._next_draw = 0.0
@@ -290,10 +315,32 @@ class LiveBoard:
         # miniters=1: tqdm's own adaptive minimum (raised by a burst of finished jobs) would hold back the
         # small steps of a slow job for many seconds; _draw throttles instead.
         counts = "{n_fmt}/{total_fmt}" if total >= 1_000_000 else "{n}/{total}"
-        return tqdm(total=total, initial=start, unit="", unit_scale=True, dynamic_ncols=True, miniters=1,
-                    mininterval=BAR_INTERVAL, smoothing=0.1, postfix=self._postfix(),
-                    bar_format="{percentage:3.0f}%|{bar}| " + counts + " steps "
-                    "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        board = self
+
+        class StepBar(tqdm):
+            # tqdm's own rate counts every step the bar moves, including those a job is credited when it stops
+            # early: the board's rate and ETA count trained steps only (step_rate, eta_seconds).
+            @property
+            def format_dict(self):
+                d = super().format_dict
+                rate = board.rate()
+                eta = eta_seconds(d["total"], d["n"], rate)
+                d["eta"] = "?" if math.isnan(eta) else tqdm.format_interval(eta)
+                d["steps_rate"] = "?" if math.isnan(rate) else tqdm.format_sizeof(rate) + "/s"
+                return d
+
+        return StepBar(total=total, initial=start, unit="", unit_scale=True, dynamic_ncols=True, miniters=1,
+                       mininterval=BAR_INTERVAL, postfix=self._postfix(),
+                       bar_format="{percentage:3.0f}%|{bar}| " + counts + " steps "
+                       "[{elapsed}<{eta}, {steps_rate}{postfix}]")
+
+    def trained(self) -> int:
+        """Steps trained so far in this sweep: the finished jobs' steps and the running jobs' last reports."""
+        return self.trained_finished + sum(p.steps for p in self.running.values())
+
+    def rate(self) -> float:
+        """Trained steps per second over the last RATE_WINDOW seconds."""
+        return step_rate(self.history)
 
     def counts(self) -> dict:
         """``{running, queued, done, failed}`` right now."""
@@ -322,6 +369,7 @@ class LiveBoard:
             return
         self.finished.add(i)
         self.statuses.append(record.get("status", "failed"))
+        self.trained_finished += int(record.get("steps") or 0)
         self.running.pop(i, None)
         self.dirty.discard(i)
         self._draw(force=True)  # no flush here: the records of a fused group arrive together, back to back
@@ -347,6 +395,9 @@ class LiveBoard:
         now = time.monotonic()
         if self.bar is not None and (force or now >= self._next_draw):
             self._next_draw = now + BAR_INTERVAL
+            self.history.append((now, self.trained()))
+            while len(self.history) > 2 and self.history[1][0] < now - RATE_WINDOW:
+                self.history.pop(0)
             position = steps_done(self.max_iter, {i: p.steps for i, p in self.running.items()}, self.finished)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.update(position - self.bar.n)
