@@ -145,6 +145,7 @@ def sweep_rows(store: StoreUnion, sweep=None):
     order, or every stored job when the store has no sweep. A job not stored yet is None (queued); a record of
     status ``running`` where a live driver holds it and it has reported progress (its partial record, with
     ``steps`` and ``max_iter``; where no job reports, every job a live driver holds, with no steps);
+    its final status where it ended and its record is on its way (a fused member waiting for its group);
     ``interrupted`` where only a dead driver's partial record is left; ``{"status": "damaged", "error": why}``
     where its row cannot be read."""
     sweep = sweep if sweep is not None else store.latest_sweep()
@@ -165,8 +166,9 @@ def sweep_rows(store: StoreUnion, sweep=None):
             rec = {"job_id": job_id, "status": "damaged", "error": f"damaged row: {store.damaged[job_id]}"}
         elif rec is None and job_id in running:
             claim = claims[job_id]
-            rec = {**partial.get(job_id, {"job_id": job_id}), "status": "running",
-                   "device": f"{claim['host']} pid {claim['pid']}"}
+            rec = partial.get(job_id, {"job_id": job_id})
+            # a fused member that ended: its record comes with its group's, but it runs no more
+            rec = {**rec, "status": rec.get("ended") or "running", "device": f"{claim['host']} pid {claim['pid']}"}
         elif rec is None and job_id in partial:  # its driver died (or was stopped) while it ran
             rec = {**partial[job_id], "status": "interrupted"}
         rows.append((dict(zip(res.axis_names, key)), rec))

@@ -197,6 +197,20 @@ def test_watch_shows_as_many_running_jobs_as_fit(half_run):
     assert text.splitlines()[3].split()[:2] == ["0.2", "40/100"] and text.splitlines()[-1] == "... and 1 more running"
 
 
+def test_watch_and_show_count_a_job_that_ended_as_finished_before_its_record_lands(half_run, capsys):
+    from modelscape.backend.store import StoreUnion
+    store, driver = half_run
+    with Store(store) as st:  # b, a fused member, ended at 60 steps; its group's records are not back yet
+        st.write_live([({**running_record("b", 0.2, 60), "ended": "done"}, time.time())])
+    with StoreUnion(store) as st:
+        text, counts = cli.watch_view(st)
+    assert counts == {"running": 0, "queued": 3, "done": 2, "failed": 0}
+    assert "0.2" not in text.split("\n", 1)[-1]  # not among the running rows
+    assert cli.main(["show", str(store)]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[1:6]]
+    assert rows[1][:2] == ["0.2", "done"]
+
+
 def test_watch_stops_on_ctrl_c_with_status_0(half_run, monkeypatch, capsys):
     store, _ = half_run
 
@@ -265,6 +279,23 @@ def test_the_rate_and_eta_count_trained_steps_not_the_steps_credited_to_an_early
         board.close()
 
 
+def test_a_job_that_ended_counts_as_finished_before_its_record_arrives():
+    jobs = [({"LR": lr}, {}, {"MAX_ITER": 100}) for lr in (0.1, 0.2)]
+    board = live.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
+    try:
+        board.receive({"key": "a", "steps": 30, "wall_time": 1.0, "train_loss": 0.5})
+        board.receive({"key": "b", "steps": 30, "wall_time": 1.0, "train_loss": 0.5})
+        board.receive({"key": "a", "steps": 40, "wall_time": 2.0, "train_loss": 0.1, "ended": "done"})
+        assert board.counts() == {"running": 1, "queued": 0, "done": 1, "failed": 0}
+        assert board.position() == 100 + 30
+        assert board.running[0].record("a", {"LR": 0.1})["ended"] == "done"
+        board.finished_job(0, {"status": "done", "steps": 40})  # the record, later: counted once
+        assert board.counts() == {"running": 1, "queued": 0, "done": 1, "failed": 0}
+        assert board.position() == 130 and board.trained() == 70
+    finally:
+        board.close()
+
+
 def test_the_board_counts_the_stored_jobs_by_their_status():
     jobs = [({"LR": lr}, {}, {"MAX_ITER": 10}) for lr in (0.1, 0.2, 0.3)]
     board = live.LiveBoard(jobs, ["a", "b", "c"], [2], stored=["timeout", "not_reached"])
@@ -299,15 +330,21 @@ def test_fused_members_report_live_each_under_its_own_key(one_torch_thread):
     from modelscape.backend.fused import run_group
     cfg = dict(WIDTH=8, DEPTH=2, N_SAMPLES=8, N_TEST=8, MAX_ITER=40, LOSS_CHECKPOINTS=[1e-9],
                ONLYTHRESHOLDS=False, EVAL_EVERY=10, LIVE_EVERY=1e-9)
-    members = [(dict(cfg, LR=lr, JOB_ID=f"job{k}"), {"LR": lr}) for k, lr in enumerate((0.1, 0.05))]
+    # job1 stops at its MAX_ITER of 20 while job0 trains on: it says so at once, not with the group's records
+    members = [(dict(cfg, LR=lr, JOB_ID=f"job{k}", MAX_ITER=n), {"LR": lr})
+               for k, (lr, n) in enumerate(((0.1, 40), (0.05, 20)))]
     messages = []
     with live.reporting(messages.append):
         records = run_group(members, dict(base_bfn=quick_bfn))
     assert {m["key"] for m in messages} == {"job0", "job1"}
-    for k, record in enumerate(records):
+    ended = [k for k, m in enumerate(messages) if "ended" in m]
+    assert [messages[k]["key"] for k in ended] == ["job1", "job0"]
+    assert next(m["steps"] for m in messages[ended[0]:] if m["key"] == "job0") == 21  # job0 went on after
+    for k, (record, n) in enumerate(zip(records, (40, 20))):
         mine = [m for m in messages if m["key"] == f"job{k}"]
-        assert [m["steps"] for m in mine] == list(range(1, 41))  # due at every sync here
-        partial = live._Partial(40, 0.0)
+        assert [m["steps"] for m in mine] == list(range(1, n + 1)) + [n]  # due at every sync here, then ended
+        assert mine[-1]["ended"] == record["status"] == "not_reached"
+        partial = live._Partial(n, 0.0)
         for m in mine:
             partial.add(m)
         got = partial.record(f"job{k}", {"LR": 0})

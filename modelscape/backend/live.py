@@ -111,6 +111,13 @@ class LiveObserver(LoopObserver):
             msg.update(self._new_points(tracker, evals))
         self.sink(msg)
 
+    def at_end(self, record, model, opt):
+        # A fused member's record reaches the driver with its whole group's: until then, this says it ended.
+        self.sink({"key": self.key, "steps": record["steps"], "wall_time": time.perf_counter() - self.t0,
+                   "train_loss": record["train_loss"], "test_loss": record["test_loss"],
+                   "thresholds": np.array(record["thresholds"]), "timekeys": np.array(record["timekeys"]),
+                   "ended": record["status"]})
+
     def _new_points(self, tracker, evals) -> dict:
         """The curve points recorded since the last message."""
         out = {}
@@ -250,8 +257,10 @@ class _Partial:
         self.parts: dict = {}  # curve name -> list of arrays received
         self.grabs: dict = {}  # grab name -> list of arrays received
         self.last: dict = {}  # thresholds, timekeys
+        self.ended: str | None = None  # its final status, once it ended (its record may still be on its way)
 
     def add(self, msg: dict) -> None:
+        self.ended = msg.get("ended", self.ended)
         self.steps, self.wall_time = msg["steps"], msg["wall_time"]
         self.train_loss, self.test_loss = msg["train_loss"], msg.get("test_loss", math.nan)
         for name in ("train_curve", "train_raw", "eval_steps", "test_curve"):
@@ -269,6 +278,7 @@ class _Partial:
                "max_iter": int(self.max_iter), "wall_time": float(self.wall_time),
                "train_loss": float(self.train_loss), "test_loss": float(self.test_loss),
                "thresholds": self.last.get("thresholds"), "timekeys": self.last.get("timekeys"),
+               **({"ended": self.ended} if self.ended else {}),
                **{name: _joined(parts) for name, parts in self.parts.items()},
                "grabs": {name: _joined(parts) for name, parts in self.grabs.items()}}
         return rec
@@ -338,13 +348,19 @@ class LiveBoard:
         """Steps trained so far in this sweep: the finished jobs' steps and the running jobs' last reports."""
         return self.trained_finished + sum(p.steps for p in self.running.values())
 
+    def position(self) -> int:
+        """Where the bar stands (``steps_done``): a job that ended counts whole, its record stored or not."""
+        ended = {i for i, p in self.running.items() if p.ended}
+        return steps_done(self.max_iter, {i: p.steps for i, p in self.running.items()}, self.finished | ended)
+
     def rate(self) -> float:
         """Trained steps per second over the last RATE_WINDOW seconds."""
         return step_rate(self.history)
 
     def counts(self) -> dict:
         """``{running, queued, done, failed}`` right now."""
-        return state_counts(len(self.jobs), len(self.running), self.statuses)
+        ended = [p.ended for p in self.running.values() if p.ended]
+        return state_counts(len(self.jobs), len(self.running) - len(ended), self.statuses + ended)
 
     def _postfix(self) -> str:
         c = self.counts()
@@ -398,9 +414,8 @@ class LiveBoard:
             self.history.append((now, self.trained()))
             while len(self.history) > 2 and self.history[1][0] < now - RATE_WINDOW:
                 self.history.pop(0)
-            position = steps_done(self.max_iter, {i: p.steps for i, p in self.running.items()}, self.finished)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
-            self.bar.update(position - self.bar.n)
+            self.bar.update(self.position() - self.bar.n)
 
     def flush(self) -> None:
         """Write the partial records of the running jobs that reported since the last flush to the store."""
@@ -415,8 +430,7 @@ class LiveBoard:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.update(steps_done(self.max_iter, {i: p.steps for i, p in self.running.items()},
-                                       self.finished) - self.bar.n)
+            self.bar.update(self.position() - self.bar.n)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.close()
             self.bar = None
