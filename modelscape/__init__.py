@@ -1,5 +1,5 @@
 """modelscape: sweep width, learning rate and richness of neural networks, under muP and friends."""
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def load(*args, **kwargs):
