@@ -78,8 +78,9 @@ _COLUMNS = {"status": str, "error": str, "steps": int, "wall_time": float, "devi
             "trial": int, "train_loss": float, "test_loss": float}
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
-_SCHEMA_SQL = """
-CREATE TABLE jobs (
+# A stored record's columns: the jobs table's, and (with two more) the live table's, so a row of either decodes
+# the same way.
+_RECORD_COLUMNS = """
     job_id     TEXT PRIMARY KEY,
     status     TEXT NOT NULL,
     axes       TEXT NOT NULL,
@@ -94,7 +95,9 @@ CREATE TABLE jobs (
     test_loss  REAL,
     created    REAL NOT NULL,
     layout     TEXT NOT NULL,
-    arrays     BLOB
+    arrays     BLOB"""
+_SCHEMA_SQL = f"""
+CREATE TABLE jobs ({_RECORD_COLUMNS}
 );
 CREATE INDEX jobs_status ON jobs(status);
 CREATE TABLE sweeps (
@@ -130,23 +133,8 @@ CREATE INDEX claims_driver ON claims(driver);
 """
 # The partial records of running jobs (``write_live``), one row per job, dropped when its record is written.
 # Added to any store a writer opens (older readers ignore it), so it needs no new schema version.
-_LIVE_SQL = """
-CREATE TABLE IF NOT EXISTS live (
-    job_id     TEXT PRIMARY KEY,
-    status     TEXT NOT NULL,
-    axes       TEXT NOT NULL,
-    config     TEXT,
-    error      TEXT,
-    steps      INTEGER,
-    wall_time  REAL,
-    device     TEXT,
-    seed       INTEGER,
-    trial      INTEGER,
-    train_loss REAL,
-    test_loss  REAL,
-    created    REAL NOT NULL,
-    layout     TEXT NOT NULL,
-    arrays     BLOB,
+_LIVE_SQL = f"""
+CREATE TABLE IF NOT EXISTS live ({_RECORD_COLUMNS},
     max_iter   INTEGER,
     started    REAL
 )
