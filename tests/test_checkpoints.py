@@ -276,3 +276,16 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     checkpoints.write_tensors(tmp_path / "t.safetensors", tensors, meta, {"step": 0})
     back, meta = checkpoints.read_tensors(tmp_path / "t.safetensors")
     assert meta["step"] == 0 and torch.equal(back["emb.weight"], model.emb.weight)
+
+
+def test_jobs_with_step_or_threshold_checkpoints_are_planned_as_units_of_their_own():
+    from modelscape.config import canonicalize
+    base = dict(WIDTH=8, DEPTH=2, MAX_ITER=5)
+    configs = [dict(base, LR=0.1), dict(base, LR=0.2), dict(base, LR=0.3, CHECKPOINTS=[2]),
+               dict(base, LR=0.4, CHECKPOINTS=["thresholds"]), dict(base, LR=0.5, CHECKPOINTS=["final"]),
+               dict(base, LR=0.6, CHECKPOINTS=["final"]), dict(base, LR=0.7, CHECKPOINTS=[2]),
+               dict(base, LR=0.8, CHECKPOINTS=["final"], CHECKPOINT_OPTIMIZER=True),
+               dict(base, LR=0.9, CHECKPOINTS=["final"], CHECKPOINT_OPTIMIZER=True)]
+    units = fused.plan_units([(i, canonicalize(c)) for i, c in enumerate(configs)])
+    # final alone fuses (with the jobs that ask the same); steps, thresholds or the optimizer's state do not
+    assert sorted(units) == [[0, 1], [2], [3], [4, 5], [6], [7], [8]]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape.backend import live
+from modelscape.backend import checkpoints, live
 from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
     run_config_safe, train_prepared
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, observers_wanting, read_losses
@@ -530,6 +530,11 @@ def _fusable_name(cfg: dict) -> str | None:
         return "a post_init_fn may change the model in ways the fused trainer cannot see"
     if cfg.get("step_hooks"):  # a fused member's weights live in the stack between steps, not in its module
         return "step_hooks act on the model between steps"
+    steps, thresholds, _ = checkpoints.plan(cfg)
+    if steps or thresholds:  # planned here too, so such jobs go out as units of their own, not as a group
+        return "CHECKPOINTS at steps or thresholds read the model between steps"
+    if cfg.get("CHECKPOINT_OPTIMIZER") and cfg.get("CHECKPOINTS"):
+        return "CHECKPOINT_OPTIMIZER needs the job's own optimizer state"
     try:
         opt = resolve_optimizer(cfg.get("OPTIMIZER"))
     except ValueError:
