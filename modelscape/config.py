@@ -128,7 +128,7 @@ SCHEMA: tuple[HP, ...] = (
     HP("SLURM_EXTRA", str, [], "EXECUTOR=slurm: extra sbatch lines, e.g. '--constraint=a100' (without "
        "'#SBATCH').", is_list=True, group="cluster"),
     HP("SLURM_SHARDS", int, 8, "EXECUTOR=slurm: array tasks the pending jobs are split into (fewer if fewer "
-       "jobs).", group="cluster", range="[1, inf)"),
+       "jobs); a fused group stays whole in one.", group="cluster", range="[1, inf)"),
     HP("SLURM_ARRAY_PARALLELISM", int, 64, "EXECUTOR=slurm: array tasks running at once.", group="cluster",
        range="[1, inf)"),
     HP("SLURM_LOG_DIR", str, None, "EXECUTOR=slurm: where submitit keeps its scripts and logs (default: "

@@ -167,3 +167,20 @@ def test_plan_units_groups_fusable_jobs_and_notes_the_rest(caplog):
         units = plan_units(jobs)
     assert units == [[0, 1], [2, 3], [4, 5, 6], [7], [8], [9], [10]]
     assert len(caplog.records) == 1 and "2 job(s)" in caplog.records[0].getMessage()
+
+
+def test_a_resumed_sweep_keeps_each_whole_missing_group_and_regroups_only_the_rest(caplog):
+    from modelscape.backend.fused import plan_units
+    jobs = [(i, canonicalize(base(LR=0.01 * (i + 1), FUSE_MAX=3))) for i in range(10)]
+    jobs += [(10, canonicalize(base(MODEL=Custom)))]
+    assert plan_units(jobs) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9], [10]]
+    # Planned from the missing jobs alone, these five would be cut [2, 3], [4, 5, 6]: other groups than the
+    # first run's, so other float32 roundings. Whole missing groups keep their members.
+    assert plan_units(jobs, todo=[2, 3, 4, 5, 6]) == [[2, 3, 4], [5, 6]]
+    # Jobs left over from partly stored groups (1; 3, 4) are grouped anew; a job that cannot fuse stays alone.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modelscape.backend.fused"):
+        assert plan_units(jobs, todo=[1, 3, 4, 5, 6, 10]) == [[1, 3, 4], [5, 6], [10]]
+    assert len(caplog.records) == 1 and "1 job(s)" in caplog.records[0].getMessage()  # counts the jobs to run
+    # A plan made before (a Slurm shard's) is kept the same way.
+    assert plan_units(jobs, todo=[0, 1, 9], units=[[0, 1, 2], [9]]) == [[0, 1], [9]]

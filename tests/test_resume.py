@@ -224,9 +224,11 @@ def test_sigkill_mid_sweep_leaves_a_readable_store_and_resume_trains_only_the_mi
     assert "grab_norms" in ds and "train_curve" in ds
     trained_before_kill = take(tmp_path / "killed.log")
     stored = sorted((r["axes"]["WIDTH"], r["axes"]["LR"], r["axes"]["trial"]) for r in partial.records)
-    # lost: at most the unit of work in flight, a fused group of 6 (LR x trial); its records are stored one
-    # after the other, so the kill may land between them
+    # lost: at most the unit of work in flight, a fused group of 6 (LR x trial, one width), whose records are
+    # stored in one transaction: the store holds whole groups, so the resumed run trains the groups the
+    # uninterrupted one did, and gets its numbers to the bit
     assert set(stored) <= set(trained_before_kill) and len(trained_before_kill) <= n_done + 6
+    assert set(stored) == {job for job in everything if job[0] in {w for w, _, _ in stored}}
 
     # Re-running the same sweep trains only the missing jobs...
     finish(start_sweep(script, killed, tmp_path / "resumed.log"))

@@ -80,35 +80,39 @@ def test_shards_killed_part_way_and_rerun_trains_only_the_missing(tmp_path, caps
     d = tmp_path / "expt"
     res = sweep(tmp_path, DETACH=True)  # returns at once: nothing is stored yet
     assert res.records == []
-    # Shard 0 holds jobs 0, 2, 4 (product order); job 4 is (24, 0), which waits: the other five get stored.
-    wait_for(lambda: done_count(d) == 5, "five stored jobs")
+    # The two trials of a width are one fused group, and a group stays whole in one shard: shard 0 holds the
+    # groups of widths 8 and 24, shard 1 that of 16. Job (24, 0) waits, and its group with it: four get stored.
+    wait_for(lambda: done_count(d) == 4, "four stored jobs")
     shards = sorted(d.glob("shard-*.db"))
     assert len(shards) == 2
     with Store(shards[0], readonly=True) as st:
         claims = st.live_claims()
-    assert len(claims) == 1
-    assert cli.main(["ls", str(tmp_path)]) == 0  # progress: five stored, one running in an array task
+    assert len(claims) == 2 and len({c["pid"] for c in claims}) == 1  # the group's two jobs, by one task
+    started = read_log(tmp_path / "log")  # (24, 1) is not in it yet: it is prepared after (24, 0)
+    pids = {(e["WIDTH"], e["trial"]): e["pid"] for e in started}
+    assert pids[(8, 0)] == pids[(8, 1)] and pids[(16, 0)] == pids[(16, 1)]  # a group is trained in one process
+    assert cli.main(["ls", str(tmp_path)]) == 0  # progress: four stored, two running in an array task
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[-2:] == ["running", "sweeps"] and out[1].split()[1] == "5" and out[1].split()[-2] == "1"
+    assert out[0].split()[-2:] == ["running", "sweeps"] and out[1].split()[1] == "4" and out[1].split()[-2] == "2"
     os.kill(claims[0]["pid"], signal.SIGKILL)  # the array task dies (preempted, out of time) mid-job
     (tmp_path / "log.go").touch()
     wait_for(lambda: not live_claims(shards[0]), "the dead task's claim to lapse", 30)
 
     assert cli.main(["ls", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split()[:2] == ["expt", "5"]  # one experiment, five jobs stored in its three files
+    assert out[1].split()[:2] == ["expt", "4"]  # one experiment, four jobs stored in its three files
     assert cli.main(["show", str(d), "--status", "pending"]) == 0
     table = capsys.readouterr().out.split("\n\n")[0].splitlines()  # the footer follows a blank line
     # not finished: queued, or interrupted if the killed task had flushed its progress
-    assert [ln.split()[:2] for ln in table[1:]] == [["24", "0"]]
-    assert table[1].split()[2] in ("queued", "interrupted")
+    assert [ln.split()[:2] for ln in table[1:]] == [["24", "0"], ["24", "1"]]
+    assert {ln.split()[2] for ln in table[1:]} <= {"queued", "interrupted"}
 
-    started = len(read_log(tmp_path / "log"))
     res = sweep(tmp_path)  # the same command again: waits for the array this time
-    rerun = read_log(tmp_path / "log")[started:]
-    assert {(e["WIDTH"], e["trial"]) for e in rerun} == {(24, 0)}  # only the missing job trained
+    rerun = read_log(tmp_path / "log")[len(started):]
+    assert {(e["WIDTH"], e["trial"]) for e in rerun} == {(24, 0), (24, 1)}  # only the missing group
+    assert len({e["pid"] for e in rerun}) == 1
     assert len(res.records) == 6 and res.status_counts().get("failed", 0) == 0
-    assert len(list(d.glob("shard-*.db"))) == 3  # one new shard, for the one missing job
+    assert len(list(d.glob("shard-*.db"))) == 3  # one new shard, for the missing group
     assert load(d).to_xarray()["train_loss"].shape == (3, 2)
 
 
@@ -122,8 +126,10 @@ def test_sbatch_parameters_map_keys_to_options():
         slurm_additional_parameters={"constraint": "a100", "exclusive": True})
     with pytest.raises(ConfigError, match="SLURM_EXTRA line 'constraint=a100'"):
         slurm.sbatch_parameters(cfg | {"SLURM_EXTRA": ["constraint=a100"]})
-    assert slurm.split(list(range(5)), 2) == [[0, 2, 4], [1, 3]]
-    assert slurm.split([7], 8) == [[7]]
+    # fused groups stay whole; shards get about as many jobs each, single jobs dealt round
+    assert slurm.split([[0], [1], [2], [3], [4]], 2) == [[[0], [2], [4]], [[1], [3]]]
+    assert slurm.split([[7]], 8) == [[[7]]]
+    assert slurm.split([[0, 1, 2, 3], [4], [5, 6], [7]], 3) == [[[0, 1, 2, 3]], [[5, 6]], [[4], [7]]]
 
 
 def test_rerun_while_the_array_is_live_submits_nothing_twice(tmp_path, capsys):

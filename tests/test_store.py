@@ -175,6 +175,26 @@ def test_object_arrays_are_refused_clearly(tmp_path):
         st.write(rec)
 
 
+def test_a_group_of_records_is_stored_whole_or_not_at_all(tmp_path):
+    """A fused group's records land in one transaction; should the store refuse one of them, the engine
+    stores the others and a failed record for that one."""
+    from modelscape.backend.job_iterator import _store_records
+    bad = synth_record(1)
+    bad["grabs"] = {"objs": np.array([object(), 1], dtype=object)}
+    with Store(tmp_path) as st:
+        with pytest.raises(StoreError, match="objs"):
+            st.write_many([synth_record(0), bad, synth_record(2)])
+        assert st.records() == []  # not the first record alone
+        st.write_many([synth_record(0), synth_record(2)])
+        assert sorted(r["job_id"] for r in st.records()) == ["job0000", "job0002"]
+        records = [synth_record(3), bad, synth_record(4)]
+        with pytest.warns(UserWarning, match="could not be stored"):
+            out = _store_records(st, records, [r["config"] for r in records])
+        assert [r["status"] for r in out] == ["done", "failed", "done"] and "objs" in out[1]["error"]
+        assert {j: status for j, (status, _) in st.statuses().items()} == {"job0000": "done", "job0001": "failed", "job0002": "done", "job0003": "done",
+                                 "job0004": "done"}
+
+
 # --- identity -----------------------------------------------------------------------------------------
 
 # Built from light callables (stand-ins for a batch function and a grab) so that the subprocess computing the

@@ -544,33 +544,55 @@ def _fusable_name(cfg: dict) -> str | None:
     return None
 
 
-def plan_units(jobs: list) -> list:
+def plan_units(jobs: list, todo=None, units=None) -> list:
     """Split a sweep's jobs into units of work: lists of job indices, each a fused group or a single job.
 
     ``jobs`` is a list of ``(index, resolved config)``. Jobs with FUSE=auto and equal ``fuse_key`` form a group,
     cut into balanced pieces of at most FUSE_MAX jobs. The pieces depend on the jobs alone, not on the executor
     or its number of workers, so a sweep's numbers do not either (a lower FUSE_MAX spreads a group over more
     workers). Jobs that cannot fuse are single units; the reason is logged once per reason.
+
+    ``todo`` (indices; default all): plan the whole sweep, then keep the units of jobs still to run. A unit all
+    of whose jobs are to run is kept as it is, so a resumed sweep trains each missing group with the members
+    the first run gave it, and its numbers are the first run's to the bit (a member's float32 rounding can
+    depend on its group). The rest of partly stored units are grouped anew. ``units``: the plan, made before
+    (a Slurm shard gets its part of the sweep's); the reasons were logged then.
     """
+    todo = None if todo is None else set(todo)
+    if units is None:
+        units, reasons = _plan([index for index, _ in jobs], dict(jobs), todo)
+    else:
+        reasons = {}
+    if todo is not None:
+        kept = [u for u in units if todo.issuperset(u)]
+        rest = sorted(i for u in units if not todo.issuperset(u) for i in u if i in todo)
+        units = kept + (_plan(rest, dict(jobs), None)[0] if rest else [])
+    for reason, n in reasons.items():
+        log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
+    return sorted(units)
+
+
+def _plan(indices: list, configs: dict, todo) -> tuple:
+    """``plan_units``' grouping of ``indices``: ``(units, {reason a job is not fused: count among todo})``."""
     groups, units, reasons = {}, [], {}
-    for index, cfg in jobs:
+    for index in indices:
+        cfg = configs[index]
         if cfg.get("FUSE", "auto") != "auto":
             units.append([index])
             continue
         reason = _fusable_name(cfg)
         if reason is not None:
-            reasons[reason] = reasons.get(reason, 0) + 1
+            if todo is None or index in todo:
+                reasons[reason] = reasons.get(reason, 0) + 1
             units.append([index])
             continue
         groups.setdefault(fuse_key(cfg), []).append(index)
-    for reason, n in reasons.items():
-        log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
     for (key, members) in groups.items():
         fuse_max = max(1, int(dict(key).get("FUSE_MAX", 64)))
         pieces = -(-len(members) // fuse_max)
         bounds = [len(members) * k // pieces for k in range(pieces + 1)]
         units += [members[a:b] for a, b in zip(bounds, bounds[1:])]
-    return sorted(units)
+    return units, reasons
 
 
 def group_overrides(members: list) -> dict:

@@ -247,7 +247,7 @@ def _result(names, values, ids, records, progress, store_dir=None) -> SweepResul
     return result
 
 
-def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout, board=None):
+def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout, board=None, units=None):
     """The engine's loop: run the jobs ``todo`` (indices into ``jobs``, a list of ``(axes, overrides,
     config)``) on ``executor`` and yield ``(index, record)`` as each finishes, its record stored in ``st``
     (None: keep nothing) the moment it arrives. ``context`` is ``(global_config, bfn_config)``. A job that
@@ -255,7 +255,8 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     release this driver's claims early.
 
     ``board`` (a ``live.LiveBoard``; default, one without a progress bar) receives the running jobs' progress
-    messages and lines of output from the executor, and writes their partial records to ``st``."""
+    messages and lines of output from the executor, and writes their partial records to ``st``. ``units``: the
+    sweep's units of work (``fused.plan_units``), if planned already."""
     if board is None:
         every = jobs[todo[0]][2]["LIVE_EVERY"] if todo else 0
         board = LiveBoard(jobs, ids, todo, st, every)
@@ -278,20 +279,23 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
                        context, size=len(unit))
 
     # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
-    units = plan_units([(i, jobs[i][2]) for i in todo])
+    units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo, units)
     dispatch = _dispatch(executor, spec_of, units, ids, st, since, claim_timeout)
     try:
-        for i, record, ran_here in dispatch:
+        for unit, records, ran_here in dispatch:
             if ran_here:
-                for k in _INTERNAL:
-                    record.pop(k, None)
-                record["job_id"] = ids[i]
-                record["axes"] = jobs[i][0]
-                if st is not None:
-                    record["code"] = codes[i]
-                    record = _store_record(st, record, jobs[i][2])
-            board.finished_job(i, record)
-            yield i, record
+                for i, record in zip(unit, records):
+                    for k in _INTERNAL:
+                        record.pop(k, None)
+                    record["job_id"] = ids[i]
+                    record["axes"] = jobs[i][0]
+                    if st is not None:
+                        record["code"] = codes[i]
+                if st is not None:  # a group's records land together: a crash never leaves part of a group
+                    records = _store_records(st, records, [jobs[i][2] for i in unit])
+            for i, record in zip(unit, records):
+                board.finished_job(i, record)
+                yield i, record
     finally:
         executor.on_live, executor.on_output = hooks
         dispatch.close()
@@ -376,13 +380,14 @@ def _window(executor) -> int:
 
 def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
     """Run ``units`` (lists of job indices: one job, or a fused group) on ``executor``, about ``_window`` of them
-    submitted at a time; yield ``(index, record, ran_here)`` as each job finishes.
+    submitted at a time; yield ``(indices, records, ran_here)`` as each unit finishes (a job another driver ran:
+    a unit of its own).
 
     With a store, each job is claimed right before its unit is submitted: a job a live driver holds is left
     out of its unit and looked at again every second, until that driver has stored it (yielded with
     ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
-    here, alone). A claim is released once the caller has stored the record (on the generator's next step)
-    and all at the end.
+    here, alone). A unit's claims are released once the caller has stored its records (on the generator's
+    next step), and all at the end.
     """
     pending, waiting, inflight = deque(units), [], {}
     claims = _Claims(st, stale_after) if st is not None else None
@@ -397,7 +402,7 @@ def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
                     if outcome == "busy":
                         waiting.append([i])
                     elif outcome == "stored":
-                        yield i, claims.record(ids[i]), False
+                        yield [i], [claims.record(ids[i])], False
                     else:
                         claimed.append(i)
                 if claimed:
@@ -405,10 +410,9 @@ def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
             if inflight:
                 for fut in _finished(executor, inflight):
                     unit = inflight.pop(fut)
-                    for i, record in zip(unit, split_records(fut.result(), len(unit))):
-                        yield i, record, True
-                        if claims is not None:
-                            claims.release(ids[i])
+                    yield unit, split_records(fut.result(), len(unit)), True
+                    if claims is not None:
+                        claims.release([ids[i] for i in unit])
             elif waiting:
                 time.sleep(max(0.0, next_poll - time.monotonic()))
             if waiting and not pending and time.monotonic() >= next_poll:
@@ -464,8 +468,8 @@ class _Claims:
     def record(self, job_id) -> dict:
         return self.st.records([job_id])[0]
 
-    def release(self, job_id):
-        self.st.release(self.driver, [job_id])
+    def release(self, job_ids):
+        self.st.release(self.driver, job_ids)
 
     def close(self):
         self._stop.set()
@@ -505,6 +509,21 @@ def _open_store(store, cfg):
     if store is None:
         store = os.path.join(cfg["RESULTS_DIR"], cfg["EXPT_NAME"])
     return Store(store), True
+
+
+def _store_records(st, records, cfgs) -> list:
+    """Write a unit's records in one transaction, so that a crash stores all of them or none. Should the
+    store refuse one (an object-dtype grab, a full disk), each is written alone by ``_store_record``."""
+    from modelscape.backend.store import jsonable
+    if len(records) > 1:
+        for record, cfg in zip(records, cfgs):
+            record["config"] = jsonable(cfg)
+        try:
+            st.write_many(records)
+            return records
+        except Exception:
+            pass
+    return [_store_record(st, record, cfg) for record, cfg in zip(records, cfgs)]
 
 
 def _store_record(st, record, cfg):

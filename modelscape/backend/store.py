@@ -945,14 +945,26 @@ class Store:
         ``config`` as ``jsonable(config)``; arrays (top-level and in ``grabs``) go to one npz blob with their
         dtypes; everything else is read back as written. A grab of dtype object raises StoreError.
         """
+        self.write_many([record])
+
+    def write_many(self, records) -> None:
+        """Store several records (each as ``write`` takes it) in one transaction: all of them, or, should the
+        process die or a record be refused, none."""
         self._writable()
-        row = _encode(record)
-        row["created"] = time.time()
-        names = list(row)
-        with self._guard(f"writing job {row['job_id']}") as conn, self._write_transaction(conn):
-            conn.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                         [row[k] for k in names])
-            conn.execute("DELETE FROM live WHERE job_id = ?", (row["job_id"],))  # the final record wins
+        rows = []
+        for record in records:
+            row = _encode(record)
+            row["created"] = time.time()
+            rows.append(row)
+        if not rows:
+            return
+        what = f"writing job {rows[0]['job_id']}" if len(rows) == 1 else f"writing {len(rows)} jobs"
+        with self._guard(what) as conn, self._write_transaction(conn):
+            for row in rows:
+                names = list(row)
+                conn.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(names)}) VALUES "
+                             f"({', '.join('?' * len(names))})", [row[k] for k in names])
+                conn.execute("DELETE FROM live WHERE job_id = ?", (row["job_id"],))  # the final record wins
 
     def write_live(self, partials) -> None:
         """Store the partial records of running jobs, in one transaction: ``partials`` is a list of

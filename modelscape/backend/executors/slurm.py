@@ -60,11 +60,17 @@ def sbatch_parameters(cfg: dict) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def split(todo: list, n: int) -> list[list]:
-    """``todo`` dealt round-robin into at most ``n`` non-empty shards (neighbouring jobs, often similar in
-    cost, go to different shards)."""
-    n = max(1, min(n, len(todo)))
-    return [todo[k::n] for k in range(n)]
+def split(units: list, n: int) -> list[list]:
+    """``units`` of work (lists of job indices: a job, or a fused group kept whole) dealt into at most ``n``
+    non-empty shards with about as many jobs each: the largest unit first, each to the shard with fewest jobs
+    so far (neighbouring single jobs, often similar in cost, go to different shards)."""
+    n = max(1, min(n, len(units)))
+    shards, sizes = [[] for _ in range(n)], [0] * n
+    for unit in sorted(units, key=len, reverse=True):  # stable: equal sizes keep their order
+        k = sizes.index(min(sizes))
+        shards[k].append(unit)
+        sizes[k] += len(unit)
+    return shards
 
 
 class ShardTask:
@@ -72,9 +78,12 @@ class ShardTask:
     submitit pickles it (cloudpickle) to the node; ``checkpoint`` lets submitit requeue it on preemption or
     timeout, and the requeued task skips the jobs its file already holds."""
 
-    def __init__(self, jobs, ids, codes, context, cfg, path):
+    def __init__(self, jobs, ids, codes, context, cfg, path, units=None):
         self.jobs, self.ids, self.codes = jobs, ids, codes  # this shard's jobs only
         self.context, self.cfg, self.path = context, cfg, str(path)
+        # its units of work, as the sweep planned them (indices into self.jobs): the shard trains the fused
+        # groups a local run would, so its numbers do not depend on SLURM_SHARDS
+        self.units = units
 
     def __call__(self) -> int:
         """Run the shard; returns how many of its jobs are stored in its file."""
@@ -91,7 +100,7 @@ class ShardTask:
             if todo:
                 with make_executor("auto", devices, self.cfg["WORKERS_PER_DEVICE"]) as executor:
                     for _ in run_jobs(executor, self.jobs, self.ids, self.codes, todo, st, self.context,
-                                      time.time(), self.cfg["CLAIM_TIMEOUT"]):
+                                      time.time(), self.cfg["CLAIM_TIMEOUT"], units=self.units):
                         pass
             return len(st.done_ids())
 
@@ -155,6 +164,7 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
     """Submit the jobs ``todo`` of a sweep as a Slurm array. With ``DETACH`` return at once (``{}``); else wait
     for the array and return ``{job id: record}`` of the jobs it stored."""
     submitit = require("submitit", "slurm", "slurm")
+    from modelscape.backend.fused import plan_units
     from modelscape.backend.store import DB_NAME, StoreUnion, shard_path
     if st is None or st.path.name != DB_NAME:
         raise ConfigError(f"EXECUTOR='slurm' needs a store directory (RESULTS_DIR/EXPT_NAME, holding {DB_NAME}) "
@@ -172,9 +182,14 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
               "to submit", file=sys.stderr)
         return {}
     run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    tasks = [ShardTask([jobs[i] for i in shard], [ids[i] for i in shard], [codes[i] for i in shard], context, cfg,
-                       shard_path(directory, f"{run}-{k}"))
-             for k, shard in enumerate(split(todo, cfg["SLURM_SHARDS"]))]
+    tasks = []
+    for k, units in enumerate(split(plan_units([(i, job[2]) for i, job in enumerate(jobs)], todo),
+                                    cfg["SLURM_SHARDS"])):
+        shard = sorted(i for unit in units for i in unit)
+        local = {i: n for n, i in enumerate(shard)}
+        tasks.append(ShardTask([jobs[i] for i in shard], [ids[i] for i in shard], [codes[i] for i in shard],
+                               context, cfg, shard_path(directory, f"{run}-{k}"),
+                               sorted([local[i] for i in unit] for unit in units)))
     executor = submitit.AutoExecutor(folder=folder, cluster=CLUSTER)
     executor.update_parameters(**sbatch_parameters(cfg))
     with executor.batch():
