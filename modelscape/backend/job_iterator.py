@@ -386,7 +386,7 @@ def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
     With a store, each job is claimed right before its unit is submitted: a job a live driver holds is left
     out of its unit and looked at again every second, until that driver has stored it (yielded with
     ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
-    here, alone). A unit's claims are released once the caller has stored its records (on the generator's
+    here, in one unit with the jobs of its unit that driver held too). A unit's claims are released once the caller has stored its records (on the generator's
     next step), and all at the end.
     """
     pending, waiting, inflight = deque(units), [], {}
@@ -396,15 +396,17 @@ def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
     try:
         while pending or waiting or inflight:
             while pending and len(inflight) < window:
-                claimed = []
+                claimed, busy = [], []
                 for i in pending.popleft():
                     outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
                     if outcome == "busy":
-                        waiting.append([i])
+                        busy.append(i)
                     elif outcome == "stored":
                         yield [i], [claims.record(ids[i])], False
                     else:
                         claimed.append(i)
+                if busy:  # together: should their driver die, they are taken over as the group it was training
+                    waiting.append(busy)
                 if claimed:
                     inflight[executor.submit(spec_of(claimed))] = claimed
             if inflight:
