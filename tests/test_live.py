@@ -70,9 +70,10 @@ def wait_for_running(proc, store, timeout=60.0):
     raise AssertionError("no running job appeared in the store")
 
 
-def test_a_running_jobs_partial_curves_are_visible_to_load_from_another_process(tmp_path):
+@pytest.mark.parametrize("executor", ["pool", "ray"])
+def test_a_running_jobs_partial_curves_are_visible_to_load_from_another_process(tmp_path, executor):
     store = tmp_path / "expt"
-    proc = start_sweep(tmp_path, "pool", 150)
+    proc = start_sweep(tmp_path, executor, 150)
     try:
         partial = wait_for_running(proc, store)
     finally:

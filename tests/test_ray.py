@@ -81,3 +81,32 @@ def test_ray_task_that_raises_outside_the_job_is_a_failed_record(ray_executor):
     record = fut.result()
     assert record["status"] == "failed" and record["axes"] == {"WIDTH": 8}
     assert "the Ray task failed" in record["error"] and "this context cannot be unpickled" in record["error"]
+
+
+def test_ray_tasks_output_and_progress_reach_the_driver_labelled(ray_executor, capfd):
+    ns = {}  # by value to the Ray workers, as a notebook's functions go
+    exec("import torch\n"
+         "def talking_bfn(bsz, gen, X=None, y=None, dim=4):\n"
+         "    print('batch function ready')\n"
+         "    return lambda step: (lambda X: (X, X[:, :1]))(torch.randn(bsz, dim, generator=gen))\n", ns)
+    seen = []
+    from modelscape.backend import live
+    real = live.LiveBoard.receive
+
+    def receive(board, msg):
+        seen.append((msg, board.index.get(msg["key"]) in board.finished))
+        real(board, msg)
+    cfg = config(MAX_ITER=3, VERBOSE=True, FUSE="off", LIVE_EVERY=1e-9, EVAL_EVERY=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(live.LiveBoard, "receive", receive)
+        res = main([[8, 16], [0]], ["WIDTH", "trial"], cfg, dict(base_bfn=ns["talking_bfn"]),
+                   executor=ray_executor, store=False, progress=False)
+    assert {r["status"] for r in res.records} == {"not_reached"}
+    out = capfd.readouterr().out.splitlines()
+    for width in (8, 16):  # Ray's own log forwarding is off here: these lines came through the relay
+        mine = [ln for ln in out if ln.startswith(f"[WIDTH={width} trial=0] ")]
+        assert [ln.split("] ", 1)[1].split(":")[0] for ln in mine if "step" in ln] == ["step 0", "step 1", "step 2"]
+        assert sum("batch function ready" in ln for ln in mine) >= 1
+        # progress at every sync, then the end, under the job's key, all before its record
+        mine = [(m["steps"], late) for m, late in seen if m["key"] == live.job_key(None, {"WIDTH": width, "trial": 0})]
+        assert mine == [(1, False), (2, False), (3, False), (3, False)]

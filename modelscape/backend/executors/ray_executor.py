@@ -6,6 +6,10 @@ dataset included) is cloudpickled and put in Ray's object store once per sweep; 
 and keeps it for the later jobs of that sweep. Records come back through ``ray.wait`` and the driver
 stores them. A job whose task raises, or whose worker process dies (Ray's ``WorkerCrashedError``), gets a
 failed record, as in the local pool; Ray does not retry it.
+
+While the driver listens (``on_live``/``on_output``), tasks send their progress messages and output lines,
+labelled with their job's axes, to a small relay actor (no CPU of its own); the driver drains it between
+``ray.wait`` calls, so the bar, ``watch`` and ``load`` see Ray's running jobs as they see the pool's.
 """
 from __future__ import annotations
 
@@ -20,11 +24,30 @@ from modelscape.backend.executors.optional import require
 _CONTEXTS: dict = {}  # in a Ray worker: context id -> the unpickled (global_config, bfn_config)
 
 
-def _run_task(context_id, context_ref, payload, index):
-    """The Ray task: run one job on the GPU Ray gave this task (CUDA_VISIBLE_DEVICES), else the CPU."""
+class _Relay:
+    """A Ray actor holding the messages tasks send (``put``) until the driver takes them (``take``)."""
+
+    def __init__(self):
+        self.items = []
+
+    def put(self, item):
+        self.items.append(item)
+
+    def take(self) -> list:
+        items, self.items = self.items, []
+        return items
+
+    def sync(self):
+        """Nothing: a task that waits for this knows that its earlier ``put`` calls have run."""
+
+
+def _run_task(context_id, context_ref, payload, index, relay=None):
+    """The Ray task: run one job on the GPU Ray gave this task (CUDA_VISIBLE_DEVICES), else the CPU; with a
+    ``relay``, its progress and output lines go there."""
     import ray
     import torch
 
+    from modelscape.backend import live
     from modelscape.backend.job import run_config_safe
     if context_id not in _CONTEXTS:
         _CONTEXTS.clear()  # one sweep's context at a time per worker: an old dataset is not kept alive
@@ -32,7 +55,17 @@ def _run_task(context_id, context_ref, payload, index):
     global_config, bfn_config = _CONTEXTS[context_id]
     overrides, axes = cloudpickle.loads(payload)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    return run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+    if relay is None:
+        return run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+    try:
+        # fire and forget: the task never waits on the driver
+        with live.capture_output(lambda stream, text: relay.put.remote(("out", stream, text))), \
+                live.reporting(lambda m: relay.put.remote(("live", m)), live.axes_label(axes)):
+            return run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+    finally:
+        # An actor runs one caller's calls in order: once this returns, all of this task's messages are in
+        # the relay, so the driver, draining it before it takes the record, sees them first.
+        ray.get(relay.sync.remote())
 
 
 class RayExecutor(Executor):
@@ -59,6 +92,7 @@ class RayExecutor(Executor):
         self._task = ray.remote(max_retries=0, **options)(_run_task)
         self._contexts: dict = {}  # context id -> ObjectRef of its cloudpickled bytes
         self._running: dict = {}  # ObjectRef -> (spec, future)
+        self._relay = None  # the _Relay actor, made when the driver first listens
 
     def submit(self, spec: JobSpec) -> Future:
         if spec.context_id not in self._contexts:
@@ -69,10 +103,23 @@ class RayExecutor(Executor):
         return fut
 
     def _launch(self, spec, fut):
+        if self._relay is None and (self.on_live is not None or self.on_output is not None):
+            self._relay = self.ray.remote(num_cpus=0)(_Relay).remote()
+        relay = self._relay if (self.on_live is not None or self.on_output is not None) else None
         # The context's ref goes inside a list so that Ray does not fetch and unpickle it for every task.
         ref = self._task.remote(spec.context_id, [self._contexts[spec.context_id]],
-                                cloudpickle.dumps((spec.overrides, spec.axes)), spec.index)
+                                cloudpickle.dumps((spec.overrides, spec.axes)), spec.index, relay)
         self._running[ref] = (spec, fut)
+
+    def _drain(self):
+        """Hand the messages tasks have sent so far to ``on_live`` and ``on_output``."""
+        if self._relay is None:
+            return
+        for item in self.ray.get(self._relay.take.remote()):
+            if item[0] == "live" and self.on_live is not None:
+                self.on_live(item[1])
+            elif item[0] == "out" and self.on_output is not None:
+                self.on_output(item[1], item[2])
 
     def _collect(self, ref):
         """The record of a finished task; a task that raised or lost its worker becomes a failed record.
@@ -99,7 +146,8 @@ class RayExecutor(Executor):
             refs = [r for r, (_, f) in self._running.items() if id(f) in wanted]
             if not refs:
                 return
-            ready, _ = self.ray.wait(refs, num_returns=1, timeout=1.0)
+            ready, _ = self.ray.wait(refs, num_returns=1, timeout=0.5 if self._relay is not None else 1.0)
+            self._drain()  # before the records: a job's last messages come before its end
             for ref in ready:
                 fut = self._collect(ref)
                 if fut is not None:
@@ -116,5 +164,8 @@ class RayExecutor(Executor):
             self.ray.cancel(ref, force=True)
         self._running.clear()
         self._contexts.clear()
+        if self._relay is not None:
+            self.ray.kill(self._relay)
+            self._relay = None
         if self._own:
             self.ray.shutdown()
