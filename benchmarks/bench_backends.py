@@ -33,7 +33,8 @@ def sweep(kind, n, workers, root):
     g = vars(base_args())
     g.update(PARAMETERIZATION="sp", MAX_ITER=20, N_TEST=32, N_SAMPLES=16, WIDTH=8, EVAL_EVERY=0,
              LOSS_CHECKPOINTS=[1e-9], WORKERS_PER_DEVICE=workers if kind == "pool" else 1, EXECUTOR=kind,
-             SLURM_SHARDS=workers, RESULTS_DIR=root, EXPT_NAME=f"{kind}-{n}")
+             SLURM_SHARDS=workers, RESULTS_DIR=root, EXPT_NAME=f"{kind}-{n}",
+             FUSE="off")  # one job per unit of work: fused, the jobs of a sweep would travel as one
     t0 = time.perf_counter()
     res = main([range(n)], ["trial"], g, dict(base_bfn=bfn), progress=False)
     wall = time.perf_counter() - t0

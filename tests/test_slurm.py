@@ -111,6 +111,7 @@ def test_shards_killed_part_way_and_rerun_trains_only_the_missing(tmp_path, caps
     rerun = read_log(tmp_path / "log")[len(started):]
     assert {(e["WIDTH"], e["trial"]) for e in rerun} == {(24, 0), (24, 1)}  # only the missing group
     assert len({e["pid"] for e in rerun}) == 1
+    assert "as 1 array tasks (a fused group is one unit of work" in capsys.readouterr().err  # not the 2 asked for
     assert len(res.records) == 6 and res.status_counts().get("failed", 0) == 0
     assert len(list(d.glob("shard-*.db"))) == 3  # one new shard, for the missing group
     assert load(d).to_xarray()["train_loss"].shape == (3, 2)

@@ -199,8 +199,10 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
         for job_id in task.ids:
             st.claim(job_id, driver)
     array = submitted[0].job_id.split("_")[0]
-    print(f"modelscape: submitted {len(todo)} jobs as {len(tasks)} array tasks (Slurm job {array}); follow "
-          f"them with `modelscape ls {directory}`", file=sys.stderr)
+    fewer = (" (a fused group is one unit of work, kept whole: a lower FUSE_MAX spreads it over more tasks)"
+             if len(tasks) < min(cfg["SLURM_SHARDS"], len(todo)) else "")
+    print(f"modelscape: submitted {len(todo)} jobs as {len(tasks)} array tasks{fewer} (Slurm job {array}); "
+          f"follow them with `modelscape ls {directory}`", file=sys.stderr)
     if cfg["DETACH"]:
         return {}
     for job in submitted:
