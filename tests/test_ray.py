@@ -110,3 +110,22 @@ def test_ray_tasks_output_and_progress_reach_the_driver_labelled(ray_executor, c
         # progress at every sync, then the end, under the job's key, all before its record
         mine = [(m["steps"], late) for m, late in seen if m["key"] == live.job_key(None, {"WIDTH": width, "trial": 0})]
         assert mine == [(1, False), (2, False), (3, False), (3, False)]
+
+
+def test_a_lost_relay_stops_live_progress_but_no_job(ray_executor, tmp_path):
+    from modelscape.backend.executors.ray_executor import _Relay
+    ns = notebook()
+    g = config(MAX_ITER=5, LIVE_EVERY=1e-9, logfile=str(tmp_path / "log"))
+    spec = JobSpec(0, {"WIDTH": 16}, {"WIDTH": 16}, "lost-relay", (g, dict(base_bfn=ns["nb_bfn"], dim=8)))
+    dead = ray.remote(num_cpus=0)(_Relay).remote()
+    ray.kill(dead)
+    heard = []
+    ray_executor._relay, ray_executor.on_live = dead, heard.append
+    try:
+        fut = ray_executor.submit(spec)
+        with pytest.warns(UserWarning, match="live progress stopped, its relay actor is gone"):
+            assert list(ray_executor.as_completed([fut])) == [fut]
+        assert fut.result()["status"] == "not_reached" and heard == []
+        assert ray_executor._relay is None and ray_executor.on_live is None
+    finally:
+        ray_executor._relay, ray_executor.on_live = None, None

@@ -14,6 +14,7 @@ labelled with their job's axes, to a small relay actor (no CPU of its own); the 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import Future
 
 import cloudpickle
@@ -65,7 +66,10 @@ def _run_task(context_id, context_ref, payload, index, relay=None):
     finally:
         # An actor runs one caller's calls in order: once this returns, all of this task's messages are in
         # the relay, so the driver, draining it before it takes the record, sees them first.
-        ray.get(relay.sync.remote())
+        try:
+            ray.get(relay.sync.remote())
+        except ray.exceptions.RayError:  # the relay is gone: progress is lost, never the job's record
+            pass
 
 
 class RayExecutor(Executor):
@@ -115,7 +119,14 @@ class RayExecutor(Executor):
         """Hand the messages tasks have sent so far to ``on_live`` and ``on_output``."""
         if self._relay is None:
             return
-        for item in self.ray.get(self._relay.take.remote()):
+        try:
+            items = self.ray.get(self._relay.take.remote())
+        except self.ray.exceptions.RayError as e:  # its node died, say: the sweep goes on without progress
+            warnings.warn(f"EXECUTOR=ray: live progress stopped, its relay actor is gone ({type(e).__name__})",
+                          stacklevel=2)
+            self._relay, self.on_live, self.on_output = None, None, None
+            return
+        for item in items:
             if item[0] == "live" and self.on_live is not None:
                 self.on_live(item[1])
             elif item[0] == "out" and self.on_output is not None:
