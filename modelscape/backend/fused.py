@@ -559,14 +559,15 @@ def plan_units(jobs: list, todo=None, units=None) -> list:
     (a Slurm shard gets its part of the sweep's); the reasons were logged then.
     """
     todo = None if todo is None else set(todo)
+    configs = dict(jobs)
     if units is None:
-        units, reasons = _plan([index for index, _ in jobs], dict(jobs), todo)
+        units, reasons = _plan(list(configs), configs, todo)
     else:
         reasons = {}
     if todo is not None:
         kept = [u for u in units if todo.issuperset(u)]
         rest = sorted(i for u in units if not todo.issuperset(u) for i in u if i in todo)
-        units = kept + (_plan(rest, dict(jobs), None)[0] if rest else [])
+        units = kept + (_plan(rest, configs, None)[0] if rest else [])
     for reason, n in reasons.items():
         log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
     return sorted(units)
