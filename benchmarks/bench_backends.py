@@ -16,7 +16,7 @@ import time
 import torch
 
 from modelscape.backend.cli import base_args
-from modelscape.backend.executors import slurm
+from modelscape.backend import slurm
 from modelscape.backend.job_iterator import main
 
 

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, Store, StoreError, StoreUnion
+from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, StoreError, StoreUnion
 from modelscape.results import NO_RESULT
+
+__all__ = ["main", "build_parser", "find_stores", "sweep_rows", "watch_view", "UsageError"]
 
 SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
 # netCDF engines in xarray's order of preference, by the module that provides each
@@ -234,8 +236,8 @@ def cmd_show(args) -> int:
         store_dir = st.path.parent
     footer = provenance_lines(meta, [r for _, r in rows])
     with_ckpt = any(r and r.get("checkpoints") for _, r in rows)
-    if with_ckpt:  # imported only here: it imports torch, which `show` otherwise does without
-        from modelscape.backend import checkpoints
+    if with_ckpt:
+        from modelscape.backend import checkpoints  # start-up: `show` without checkpoints needs no torch
         footer.append(checkpoints.disk_line(store_dir) or "")
     several_codes = len({json.dumps(r.get("code"), sort_keys=True) for _, r in rows if r and r.get("code")}) > 1
     conds = _parse_where(args.where, names)

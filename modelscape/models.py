@@ -15,6 +15,9 @@ from torch import nn
 
 from modelscape.data.language import SEQ_LEN, VOCAB_SIZE
 
+__all__ = ["MLP", "CNN", "SelfAttention", "TransformerBlock", "Transformer", "GPTBlock", "GPT", "Centered",
+           "BUILTIN_MODELS", "make_nonlinearity"]
+
 _NONLINS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity,
             "linear": nn.Identity, "sigmoid": nn.Sigmoid}
 

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Iterable
 
 import numpy as np
+import xarray as xr
 
+from modelscape.mup import coord_check, plot_coord_check  # noqa: F401  (re-exported: the coordinate check's figure)
 from modelscape.results import NO_RESULT, axis_label
 
 __all__ = ["plot_loss_curves", "plot_timekeys", "plot_lr_transfer", "plot_coord_check", "coord_check"]
@@ -40,7 +43,6 @@ _BROKEN = dict(marker="X", ms=7, ls="none", zorder=4)
 
 def _dataset(res):
     """SweepResults or Dataset -> Dataset."""
-    import xarray as xr
 
     if isinstance(res, xr.Dataset):
         return res
@@ -101,7 +103,7 @@ def _numeric(values) -> bool:
 
 def _colors(values):
     """Sequential colours for a numeric axis (small -> dark), categorical ones otherwise."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional until a figure is drawn: the module imports without it
 
     n = len(values)
     if _numeric(values) and n > 1:
@@ -112,7 +114,7 @@ def _colors(values):
 
 
 def _figure(n_panels: int, max_cols: int = 4, panel=(4.2, 3.4), sharey=True, sharex=True):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional until a figure is drawn: the module imports without it
 
     ncols = n_panels if n_panels <= 3 else math.ceil(math.sqrt(n_panels))  # 4 panels -> 2 x 2
     ncols = max(1, min(ncols, max_cols))
@@ -151,7 +153,7 @@ def _legend(fig, axes, title):
 def _tidy_log_axes(axes):
     """Readable log ticks: over less than two decades, ticks at 1, 2, 5 x 10^k written as plain numbers;
     never labelled minor ticks (they collide)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # optional until a figure is drawn
 
     for ax in axes:
         for axis, lims in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
@@ -166,7 +168,7 @@ def _tidy_log_axes(axes):
 
 def _ticks_at(axes, values, max_ticks=10):
     """Put the x ticks at the swept values themselves (few, positive numbers), written plainly."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # optional until drawn
 
     vals = sorted(float(v) for v in values)
     if not vals or len(vals) > max_ticks or vals[0] <= 0:
@@ -190,7 +192,6 @@ def _label_axes(axes, ncols, xlabel, ylabel):
 
 def _trial_reduce(arr, axis_index):
     """Mean, min, max and std over the trial axis, ignoring NaN (all-NaN slices stay NaN)."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -316,7 +317,6 @@ def _note_broken(ax, status):
 
 def _threshold_values(ds) -> list:
     """The loss thresholds, one per threshold index (the median over jobs, which share them)."""
-    import warnings
 
     arr = np.asarray(ds["thresholds"].values, dtype=float)
     arr = arr.reshape(-1, arr.shape[-1])
@@ -554,7 +554,6 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
 
 def _auto_ceiling(ds, var, lr, trial):
     """10 x the largest trial-mean value at the smallest learning rate of any curve that has one."""
-    import warnings
 
     da = ds[var].where(~ds["status"].isin(["diverged", *NO_RESULT, "missing"]))
     if trial is not None:
@@ -573,27 +572,5 @@ def _metricaxis_label(metric):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Coordinate check (lives in modelscape.mup)
+# Coordinate check (lives in modelscape.mup; re-exported so it sits beside the other figures)
 # --------------------------------------------------------------------------------------------------------
-
-def plot_coord_check(*args, **kwargs):
-    """``modelscape.mup.plot_coord_check``: RMS of every layer's output vs width along a few steps.
-
-    Takes the DataArray of ``modelscape.mup.coord_check`` (also importable from here); see there.
-    """
-    from modelscape import mup
-
-    fn = getattr(mup, "plot_coord_check", None)
-    if fn is None:
-        raise NotImplementedError("this modelscape.mup has no plot_coord_check")
-    return fn(*args, **kwargs)
-
-
-def coord_check(*args, **kwargs):
-    """``modelscape.mup.coord_check`` (re-exported so the coordinate check sits beside its figure)."""
-    from modelscape import mup
-
-    fn = getattr(mup, "coord_check", None)
-    if fn is None:
-        raise NotImplementedError("this modelscape.mup has no coord_check")
-    return fn(*args, **kwargs)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+__all__ = ["SweepResults", "ExptTrace", "axis_label", "threshold_grid", "NO_RESULT", "SCALAR_FIELDS"]
+
 SCALAR_FIELDS = ("train_loss", "test_loss", "steps", "wall_time")
 # Statuses of a job that gave no numbers: it raised, killed its worker twice, or ran past JOB_TIMEOUT.
 NO_RESULT = ("failed", "crashed", "timeout")
@@ -300,7 +302,7 @@ class SweepResults(Mapping):
         of LOSS_CHECKPOINTS (the model at its timekey). ``res.checkpoint(WIDTH=256, trial=0, step=500)``. Under
         CENTER the model is the Centered wrapper (what was trained). See ``modelscape.backend.checkpoints``.
         """
-        from modelscape.backend import checkpoints
+        from modelscape.backend import checkpoints  # start-up: reading results (`modelscape ls`) needs no torch
         if self.store_dir is None:
             raise ValueError("these results come from no store, so they have no checkpoints")
         return checkpoints.load(self.record(**axes), self.store_dir, step, threshold, optimizer, device)
@@ -344,7 +346,7 @@ class SweepResults(Mapping):
         """
         if self._xr is not None:
             return self._xr
-        import xarray as xr
+        import xarray as xr  # worker start-up: workers import this module, never xarray
 
         coords = {n: [axis_label(v) for v in vals] for n, vals in zip(self.axis_names, self.axis_values)}
         for n, labels in coords.items():

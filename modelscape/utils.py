@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import sys
 
 import numpy as np
 import torch
+
+from modelscape.config import ConfigError
+
+__all__ = ["derive_seed", "to_numpy", "ensure_torch", "load_from_file", "resolve_device", "qualname", "as_list",
+           "match_shapes", "require"]
 
 
 def derive_seed(*parts) -> int:
@@ -74,3 +80,27 @@ def qualname(obj) -> str | None:
 def as_list(v) -> list:
     """A sweepable value as a list of axis values: ``[64, 256]`` stays, ``64`` becomes ``[64]``."""
     return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def match_shapes(out, y):
+    """``out`` reshaped to ``y``'s shape for a float target of the same size (MSE on (N,) vs (N, 1)), or
+    sequence logits ``(N, T, C)`` with the classes moved to dim 1 for integer targets ``(N, T)``."""
+    # MSE against y of shape (N,) or (N, 1): the seed squeezed both; reshaping keeps a batch of one intact.
+    if out.shape != y.shape and out.numel() == y.numel() and y.dtype.is_floating_point:
+        return out.reshape(y.shape)
+    # Sequence logits (N, T, C) against class targets (N, T): cross-entropy wants the classes at dim 1.
+    if out.ndim >= 3 and out.shape[:-1] == y.shape and not y.dtype.is_floating_point:
+        return out.movedim(-1, 1)
+    return out
+
+
+def require(module: str, extra: str, executor: str | None = None, needed_by: str | None = None):
+    """Import the optional package ``module`` (Ray, submitit, tensorboard), or raise ConfigError saying which
+    extra of modelscape provides it; the message names what needs it: ``EXECUTOR=executor``, or ``needed_by``
+    (e.g. ``"TENSORBOARD=True"``)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        who = needed_by or f"EXECUTOR={executor!r}"
+        raise ConfigError(f"{who} needs the package {module!r}, which is not installed: "
+                          f"pip install modelscape[{extra}]") from None

@@ -97,7 +97,7 @@ def test_a_dead_drivers_claims_are_taken_over_at_once_on_the_same_host(tmp_path,
 
 
 def test_the_heartbeat_thread_keeps_a_drivers_claims_alive_and_close_releases_them(tmp_path):
-    from modelscape.backend.job_iterator import _Claims
+    from modelscape.backend.sweep import _Claims
     with Store(tmp_path / "s.db") as st:
         claims = _Claims(st, stale_after=1.2)  # beats every 0.2 s
         try:

@@ -13,7 +13,7 @@ import torch
 
 import modelscape
 from modelscape import cli
-from modelscape.backend import live
+from modelscape.backend import board as live_board, live
 from modelscape.backend.job_iterator import main
 from modelscape.backend.store import Driver, Store
 
@@ -227,19 +227,19 @@ def test_watch_stops_on_ctrl_c_with_status_0(half_run, monkeypatch, capsys):
 
 def test_steps_done_counts_finished_jobs_whole_and_running_jobs_as_reported():
     max_iter = {0: 100, 1: 200, 2: 50, 3: 1000}
-    assert live.steps_done(max_iter, {}, set()) == 0
-    assert live.steps_done(max_iter, {1: 30, 3: 400}, {0}) == 100 + 30 + 400
+    assert live_board.steps_done(max_iter, {}, set()) == 0
+    assert live_board.steps_done(max_iter, {1: 30, 3: 400}, {0}) == 100 + 30 + 400
     # job 1 stops early at its thresholds after 60 steps: its remaining 140 steps count once it finishes
-    assert live.steps_done(max_iter, {1: 60, 3: 400}, {0, 1}) == 100 + 200 + 400
-    assert live.steps_done(max_iter, {2: 80}, set()) == 50  # never more than its MAX_ITER
-    assert live.state_counts(6, 2, ["done", "failed", "not_reached", "timeout"]) == {
+    assert live_board.steps_done(max_iter, {1: 60, 3: 400}, {0, 1}) == 100 + 200 + 400
+    assert live_board.steps_done(max_iter, {2: 80}, set()) == 50  # never more than its MAX_ITER
+    assert live_board.state_counts(6, 2, ["done", "failed", "not_reached", "timeout"]) == {
         "running": 2, "queued": 0, "done": 2, "failed": 2}
 
 
 def test_the_board_moves_its_bar_by_steps_and_counts_states():
     jobs = [({"LR": lr}, {}, {"MAX_ITER": m}) for lr, m in ((0.1, 100), (0.2, 300), (0.3, 600))]
     ids = ["a", "b", "c"]
-    board = live.LiveBoard(jobs, ids, [1, 2], bar=True)  # a was stored before: its 100 steps are done
+    board = live_board.LiveBoard(jobs, ids, [1, 2], bar=True)  # a was stored before: its 100 steps are done
     try:
         assert (board.bar.total, board.bar.n) == (1000, 100)
         board.receive({"key": "b", "steps": 50, "wall_time": 1.0, "train_loss": 0.5})
@@ -258,15 +258,16 @@ def test_the_board_moves_its_bar_by_steps_and_counts_states():
 
 
 def test_the_rate_and_eta_count_trained_steps_not_the_steps_credited_to_an_early_stop():
-    assert math.isnan(live.step_rate([(0.0, 0)]))
-    assert live.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)]) == 75.0
+    assert math.isnan(live_board.step_rate([(0.0, 0)]))
+    assert live_board.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)]) == 75.0
     # a window of 10 s: the rate of the last 10 s only
-    assert live.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)], window=10.0) == 100.0
-    assert live.eta_seconds(1000, 400, 100.0) == 6.0
-    assert live.eta_seconds(1000, 1000, math.nan) == 0.0 and math.isnan(live.eta_seconds(1000, 10, math.nan))
+    assert live_board.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)], window=10.0) == 100.0
+    assert live_board.eta_seconds(1000, 400, 100.0) == 6.0
+    assert live_board.eta_seconds(1000, 1000, math.nan) == 0.0
+    assert math.isnan(live_board.eta_seconds(1000, 10, math.nan))
 
     jobs = [({"LR": lr}, {}, {"MAX_ITER": 1000}) for lr in (0.1, 0.2)]
-    board = live.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
+    board = live_board.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
     try:
         board.receive({"key": "a", "steps": 40, "wall_time": 1.0, "train_loss": 0.5})
         board.receive({"key": "b", "steps": 60, "wall_time": 1.0, "train_loss": 0.5})
@@ -282,7 +283,7 @@ def test_the_rate_and_eta_count_trained_steps_not_the_steps_credited_to_an_early
 
 def test_a_job_that_ended_counts_as_finished_before_its_record_arrives():
     jobs = [({"LR": lr}, {}, {"MAX_ITER": 100}) for lr in (0.1, 0.2)]
-    board = live.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
+    board = live_board.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
     try:
         board.receive({"key": "a", "steps": 30, "wall_time": 1.0, "train_loss": 0.5})
         board.receive({"key": "b", "steps": 30, "wall_time": 1.0, "train_loss": 0.5})
@@ -299,7 +300,7 @@ def test_a_job_that_ended_counts_as_finished_before_its_record_arrives():
 
 def test_the_board_counts_the_stored_jobs_by_their_status():
     jobs = [({"LR": lr}, {}, {"MAX_ITER": 10}) for lr in (0.1, 0.2, 0.3)]
-    board = live.LiveBoard(jobs, ["a", "b", "c"], [2], stored=["timeout", "not_reached"])
+    board = live_board.LiveBoard(jobs, ["a", "b", "c"], [2], stored=["timeout", "not_reached"])
     assert board.counts() == {"running": 0, "queued": 1, "done": 1, "failed": 1}
 
 
@@ -345,7 +346,7 @@ def test_fused_members_report_live_each_under_its_own_key(one_torch_thread):
         mine = [m for m in messages if m["key"] == f"job{k}"]
         assert [m["steps"] for m in mine] == list(range(1, n + 1)) + [n]  # due at every sync here, then ended
         assert mine[-1]["ended"] == record["status"] == "not_reached"
-        partial = live._Partial(n, 0.0)
+        partial = live_board._Partial(n, 0.0)
         for m in mine:
             partial.add(m)
         got = partial.record(f"job{k}", {"LR": 0})

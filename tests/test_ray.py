@@ -90,15 +90,15 @@ def test_ray_tasks_output_and_progress_reach_the_driver_labelled(ray_executor, c
          "    print('batch function ready')\n"
          "    return lambda step: (lambda X: (X, X[:, :1]))(torch.randn(bsz, dim, generator=gen))\n", ns)
     seen = []
-    from modelscape.backend import live
-    real = live.LiveBoard.receive
+    from modelscape.backend import board as live_board, live
+    real = live_board.LiveBoard.receive
 
     def receive(board, msg):
         seen.append((msg, board.index.get(msg["key"]) in board.finished))
         real(board, msg)
     cfg = config(MAX_ITER=3, VERBOSE=True, FUSE="off", LIVE_EVERY=1e-9, EVAL_EVERY=0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(live.LiveBoard, "receive", receive)
+        mp.setattr(live_board.LiveBoard, "receive", receive)
         res = main([[8, 16], [0]], ["WIDTH", "trial"], cfg, dict(base_bfn=ns["talking_bfn"]),
                    executor=ray_executor, store=False, progress=False)
     assert {r["status"] for r in res.records} == {"not_reached"}

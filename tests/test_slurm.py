@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sweep import config, read_log  # noqa: E402
 
 from modelscape import cli  # noqa: E402
-from modelscape.backend.executors import slurm  # noqa: E402
+from modelscape.backend import slurm  # noqa: E402
 from modelscape.backend.job_iterator import main  # noqa: E402
 from modelscape.backend.store import Store, StoreUnion, load  # noqa: E402
 from modelscape.config import ConfigError  # noqa: E402

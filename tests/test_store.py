@@ -178,7 +178,7 @@ def test_object_arrays_are_refused_clearly(tmp_path):
 def test_a_group_of_records_is_stored_whole_or_not_at_all(tmp_path):
     """A fused group's records land in one transaction; should the store refuse one of them, the engine
     stores the others and a failed record for that one."""
-    from modelscape.backend.job_iterator import _store_records
+    from modelscape.backend.sweep import _store_records
     bad = synth_record(1)
     bad["grabs"] = {"objs": np.array([object(), 1], dtype=object)}
     with Store(tmp_path) as st:

@@ -106,8 +106,8 @@ def test_an_edited_batch_function_body_trains_anew(tmp_path, monkeypatch, route)
 def test_a_function_without_readable_code_counts_by_name_with_a_warning():
     from pandas._libs.lib import is_scalar  # compiled (Cython): no Python code to read, not a library we pin
 
-    from modelscape.backend import store
-    store._unreadable_warned.discard("pandas.api.types.is_scalar")
+    from modelscape.backend import identity, store
+    identity._unreadable_warned.discard("pandas.api.types.is_scalar")
     with pytest.warns(UserWarning, match=r"cannot read the code of pandas\.api\.types\.is_scalar"):
         a = store.job_identity({"otherreturns": {"g": is_scalar}}, {}, {})
     assert a == store.job_identity({"otherreturns": {"g": is_scalar}}, {}, {})

@@ -298,8 +298,8 @@ def test_a_reused_pool_runs_each_sweep_with_its_own_config(pool, tmp_path, monke
     """Workers cache a sweep's context by its id: a later sweep must never run with an earlier sweep's config,
     even where CPython gives the later context the address (``id``) of the earlier one, freed by then; the
     patch below makes that certain instead of occasional."""
-    import modelscape.backend.job_iterator as job_iterator
-    monkeypatch.setattr(job_iterator, "id", lambda obj: 1, raising=False)
+    import modelscape.backend.sweep as sweep
+    monkeypatch.setattr(sweep, "id", lambda obj: 1, raising=False)
     ns = notebook()
     got = []
     for seed in range(4):

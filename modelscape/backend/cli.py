@@ -6,7 +6,8 @@ import json
 import sys
 import warnings
 
-from modelscape.config import ALIASES, BY_NAME, SCHEMA, ConfigError, close_matches, coerce, parse_bool, parse_int
+from modelscape.config import ALIASES, BY_NAME, SCHEMA, ConfigError, close_matches, coerce, load_json, parse_bool, \
+    parse_int
 from modelscape.config import defaults as schema_defaults
 
 
@@ -137,16 +138,6 @@ def str2bool(v) -> bool:
         return parse_bool(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}") from None
-
-
-def load_json(path):
-    """The JSON file at ``path`` (``~`` expanded); FileNotFoundError naming the path if there is none."""
-    import os
-    path = os.path.expanduser(str(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"JSON file not found: {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 __all__ = ["parse_args", "base_args", "build_parser", "ConfigError", "Args", "int_from_any", "str2bool", "load_json"]

@@ -17,10 +17,11 @@ or at its MAX_ITER leaves the stack at once (the stack is compacted), so it stop
 reach another member; its record is then identical in keys to ``run_config``'s and equal in values up to
 float32 rounding (batched and single matmuls round differently).
 
-What fuses: the built-in ``MLP`` with an elementwise nonlinearity, SGD (momentum, weight decay) or Adam/AdamW
-without amsgrad, MSE or cross-entropy loss, no ``post_init_fn``. Anything else runs one job at a time, with
-one note in the log saying why. Grabs are called with the member's own optimizer object, whose param groups
-(learning rates) are right but whose state (momentum buffers, Adam moments) is not updated by fused training.
+What fuses (``plan``, where every rule about it is written): the built-in ``MLP`` with an elementwise
+nonlinearity, SGD (momentum, weight decay) or Adam/AdamW without amsgrad, MSE or cross-entropy loss, no
+``post_init_fn``. Anything else runs one job at a time, with one note in the log saying why. Grabs are called
+with the member's own optimizer object, whose param groups (learning rates) are right but whose state (momentum
+buffers, Adam moments) is not updated by fused training.
 """
 from __future__ import annotations
 
@@ -31,41 +32,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape.backend import checkpoints, live
-from modelscape.backend.job import PreparedJob, failed_record, finish_record, prepare_job, resolve_optimizer, \
-    run_config_safe, train_prepared
+from modelscape.backend import live
+from modelscape.backend.job import PreparedJob, finish_record, prepare_job, prepare_resolved, run_config_safe, \
+    run_resolved_safe, train_prepared
+from modelscape.backend.plan import (  # noqa: F401  (plan_units, fuse_key ...: re-exported, they lived here in 0.3)
+    ELEMENTWISE, FUSABLE_MODELS, NUMERIC_KEYS, fuse_key, optimizer_kind, plan_units, stack_key, why_not_fusable)
+from modelscape.backend.records import failed_record
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, observers_wanting, read_losses
-from modelscape import model as original_model
 from modelscape.models import MLP
+
+__all__ = ["run_group", "train_fused", "StackedMLP", "StackedOptimizer", "fuse_cap", "member_bytes"]
 
 log = logging.getLogger(__name__)
 
-# Config keys that change only numbers inside a job, never a shape or the code path: jobs that differ only
-# in these (and the trial) may be fused. Everything else must be equal.
-NUMERIC_KEYS = frozenset({"trial", "SEED", "LR", "GAMMA", "PARAMETERIZATION", "MOMENTUM", "WEIGHT_DECAY",
-                          "LOSS_CHECKPOINTS", "EMA_SMOOTHER", "MAX_ITER", "RELATIVE_THRESHOLDS", "RELU_GAIN",
-                          "VERBOSE"})
-ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity, nn.Sigmoid)
-# The MLPs whose forward StackedMLP reproduces: ours, and the original's (the default MODEL), a subclass that
-# only adds an init option and a method.
-FUSABLE_MODELS = (MLP, original_model.MLP)
 CPU_FUSE_MAX = 64  # beyond this a CPU's caches, not launch overhead, set the pace
-
-
-def fuse_key(cfg: dict):
-    """A hashable summary of everything in a job's resolved config but ``NUMERIC_KEYS``: jobs with equal keys
-    are candidates for one fused group (``run_group`` still checks their built models)."""
-    return tuple(sorted((k, _hashable(v)) for k, v in cfg.items() if k not in NUMERIC_KEYS))
-
-
-def _hashable(v):
-    if isinstance(v, (str, int, float, bool, type(None))):
-        return v
-    if isinstance(v, (list, tuple)):
-        return tuple(_hashable(x) for x in v)
-    if isinstance(v, dict):
-        return tuple(sorted((str(k), _hashable(x)) for k, x in v.items()))
-    return ("object", id(v))  # functions, tensors, classes: the sweep shares one object across its jobs
 
 
 def fuse_cap(fuse_max: int, device, member_bytes: int = 0) -> int:
@@ -87,10 +67,6 @@ def member_bytes(job: PreparedJob) -> int:
     return 4 * (6 * n_params + 3 * batch * width * (depth + 1))
 
 
-# --------------------------------------------------------------------------------------------------------
-# What can be fused
-# --------------------------------------------------------------------------------------------------------
-
 def _layers(model: MLP) -> list:
     return [("input_layer", model.input_layer)] + \
         [(f"hidden_layers.{i}", m) for i, m in enumerate(model.hidden_layers)] + [("output_layer", model.output_layer)]
@@ -99,59 +75,6 @@ def _layers(model: MLP) -> list:
 def _scale(module: nn.Module) -> float:
     """The factor ``mup``'s forward hook applies to this module's output (1 without it)."""
     return float(getattr(module, "_mup_mult", 1.0)) / float(getattr(module, "_mup_gamma", 1.0))
-
-
-def _opt_kind(opt) -> str | None:
-    if type(opt) is torch.optim.SGD:
-        return "sgd"
-    if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
-        return "adam"
-    return None
-
-
-def why_not_fusable(job: PreparedJob) -> str | None:
-    """None if ``job`` can be trained in a fused group, else the reason it cannot (for the log)."""
-    from modelscape.mup import _scale_output
-    model, cfg = job.model, job.cfg
-    if type(model) not in FUSABLE_MODELS:
-        return f"model {type(model).__name__} is not the built-in MLP"
-    if cfg.get("post_init_fn") is not None or cfg.get("POST_INIT_FN") is not None:
-        return "a post_init_fn may change the model in ways the fused trainer cannot see"
-    if not isinstance(model.nonlin, ELEMENTWISE):
-        return f"nonlinearity {type(model.nonlin).__name__} is not one of {[c.__name__ for c in ELEMENTWISE]}"
-    for path, mod in model.named_modules():
-        if mod._forward_pre_hooks or any(h is not _scale_output for h in mod._forward_hooks.values()):
-            return f"module {path or '<model>'!r} has forward hooks other than muP's"
-    acting = [type(o).__name__ for o in job.observers if o.wants("before_step")]
-    if acting:  # between steps a member's weights live in the stack, not in its module
-        return f"{', '.join(acting)} acts on the model before steps"
-    unfusable = [type(o).__name__ for o in job.observers if not o.fusable]
-    if unfusable:
-        return f"{', '.join(unfusable)} needs the job's own optimizer state"
-    kind = _opt_kind(job.opt)
-    if kind is None:
-        return f"optimizer {type(job.opt).__name__} is not SGD, Adam or AdamW"
-    for g in job.opt.param_groups:
-        if g.get("maximize") or g.get("amsgrad") or g.get("nesterov") or g.get("dampening", 0):
-            return "the optimizer uses maximize, amsgrad, nesterov or dampening"
-    in_opt = {id(p) for g in job.opt.param_groups for p in g["params"]}
-    if any(id(p) not in in_opt for p in model.parameters()):
-        return "some model parameters are not in the optimizer"
-    loss = job.loss_fn
-    if type(loss) not in (nn.MSELoss, nn.CrossEntropyLoss) or loss.reduction != "mean":
-        return f"loss {type(loss).__name__} is not MSELoss or CrossEntropyLoss with reduction='mean'"
-    if isinstance(loss, nn.CrossEntropyLoss) and (loss.weight is not None or loss.label_smoothing):
-        return "cross-entropy with class weights or label smoothing"
-    return None
-
-
-def _structure(job: PreparedJob):
-    """What must be equal for two fusable jobs to share a stack."""
-    lk = job.loop_kwargs
-    return (tuple((n, tuple(p.shape)) for n, p in job.model.named_parameters()), repr(job.model.nonlin),
-            _opt_kind(job.opt), type(job.opt).__name__, type(job.loss_fn).__name__, str(job.device),
-            job.cfg["CENTER"], job.cfg["ONLINE"], lk["only_thresholds"], lk["eval_every"], lk["sync_every"],
-            None if job.X_te is None else tuple(job.X_te.shape))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -230,7 +153,7 @@ class StackedOptimizer:
     learning rate and constants taken from its optimizer's param groups; the update is torch's, per member."""
 
     def __init__(self, jobs: list, stack: StackedMLP):
-        self.kind = _opt_kind(jobs[0].opt)
+        self.kind = optimizer_kind(jobs[0].opt)
         self.decoupled = type(jobs[0].opt) is torch.optim.AdamW or \
             bool(jobs[0].opt.param_groups[0].get("decoupled_weight_decay"))
         keys = ("lr", "momentum", "weight_decay") if self.kind == "sgd" else ("lr", "beta1", "beta2", "eps",
@@ -346,7 +269,7 @@ class _StackCache:
 
 
 def train_fused(jobs: list) -> list:
-    """Train prepared jobs (all passing ``why_not_fusable``, with equal ``_structure``) as one stacked model.
+    """Train prepared jobs (all passing ``why_not_fusable``, with equal ``stack_key``) as one stacked model.
 
     Returns one record per job, in order, as ``train_prepared`` would give for each: a member that raises
     (a grab, say) gets a ``failed`` record and leaves the group; the others go on.
@@ -458,20 +381,22 @@ def train_fused(jobs: list) -> list:
 # A group of jobs, as the sweep engine runs it
 # --------------------------------------------------------------------------------------------------------
 
-def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
+def run_group(jobs: list, bfn_config: dict, device="cpu", *, resolved: bool = False) -> list:
     """Run ``jobs`` (a list of ``(config, axes)``) fused where possible; one record per job, in order.
 
-    Every job is prepared as ``run_config`` prepares it. One that cannot be fused (``why_not_fusable``; one note
-    in the log per reason) is trained at once, alone, as ``run_config`` would; the others are trained as one
-    stacked model per shape by ``train_fused``. Never raises: a job that fails gets a ``failed`` record, as with
-    ``run_config_safe``.
+    Every job is prepared as ``run_config`` prepares it (``resolved``: the configs are resolved already, as the
+    sweep engine ships them, and are prepared as ``run_resolved`` prepares them). One that cannot be fused
+    (``why_not_fusable``; one note in the log per reason) is trained at once, alone, as ``run_config`` would; the
+    others are trained as one stacked model per shape by ``train_fused``. Never raises: a job that fails gets a
+    ``failed`` record, as with ``run_config_safe``.
     """
     records: list = [None] * len(jobs)
     prepared, reasons, groups = {}, {}, {}
     for k, (config, axes) in enumerate(jobs):
         t = time.perf_counter()
         try:
-            job = prepare_job(config, bfn_config, device, axes, quiet=True)
+            job = prepare_resolved(config, bfn_config, device, axes) if resolved else \
+                prepare_job(config, bfn_config, device, axes, quiet=True)
         except Exception as e:
             records[k] = failed_record(axes, e, device, time.perf_counter() - t)
             continue
@@ -482,7 +407,7 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
             records[k] = _train_alone(job)
             continue
         prepared[k] = job
-        groups.setdefault(_structure(job), []).append(k)
+        groups.setdefault(stack_key(job), []).append(k)
     for reason, n in reasons.items():
         log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
     for same in groups.values():
@@ -499,7 +424,9 @@ def run_group(jobs: list, bfn_config: dict, device="cpu") -> list:
                 log.warning("fused trials: a group of %d jobs failed to train fused (%s: %s); running them one by "
                             "one", len(ks), type(e).__name__, e)
                 for k in ks:  # prepared again: the data generators have moved on
-                    records[k] = run_config_safe(jobs[k][0], bfn_config, device, jobs[k][1])
+                    config, axes = jobs[k]
+                    records[k] = run_resolved_safe(config, bfn_config, device, axes) if resolved else \
+                        run_config_safe(config, bfn_config, device, axes)
     return records
 
 
@@ -510,112 +437,3 @@ def _train_alone(job: PreparedJob) -> dict:
         return train_prepared(job)
     except Exception as e:
         return failed_record(job.axes, e, job.device, time.perf_counter() - job.t0)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The sweep engine's side: forming groups, shipping them as one unit of work, splitting their records
-# --------------------------------------------------------------------------------------------------------
-
-# A fused group travels through the executors as one job whose config holds this key: the members' (axes,
-# overrides). The executors need not know: run_config_safe hands such a config to run_group_config.
-GROUP_KEY = "fused_group"
-
-
-def _fusable_name(cfg: dict) -> str | None:
-    """Why a job's config rules fusing out before anything is built (None if it may fuse)."""
-    model = cfg.get("MODEL")
-    if cfg.get("MODEL_FILE") or not (model == "MLP" or model in FUSABLE_MODELS):
-        return f"model {getattr(model, '__name__', model)} is not the built-in MLP"
-    if cfg.get("post_init_fn") is not None or cfg.get("POST_INIT_FN") is not None:
-        return "a post_init_fn may change the model in ways the fused trainer cannot see"
-    if cfg.get("step_hooks"):  # a fused member's weights live in the stack between steps, not in its module
-        return "step_hooks act on the model between steps"
-    steps, thresholds, _ = checkpoints.plan(cfg)
-    if steps or thresholds:  # planned here too, so such jobs go out as units of their own, not as a group
-        return "CHECKPOINTS at steps or thresholds read the model between steps"
-    if cfg.get("CHECKPOINT_OPTIMIZER") and cfg.get("CHECKPOINTS"):
-        return "CHECKPOINT_OPTIMIZER needs the job's own optimizer state"
-    try:
-        opt = resolve_optimizer(cfg.get("OPTIMIZER"))
-    except ValueError:
-        return None  # the job itself will fail, naming the optimizer
-    if opt not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-        return f"optimizer {getattr(opt, '__name__', opt)} is not SGD, Adam or AdamW"
-    return None
-
-
-def plan_units(jobs: list, todo=None, units=None) -> list:
-    """Split a sweep's jobs into units of work: lists of job indices, each a fused group or a single job.
-
-    ``jobs`` is a list of ``(index, resolved config)``. Jobs with FUSE=auto and equal ``fuse_key`` form a group,
-    cut into balanced pieces of at most FUSE_MAX jobs. The pieces depend on the jobs alone, not on the executor
-    or its number of workers, so a sweep's numbers do not either (a lower FUSE_MAX spreads a group over more
-    workers). Jobs that cannot fuse are single units; the reason is logged once per reason.
-
-    ``todo`` (indices; default all): plan the whole sweep, then keep the units of jobs still to run. A unit all
-    of whose jobs are to run is kept as it is, so a resumed sweep trains each missing group with the members
-    the first run gave it, and its numbers are the first run's to the bit (a member's float32 rounding can
-    depend on its group). The rest of partly stored units are grouped anew. ``units``: the plan, made before
-    (a Slurm shard gets its part of the sweep's); the reasons were logged then.
-    """
-    todo = None if todo is None else set(todo)
-    configs = dict(jobs)
-    if units is None:
-        units, reasons = _plan(list(configs), configs, todo)
-    else:
-        reasons = {}
-    if todo is not None:
-        kept = [u for u in units if todo.issuperset(u)]
-        rest = sorted(i for u in units if not todo.issuperset(u) for i in u if i in todo)
-        units = kept + (_plan(rest, configs, None)[0] if rest else [])
-    for reason, n in reasons.items():
-        log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
-    return sorted(units)
-
-
-def _plan(indices: list, configs: dict, todo) -> tuple:
-    """``plan_units``' grouping of ``indices``: ``(units, {reason a job is not fused: count among todo})``."""
-    groups, units, reasons = {}, [], {}
-    for index in indices:
-        cfg = configs[index]
-        if cfg.get("FUSE", "auto") != "auto":
-            units.append([index])
-            continue
-        reason = _fusable_name(cfg)
-        if reason is not None:
-            if todo is None or index in todo:
-                reasons[reason] = reasons.get(reason, 0) + 1
-            units.append([index])
-            continue
-        groups.setdefault(fuse_key(cfg), []).append(index)
-    for (key, members) in groups.items():
-        fuse_max = max(1, int(dict(key).get("FUSE_MAX", 64)))
-        pieces = -(-len(members) // fuse_max)
-        bounds = [len(members) * k // pieces for k in range(pieces + 1)]
-        units += [members[a:b] for a, b in zip(bounds, bounds[1:])]
-    return units, reasons
-
-
-def group_overrides(members: list) -> dict:
-    """The overrides of a unit of work that runs ``members`` (a list of ``(axes, overrides)``) fused."""
-    return {GROUP_KEY: [(dict(axes), dict(overrides)) for axes, overrides in members]}
-
-
-def run_group_config(config: dict, bfn_config: dict, device="cpu") -> dict:
-    """Run the fused group a unit's config names (``group_overrides``): ``{"status": "group", "records": [...]}``
-    with one record per member, in order; ``oom`` set when a member ran out of device memory."""
-    members = config[GROUP_KEY]
-    base = {k: v for k, v in config.items() if k != GROUP_KEY}
-    try:
-        records = run_group([({**base, **overrides}, axes) for axes, overrides in members], bfn_config, device)
-    except Exception as e:  # run_group fails jobs, not itself; should it raise anyway, the unit fails as one
-        return failed_record({}, e, device)
-    return {"status": "group", "records": records, "oom": any(r.get("oom") for r in records)}
-
-
-def split_records(record: dict, n: int) -> list:
-    """The ``n`` member records of a unit's record: those ``run_group_config`` made, or, for a unit that failed
-    as a whole (its worker crashed or timed out), a copy of that failure for each member."""
-    if record.get("status") == "group":
-        return record["records"]
-    return [dict(record) for _ in range(n)]

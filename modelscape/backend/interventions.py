@@ -15,7 +15,7 @@ parameters in place (under ``torch.no_grad()``), rescale ``opt.param_groups[i]["
 (freeze a layer), or change this step's gradients with ``on_next_grads``. It returns nothing: acting in place is
 the only way it changes training, and a value returned is an error naming the hook.
 
-Hooks are part of a job's identity (``store.job_identity`` hashes their code, not their comments), so editing a
+Hooks are part of a job's identity (``identity.job_identity`` hashes their code, not their comments), so editing a
 hook's body trains the job anew and a comment-only edit resumes. A job with hooks is never fused: between steps a
 fused member's weights live in the stacked model, not in its module.
 """
@@ -26,6 +26,8 @@ import numbers
 
 from modelscape.config import ConfigError
 from modelscape.backend.trainloop import LoopObserver
+
+__all__ = ["check_step_hooks", "step_hooks_observers", "StepHooks", "on_next_grads"]
 
 KEY = "step_hooks"
 # What a hook receives positionally: config keys of these names are not passed to it.
@@ -104,12 +106,6 @@ def _check_signature(fn, where, config):
         raise ConfigError(where + f"hook {_name(fn)}{sig} requires {missing}, which "
                           + ("the config does not hold" if config is not None else "no call will give it")
                           + "; it is called as fn(model, opt, step, **config)")
-
-
-def hook_functions(config: dict) -> list:
-    """The hooks of a config, for the checks that read their signatures (``job.consumers``)."""
-    hooks = config.get(KEY)
-    return list(hooks.values()) if isinstance(hooks, dict) else []
 
 
 def step_hooks_observers(job) -> list:

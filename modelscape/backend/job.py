@@ -1,10 +1,14 @@
-"""One job: seeds, data, model, parameterization, trainloop, result record."""
+"""One job: seeds, data, model, parameterization, observers, trainloop, result record.
+
+Two doors: ``run_config`` / ``prepare_job`` take a raw config (aliases, defaults missing, as a user writes it)
+and resolve it (``resolve_config``); the sweep engine resolves every config once, in the driver, and the worker
+calls ``run_resolved`` / ``prepare_resolved`` with it. At the bottom, the original modelscape's ``run_job``: its
+face over ``run_config``.
+"""
 from __future__ import annotations
 
-import inspect
 import os
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -13,133 +17,50 @@ import torch
 from torch import nn
 
 from modelscape import mup
-from modelscape.config import BY_NAME, SILENT_ALIASES, ConfigError, canonicalize, check_job_config, signature_names
-from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
-from modelscape.models import BUILTIN_MODELS, Centered
-from modelscape.backend.interventions import hook_functions
-from modelscape.backend.observers import job_observers
+from modelscape.backend.build import (  # noqa: F401  (ctor_kwargs, resolve_names ...: re-exported, they lived here in 0.3)
+    BFN_KEYS, call_post_init, consumers, ctor_kwargs, get_base_bfn, get_model_class, optimizer_names, resolve_loss,
+    resolve_loss_class, resolve_names, resolve_optimizer)
+from modelscape.backend.checkpointer import job_observers as checkpoint_observers
+from modelscape.backend.interventions import check_step_hooks, step_hooks_observers
+from modelscape.backend.live import live_observers
+from modelscape.backend.records import failed_record
+from modelscape.backend.tensorboard import tensorboard_observers
 from modelscape.backend.trainloop import GRAB_ARGS, train_loop
-from modelscape.utils import derive_seed, ensure_torch, load_from_file, qualname, resolve_device
+from modelscape.config import BY_NAME, ConfigError, axis_target, canonicalize, check_job_config, signature_names
+from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
+from modelscape.models import Centered
+from modelscape.utils import derive_seed, ensure_torch, qualname, resolve_device
 
-BFN_KEYS = ("base_bfn", "bfn_file", "bfn_name")
-_LOSSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss, "ce": nn.CrossEntropyLoss,
-           "crossentropy": nn.CrossEntropyLoss}
-
-
-def get_base_bfn(bfn_config: dict):
-    """The base batch function: ``bfn_config['base_bfn']``, or ``bfn_name`` loaded from ``bfn_file``."""
-    if bfn_config.get("base_bfn") is not None:
-        return bfn_config["base_bfn"]
-    if "bfn_file" in bfn_config and "bfn_name" in bfn_config:
-        return load_from_file(bfn_config["bfn_file"], bfn_config["bfn_name"])
-    raise ValueError("bfn_config names no batch function: give 'base_bfn' (a function) or 'bfn_file' and "
-                     f"'bfn_name'; its keys are {sorted(bfn_config)}")
+__all__ = ["PreparedJob", "resolve_config", "check_resolved", "check_bfn_config", "prepare_job", "prepare_resolved",
+           "job_observers", "train_prepared", "finish_record", "run_config", "run_resolved", "run_config_safe",
+           "run_resolved_safe", "run_job"]
 
 
-def get_model_class(cfg: dict):
-    """MODEL as a class, a built-in name (MLP, CNN, Transformer), or MODEL_FILE + MODEL_NAME."""
-    if cfg.get("MODEL_FILE"):
-        if not cfg.get("MODEL_NAME"):
-            raise ValueError(f"MODEL_FILE={cfg['MODEL_FILE']!r} is set but MODEL_NAME is not")
-        return load_from_file(cfg["MODEL_FILE"], cfg["MODEL_NAME"])
-    model = cfg["MODEL"]
-    if model == "MLP":
-        return MLP
-    if isinstance(model, str):
-        try:
-            return BUILTIN_MODELS[model]
-        except KeyError:
-            raise ValueError(f"MODEL={model!r} is not a built-in model ({sorted(BUILTIN_MODELS)}); pass the "
-                             "class itself, or MODEL_FILE and MODEL_NAME") from None
-    if not callable(model):
-        raise TypeError(f"MODEL must be a class or a name, got {model!r}")
-    return model
+def check_bfn_config(bfn_config: dict) -> None:
+    """ConfigError for what does not belong in ``bfn_config``."""
+    if "step_hooks" in bfn_config:
+        raise ConfigError("step_hooks is in bfn_config; it belongs in the config (global_config), beside "
+                          "otherreturns: bfn_config holds the batch function and its arguments")
 
 
-def resolve_optimizer(spec):
-    """'SGD', 'adam', 'AdamW' ... (any torch.optim name, any case) or an optimizer class -> class."""
-    if not isinstance(spec, str):
-        return spec
-    for name in dir(torch.optim):
-        if name.lower() == spec.lower() and isinstance(getattr(torch.optim, name), type):
-            return getattr(torch.optim, name)
-    raise ValueError(f"OPTIMIZER={spec!r} is not in torch.optim; pass the class itself for another optimizer")
+def check_resolved(cfg: dict) -> None:
+    """The checks a resolved config must pass before its job runs: ``config.check_job_config`` (ranges, scalars
+    where a job needs scalars) and the step hooks' own rules (``interventions.check_step_hooks``)."""
+    check_job_config(cfg)
+    if cfg.get("step_hooks"):
+        check_step_hooks(cfg["step_hooks"], cfg)
 
 
-def resolve_loss_class(spec):
-    """'mse', 'cross_entropy', any torch.nn loss name (``'CrossEntropyLoss'``), a loss class, or a callable
-    ``loss(out, y)`` -> that class or callable."""
-    if isinstance(spec, str):
-        cls = _LOSSES.get(spec.lower()) or getattr(nn, spec, None)
-        if cls is None:
-            raise ValueError(f"LOSS={spec!r} is unknown; use mse, cross_entropy, a torch.nn loss name, or a "
-                             "callable")
-        return cls
-    return spec
-
-
-def ctor_kwargs(cls, cfg: dict, skip=()) -> dict:
-    """The config keys that ``cls``'s constructor names (as the original forwarded ``nesterov``,
-    ``label_smoothing``, ``betas`` ...), but the ones in ``skip``."""
-    if not isinstance(cls, type):
-        return {}
-    return {k: cfg[k] for k in signature_names(cls) - set(skip) if k in cfg}
-
-
-def resolve_loss(spec, cfg: dict | None = None):
-    """The loss function for LOSS=``spec``: a class is instantiated with the config keys its constructor
-    names; a callable is used as it is."""
-    cls = resolve_loss_class(spec)
-    return cls(**ctor_kwargs(cls, cfg or {})) if isinstance(cls, type) else cls
-
-
-def optimizer_names() -> list[str]:
-    """The optimizer classes of torch.optim, by name."""
-    return sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
-                  and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer")
-
-
-def resolve_names(cfg: dict) -> None:
-    """Resolve a job's OPTIMIZER, LOSS and MODEL as the job will; a name that resolves to nothing is a
-    ConfigError naming the key, the value and the choices (run before the first job, not in every job)."""
-    checks = (("OPTIMIZER", resolve_optimizer, lambda: optimizer_names()),
-              ("LOSS", resolve_loss, lambda: sorted(_LOSSES) + ["any torch.nn loss class name"]),
-              ("MODEL", get_model_class, lambda: sorted(BUILTIN_MODELS)))
-    for key, resolve, choices in checks:
-        if key == "MODEL" and cfg.get("MODEL_FILE"):
-            continue  # loaded from the user's file by the job (and already by the driver, for its signature)
-        value = cfg.get(key)
-        try:
-            resolve(cfg if key == "MODEL" else value)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ConfigError(f"{e} (the names {key} takes: {', '.join(choices())})") from None
-
-
-def consumers(cfg: dict, bfn_config: dict) -> list:
-    """The callables whose signatures decide which non-schema config keys are user data."""
-    fns = [fn for fn in (cfg.get("otherreturns") or {}).values()] + hook_functions(cfg)
-    try:
-        fns.append(get_base_bfn(bfn_config))
-    except (ValueError, FileNotFoundError, AttributeError):
-        pass
-    try:
-        canonical = canonicalize_quiet(cfg)
-        fns.append(get_model_class(canonical))
-        # optimizer and loss classes take their constructor arguments from the config, as in the original
-        fns += [c for c in (resolve_optimizer(canonical["OPTIMIZER"]), resolve_loss_class(canonical["LOSS"]))
-                if isinstance(c, type)]
-    except Exception:
-        pass
-    hook = cfg.get("post_init_fn", cfg.get("POST_INIT_FN"))
-    if hook is not None:
-        fns.append(hook)
-    return fns
-
-
-def canonicalize_quiet(cfg):
+def resolve_config(config: dict, bfn_config: dict, quiet: bool = False) -> dict:
+    """A raw config as the job reads it: canonicalized (aliases, defaults, types; a key close to a schema key
+    and named by no model, batch function or grab is an error) and checked (``check_resolved``)."""
+    check_bfn_config(bfn_config)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return canonicalize({k: v for k, v in cfg.items() if k in BY_NAME or k in SILENT_ALIASES})
+        if quiet:
+            warnings.simplefilter("ignore")
+        cfg = canonicalize(config, consumers(config, bfn_config), where="config")
+    check_resolved(cfg)
+    return cfg
 
 
 def _is_cross_entropy(loss_fn):
@@ -197,22 +118,22 @@ class PreparedJob:
 
 def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
                 quiet: bool = False) -> PreparedJob:
-    """Everything of ``run_config`` before the step loop: config checks, seeds, data, model, optimizer.
+    """Everything of ``run_config`` before the step loop: config checks, seeds, data, model, optimizer."""
+    t0 = time.perf_counter()
+    bfn_config = dict(bfn_config or {})
+    return prepare_resolved(resolve_config(config, bfn_config, quiet), bfn_config, device, axes, t0)
+
+
+def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
+                     t0: float | None = None) -> PreparedJob:
+    """``prepare_job`` for a config already resolved (``resolve_config``, or the driver's per-job config).
 
     Seeds derive from SEED and the trial index only: the test set, the offline training set and the initial
     weights are the same for every job of a trial where shapes allow. The torch global RNG is seeded here.
     """
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     axes = dict(axes or {})
     bfn_config = dict(bfn_config or {})
-    if "step_hooks" in bfn_config:
-        raise ConfigError("step_hooks is in bfn_config; it belongs in the config (global_config), beside "
-                          "otherreturns: bfn_config holds the batch function and its arguments")
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.simplefilter("ignore")
-        cfg = canonicalize(config, consumers(config, bfn_config), where="config")
-    check_job_config(cfg)
     device = resolve_device(device)
     trial = int(axes.get("trial", cfg.get("trial", 0)))
     base_seed = cfg["SEED"] if cfg["DETERMINISTIC"] else int.from_bytes(os.urandom(8), "little") >> 1
@@ -246,7 +167,7 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
         batch_fn = make_bfn(n, X_tr, y_tr)
 
     loss_fn = resolve_loss(cfg["LOSS"], cfg)
-    model_cls = get_model_class(cfg)
+    model_cls = get_model_class(cfg, mlp=MLP)  # MLP read at call time: the original's tests patch it
     torch.manual_seed(init_seed)
     model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)).to(device)
 
@@ -298,6 +219,15 @@ def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None 
     return job
 
 
+
+def job_observers(job: PreparedJob) -> list:
+    """The ``LoopObserver``s of a prepared job, in the order they are called at each point: interventions first
+    (they change the model a step sees), then what saves or reports it. Each feature decides from the job's
+    config (and, for live progress, the process) whether it watches at all."""
+    return (step_hooks_observers(job) + checkpoint_observers(job) + tensorboard_observers(job)
+            + live_observers(job))
+
+
 def finish_record(job: PreparedJob, out: dict, wall_time: float | None = None) -> dict:
     """``train_loop``'s result plus the job's identity fields: axes, device, seed, trial, wall time."""
     out.update(axes=job.axes, error=None, device=str(job.device), seed=job.seed, trial=job.trial,
@@ -320,6 +250,30 @@ def run_config(config: dict, bfn_config: dict, device="cpu", axes: dict | None =
     Exceptions propagate; ``run_config_safe`` turns them into a ``failed`` record.
     """
     return train_prepared(prepare_job(config, bfn_config, device, axes, quiet))
+
+
+def run_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | None = None) -> dict:
+    """``run_config`` for a config already resolved."""
+    return train_prepared(prepare_resolved(cfg, bfn_config, device, axes))
+
+
+def run_config_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
+                    quiet: bool = True) -> dict:
+    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback."""
+    t0 = time.perf_counter()
+    try:
+        return run_config(config, bfn_config, device, axes, quiet=quiet)
+    except Exception as e:  # one bad job must not sink a sweep
+        return failed_record(axes, e, device, time.perf_counter() - t0)
+
+
+def run_resolved_safe(cfg: dict, bfn_config: dict, device="cpu", axes: dict | None = None) -> dict:
+    """``run_resolved`` that never raises: an exception becomes a ``failed`` record with its traceback."""
+    t0 = time.perf_counter()
+    try:
+        return run_resolved(cfg, bfn_config, device, axes)
+    except Exception as e:  # one bad job must not sink a sweep
+        return failed_record(axes, e, device, time.perf_counter() - t0)
 
 
 def _default_update_rule(cfg, param, opt_cls):
@@ -352,55 +306,6 @@ def _post_init(cfg, model, opt):
     return model, opt, takes_gamma
 
 
-def call_post_init(hook, model, opt, inputs: dict):
-    """Call ``hook`` with ``model``, ``opt`` and the ``inputs`` its signature names (all of them if it takes
-    ``**kwargs``), as the original did; returns ``(model, opt)``: the hook's pair if it returns one, else the
-    ones it changed in place."""
-    inputs = {**inputs, "model": model, "opt": opt}
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(hook).parameters.values())
-    names = signature_names(hook)
-    ret = hook(**(inputs if takes_all else {k: v for k, v in inputs.items() if k in names}))
-    if isinstance(ret, tuple) and len(ret) == 2:
-        return ret
-    return model, opt
-
-
-def failed_record(axes: dict | None, exc: BaseException, device="cpu", wall_time=0.0, error=None) -> dict:
-    """The record of a job that raised: status ``failed``, the traceback in ``error``."""
-    return dict(status="failed", error=error or "".join(traceback.format_exception(exc)), axes=dict(axes or {}),
-                device=str(device), wall_time=wall_time, steps=0, timekeys=None, thresholds=None,
-                train_loss=float("nan"), test_loss=float("nan"), grabs={},
-                oom=_caused_by_oom(exc))
-
-
-def _caused_by_oom(exc):
-    # a grab's OOM arrives wrapped in the trainloop's RuntimeError naming the grab
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def run_config_safe(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
-                 quiet: bool = True) -> dict:
-    """``run_config`` that never raises: an exception becomes a ``failed`` record with its traceback.
-
-    A config holding ``fused_group`` is a unit of work of several jobs trained together; its record holds theirs
-    (``modelscape.backend.fused.run_group_config``).
-    """
-    t0 = time.perf_counter()
-    if config.get("fused_group"):  # a unit of work holding a fused group (modelscape.backend.fused)
-        from modelscape.backend.fused import run_group_config
-        return run_group_config(config, bfn_config, device)
-    try:
-        return run_config(config, bfn_config, device, axes, quiet=quiet)
-    except Exception as e:  # one bad job must not sink a sweep
-        return failed_record(axes, e, device, time.perf_counter() - t0)
-
-
 # --------------------------------------------------------------------------------------------------------
 # The original modelscape's face: run_job(device_id, job, global_config, bfn_config, iterator_names)
 # --------------------------------------------------------------------------------------------------------
@@ -416,8 +321,6 @@ def run_job(device_id, job, global_config, bfn_config, iterator_names, job_index
     accepted for the original's callers and do not change the job: its seeds come from SEED and its trial.
     Exceptions propagate, as in the original.
     """
-    from modelscape.backend.job_iterator import axis_target  # job_iterator imports this module
-
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
     axes = dict(zip(list(iterator_names or []), job))

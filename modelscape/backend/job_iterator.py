@@ -1,31 +1,34 @@
-"""The sweep: expand the cartesian product, skip what is stored, claim, dispatch, collect, store, report."""
+"""The original modelscape's face of a sweep: ``main(iterators, iterator_names, global_config, bfn_config)``.
+
+It expands the cartesian product of the iterators into jobs, resolves every job's config once (here, in the
+driver: the workers get it resolved), checks them all before anything runs, skips what the store holds, and
+hands the rest to the engine (``sweep.run_jobs`` on an executor, or ``slurm.run_sweep``); it returns the results
+labelled by the axes (``SweepResults``).
+"""
 from __future__ import annotations
 
 import itertools
 import numbers
 import os
 import sys
-import threading
 import time
-import uuid
 import warnings
-from collections import deque
 
 from modelscape.backend import checkpoints
-from modelscape.config import ALIASES, BY_NAME, ConfigError, canonicalize, check_job_config, close_matches, \
-    signature_names
-from modelscape.backend.executors import JobSpec, make_executor
-from modelscape.backend.fused import group_overrides, plan_units, split_records
-from modelscape.backend.job import consumers
-from modelscape.backend.live import LiveBoard
+from modelscape.backend.board import LiveBoard
+from modelscape.backend.build import consumers, get_base_bfn, get_model_class, resolve_names
+from modelscape.backend.executors import make_executor
+from modelscape.backend.job import check_bfn_config, check_resolved
+from modelscape.backend.slurm import run_sweep as run_slurm_sweep
+from modelscape.backend.store import NON_RESULT_KEYS, Store, StoreUnion, code_versions, identity_cache, \
+    job_identity, jsonable, provenance
+from modelscape.backend.sweep import run_jobs, store_location  # noqa: F401  (run_jobs: re-exported, as in 0.3)
 from modelscape.backend.tensorboard import require_tensorboard, start_sweep as start_tensorboard
+from modelscape.config import AXIS_ALIASES, BY_NAME, TRIAL, ConfigError, axis_target, canonicalize, \
+    signature_names, with_overrides  # noqa: F401  (AXIS_ALIASES, TRIAL, axis_target: re-exported, as in 0.3)
 from modelscape.results import SweepResults, axis_label
 
-# Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
-AXIS_ALIASES = {"ntrain": "N_SAMPLES", "n_train": "N_SAMPLES", "bsz": "N_SAMPLES", "n_samples": "N_SAMPLES",
-                "lr": "LR", "gamma": "GAMMA", "TRIAL": "trial", "trials": "trial", **ALIASES}
-TRIAL = "trial"
-_INTERNAL = ("oom",)
+__all__ = ["main", "SweepFailed", "summary", "sweep_meta", "check_names", "run_jobs"]
 
 
 class SweepFailed(RuntimeError):
@@ -47,24 +50,11 @@ def _one_line_for_sweep_failed(previous):
     return hook
 
 
-if not getattr(sys.excepthook, "_modelscape", False):
+def _install_excepthook():
     # scripts written for the original end with their sweep: an all-failed sweep must stop them with a clear
     # line and a non-zero status, not a page of traceback (the errors were already summarised) nor exit 0
-    sys.excepthook = _one_line_for_sweep_failed(sys.excepthook)
-
-
-def axis_target(name: str, known: set) -> str:
-    """The config key an axis writes: a schema name, ``trial``, or a user key some consumer names."""
-    if name == TRIAL or name in BY_NAME:
-        return name
-    if name in AXIS_ALIASES:
-        return AXIS_ALIASES[name]
-    if name in known:
-        return name
-    close = close_matches(name)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown axis name {name!r}: it is not a hyperparameter, not 'trial', and no model class, "
-                      f"batch function or grab has a parameter of that name{hint}")
+    if not getattr(sys.excepthook, "_modelscape", False):
+        sys.excepthook = _one_line_for_sweep_failed(sys.excepthook)
 
 
 def _materialize(iterators, iterator_names):
@@ -122,60 +112,66 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
 
     Raises ``SweepFailed`` (results attached) if every job failed.
     """
+    _install_excepthook()
     global_config = dict(global_config or {})
     bfn_config = dict(bfn_config or {})
-    # Start the workers first: they spawn and import torch (seconds) while this process validates and hashes.
+    check_bfn_config(bfn_config)
+    names, values = _materialize(iterators, iterator_names)
+    base, targets = _resolve_base(names, global_config, bfn_config)
+    # Start the workers now: they spawn and import torch (seconds) while this process expands, checks and hashes
+    # the jobs. A config that fails the checks above never started one.
     if use_mp is not None and executor is None:
         executor = "pool" if use_mp else "inprocess"
     own_executor = executor is None or isinstance(executor, str)
     if own_executor:
-        executor = _make_executor(executor, global_config)
+        executor = _make_executor(executor, base)
     try:
-        return _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store,
-                          resume, progress)
+        return _run_sweep(names, values, base, targets, bfn_config, executor, own_executor, store, resume,
+                          progress)
     finally:
         if own_executor and executor != "slurm":
             executor.shutdown()
 
 
-def _make_executor(kind, global_config):
-    """The executor the config asks for, from its execution keys alone (checked here, before the rest);
-    ``"slurm"`` as it is, since Slurm takes the whole sweep (``executors.slurm``), not single jobs."""
-    keys = ("EXECUTOR", "DEVICES", "WORKERS_PER_DEVICE", "THREADS", "JOB_TIMEOUT", "RAY_ADDRESS")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # said once, by the full validation that follows
-        cfg = canonicalize({k: v for k, v in global_config.items() if k in keys}, where="global_config")
-    check_job_config(cfg)
-    kind = kind or cfg["EXECUTOR"]
-    if kind == "slurm":
-        return kind
-    return make_executor(kind, cfg["DEVICES"], cfg["WORKERS_PER_DEVICE"], cfg["THREADS"], cfg["JOB_TIMEOUT"],
-                         cfg["RAY_ADDRESS"])
-
-
-def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, own_executor, store, resume,
-               progress):
-    names, values = _materialize(iterators, iterator_names)
+def _resolve_base(names, global_config, bfn_config):
+    """``(base, targets)``: the global config resolved (canonicalized, its warnings said once) and the config key
+    each axis writes. A typo costs seconds, not a night: a bad key or value raises ConfigError here."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fns = consumers(global_config, bfn_config)
         known = set().union(*(signature_names(f) for f in fns)) if fns else set()
         targets = {n: axis_target(n, known) for n in names}
-        # Validate the global config and every job's config before anything runs: a typo costs seconds.
         base = canonicalize(global_config, fns, where="global_config", extra_known=targets.values())
     for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=2)
-    jobs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # said once above for the global config
-        for combo in itertools.product(*values):
-            axes = dict(zip(names, combo))
-            # trial too, so that a model, batch function or grab that names ``trial`` receives it
-            overrides = {targets[n]: v for n, v in axes.items()}
-            cfg = canonicalize({**base, **overrides}, fns, where=f"job {axes}", extra_known=targets.values())
-            check_job_config(cfg)
-            jobs.append((axes, overrides, cfg))
+        warnings.warn(w.message, w.category, stacklevel=3)
+    return base, targets
 
+
+def _make_executor(kind, base):
+    """The executor the resolved config asks for; ``"slurm"`` as it is, since Slurm takes the whole sweep
+    (``backend.slurm``), not single units."""
+    kind = kind or base["EXECUTOR"]
+    if kind == "slurm":
+        return kind
+    return make_executor(kind, base["DEVICES"], base["WORKERS_PER_DEVICE"], base["THREADS"], base["JOB_TIMEOUT"],
+                         base["RAY_ADDRESS"])
+
+
+def expand_jobs(names, values, base, targets) -> list:
+    """Every combination of the axis values as a job ``(axes, overrides, config)``: ``overrides`` the config
+    keys its axis values set (``trial`` too, so that a model, batch function or grab that names it receives it),
+    resolved as the config is; ``config`` the job's whole resolved config, checked (``job.check_resolved``)."""
+    jobs = []
+    for combo in itertools.product(*values):
+        axes = dict(zip(names, combo))
+        cfg = with_overrides(base, {targets[n]: v for n, v in axes.items()})
+        check_resolved(cfg)
+        jobs.append((axes, {targets[n]: cfg[targets[n]] for n in names}, cfg))
+    return jobs
+
+
+def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor, store, resume, progress):
+    jobs = expand_jobs(names, values, base, targets)
     check_names(jobs)
     checkpoints.check_sweep([cfg for _, _, cfg in jobs], store is not False)
     if any(cfg.get("TENSORBOARD") for _, _, cfg in jobs):
@@ -184,7 +180,7 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
         resume = base["RESUME"]
     st, own_store = _open_store(store, base)
     # TENSORBOARD=True: tensorboard installed, the experiment's hparams summary written where the jobs write
-    where = _store_location(st)
+    where = store_location(st)
     start_tensorboard([(axes, overrides, {**cfg, **where}) for axes, overrides, cfg in jobs])
     store_dir = st.path.parent if st is not None else None
     ids, codes = _identities(st, jobs, bfn_config)
@@ -196,10 +192,10 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
     if store_dir is not None:  # checkpoints are not part of a job's identity: a job lacking some runs again
         records = checkpoints.keep_satisfied(records, jobs, ids, store_dir)
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
+    context = (base, bfn_config)  # resolved: each job's config is base with its overrides
     if executor == "slurm":  # the whole sweep goes to Slurm array tasks, each running run_jobs on its node
-        from modelscape.backend.executors.slurm import run_sweep
         try:
-            records.update(run_sweep(jobs, ids, codes, todo, st, (global_config, bfn_config), base))
+            records.update(run_slurm_sweep(jobs, ids, codes, todo, st, context, base))
         finally:
             if own_store:
                 st.close()
@@ -209,8 +205,7 @@ def _run_sweep(iterators, iterator_names, global_config, bfn_config, executor, o
                       stored=[r["status"] for r in records.values()])
     run = None
     try:
-        run = run_jobs(executor, jobs, ids, codes, todo, st, (global_config, bfn_config), since,
-                       base["CLAIM_TIMEOUT"], board)
+        run = run_jobs(executor, jobs, ids, codes, todo, st, context, since, base["CLAIM_TIMEOUT"], board)
         for i, record in run:
             records[ids[i] if ids[i] is not None else i] = record
     except KeyboardInterrupt:
@@ -247,73 +242,9 @@ def _result(names, values, ids, records, progress, store_dir=None) -> SweepResul
     return result
 
 
-def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout, board=None, units=None):
-    """The engine's loop: run the jobs ``todo`` (indices into ``jobs``, a list of ``(axes, overrides,
-    config)``) on ``executor`` and yield ``(index, record)`` as each finishes, its record stored in ``st``
-    (None: keep nothing) the moment it arrives. ``context`` is ``(global_config, bfn_config)``. A job that
-    another driver on ``st`` stored meanwhile is yielded with that driver's record. Close the generator to
-    release this driver's claims early.
-
-    ``board`` (a ``live.LiveBoard``; default, one without a progress bar) receives the running jobs' progress
-    messages and lines of output from the executor, and writes their partial records to ``st``. ``units``: the
-    sweep's units of work (``fused.plan_units``), if planned already."""
-    if board is None:
-        every = jobs[todo[0]][2]["LIVE_EVERY"] if todo else 0
-        board = LiveBoard(jobs, ids, todo, st, every)
-    hooks = getattr(executor, "on_live", None), getattr(executor, "on_output", None)
-    executor.on_live, executor.on_output = board.receive, board.echo
-    # A fresh id per run: id(context) can be reused by a later sweep once this one's context is freed, and
-    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
-    context_id = uuid.uuid4().hex
-
-    where = _store_location(st)
-
-    def overrides(i):  # the worker learns the job's store id: its checkpoints and live progress are filed by it
-        return {**jobs[i][1], "JOB_ID": ids[i] or "", **where}
-
-    def spec_of(unit):
-        if len(unit) == 1:
-            return JobSpec(unit[0], jobs[unit[0]][0], overrides(unit[0]), context_id, context)
-        # a fused group travels as one job (modelscape.backend.fused)
-        return JobSpec(unit[0], {}, group_overrides([(jobs[i][0], overrides(i)) for i in unit]), context_id,
-                       context, size=len(unit))
-
-    # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
-    units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo, units)
-    dispatch = _dispatch(executor, spec_of, units, ids, st, since, claim_timeout)
-    try:
-        for unit, records, ran_here in dispatch:
-            if ran_here:
-                for i, record in zip(unit, records):
-                    for k in _INTERNAL:
-                        record.pop(k, None)
-                    record["job_id"] = ids[i]
-                    record["axes"] = jobs[i][0]
-                    if st is not None:
-                        record["code"] = codes[i]
-                if st is not None:  # a group's records land together: a crash never leaves part of a group
-                    records = _store_records(st, records, [jobs[i][2] for i in unit])
-            for i, record in zip(unit, records):
-                board.finished_job(i, record)
-                yield i, record
-    finally:
-        executor.on_live, executor.on_output = hooks
-        dispatch.close()
-
-
-def _store_location(st) -> dict:
-    """RESULTS_DIR and EXPT_NAME naming the directory of the store ``st`` (given as a path of its own, or a shard
-    file beside results.db), so that what a job files beside the store (checkpoints) lands beside it."""
-    if st is None:
-        return {}
-    directory = st.path.resolve().parent
-    return {"RESULTS_DIR": str(directory.parent), "EXPT_NAME": directory.name}
-
-
 def check_names(jobs) -> None:
     """Resolve every job's OPTIMIZER, LOSS and MODEL before anything runs (ConfigError naming the key, the
     value and the choices); each distinct value is resolved once."""
-    from modelscape.backend.job import resolve_names
     seen = set()
     for _, _, cfg in jobs:
         key = tuple(repr(cfg.get(k)) for k in ("OPTIMIZER", "LOSS", "MODEL", "MODEL_FILE", "MODEL_NAME"))
@@ -327,7 +258,6 @@ def _identities(st, jobs, bfn_config):
     functions each job runs (None without a store)."""
     if st is None:
         return [None] * len(jobs), [None] * len(jobs)
-    from modelscape.backend.store import code_versions, identity_cache, job_identity
     with identity_cache():  # a dataset in bfn_config, and each function's code, is hashed once, not once per job
         ids, codes = [], []
         for axes, _, cfg in jobs:
@@ -343,7 +273,6 @@ def _identities(st, jobs, bfn_config):
 def _file_code(cfg, bfn_config) -> dict:
     """The functions a job loads from files (``bfn_file``/``bfn_name``, ``MODEL_FILE``/``MODEL_NAME``), so that
     their code, not only the file's name, enters the job's identity."""
-    from modelscape.backend.job import get_base_bfn, get_model_class
     out = {}
     if bfn_config.get("base_bfn") is None and bfn_config.get("bfn_file"):
         out["bfn_file_code"] = get_base_bfn(bfn_config)
@@ -358,7 +287,6 @@ def _stored_records(st, ids, retry_failed=False) -> dict:
     a warning), so its job runs again."""
     if st is None:
         return {}
-    from modelscape.backend.store import StoreUnion
     with StoreUnion(st.path) as union:
         done = union.done_ids(retry_failed)
         return {r["job_id"]: r for r in union.records([j for j in ids if j in done])}
@@ -367,119 +295,8 @@ def _stored_records(st, ids, retry_failed=False) -> dict:
 def sweep_meta(base: dict, axis_keys: set) -> dict:
     """What a sweep records besides its jobs: the command line, the time, provenance (git commit, versions,
     host) and the hyperparameters every job shares (``fixed``)."""
-    from modelscape.backend.store import NON_RESULT_KEYS, jsonable, provenance
     fixed = {k: v for k, v in base.items() if k in BY_NAME and k not in axis_keys and k not in NON_RESULT_KEYS}
     return {"argv": sys.argv, "time": time.time(), "provenance": provenance(), "fixed": jsonable(fixed)}
-
-
-def _window(executor) -> int:
-    """How many jobs to keep submitted (and claimed) at once: one per slot and a few queued, so that a slot
-    never waits for the driver and another driver still finds most jobs unclaimed."""
-    return len(getattr(executor, "slots", None) or [None]) + 2
-
-
-def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
-    """Run ``units`` (lists of job indices: one job, or a fused group) on ``executor``, about ``_window`` of them
-    submitted at a time; yield ``(indices, records, ran_here)`` as each unit finishes (a job another driver ran:
-    a unit of its own).
-
-    With a store, each job is claimed right before its unit is submitted: a job a live driver holds is left
-    out of its unit and looked at again every second, until that driver has stored it (yielded with
-    ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
-    here, in one unit with the jobs of its unit that driver held too). A unit's claims are released once the caller has stored its records (on the generator's
-    next step), and all at the end.
-    """
-    pending, waiting, inflight = deque(units), [], {}
-    claims = _Claims(st, stale_after) if st is not None else None
-    window, poll = _window(executor), min(1.0, stale_after / 10)
-    next_poll = time.monotonic() + poll
-    try:
-        while pending or waiting or inflight:
-            while pending and len(inflight) < window:
-                claimed, busy = [], []
-                for i in pending.popleft():
-                    outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
-                    if outcome == "busy":
-                        busy.append(i)
-                    elif outcome == "stored":
-                        yield [i], [claims.record(ids[i])], False
-                    else:
-                        claimed.append(i)
-                if busy:  # together: should their driver die, they are taken over as the group it was training
-                    waiting.append(busy)
-                if claimed:
-                    inflight[executor.submit(spec_of(claimed))] = claimed
-            if inflight:
-                for fut in _finished(executor, inflight):
-                    unit = inflight.pop(fut)
-                    yield unit, split_records(fut.result(), len(unit)), True
-                    if claims is not None:
-                        claims.release([ids[i] for i in unit])
-            elif waiting:
-                time.sleep(max(0.0, next_poll - time.monotonic()))
-            if waiting and not pending and time.monotonic() >= next_poll:
-                pending.extend(waiting)
-                waiting.clear()
-                next_poll = time.monotonic() + poll
-    finally:
-        if claims is not None:
-            claims.close()
-
-
-def _finished(executor, inflight) -> list:
-    """The submitted futures that are done: those done already (an executor may finish several at once and
-    hand over only the first), else the next one ``as_completed`` gives."""
-    done = [f for f in inflight if f.done()]
-    if done:
-        return done
-    for fut in executor.as_completed(list(inflight)):
-        return [fut] + [f for f in inflight if f.done() and f is not fut]
-    raise RuntimeError(f"the executor {executor!r} returned no result for {len(inflight)} submitted jobs")
-
-
-class _Claims:
-    """This driver's claims on one store, kept alive by a heartbeat thread until ``close``."""
-
-    def __init__(self, st, stale_after):
-        from modelscape.backend.store import Driver
-        self.st, self.stale_after = st, stale_after
-        self.driver = Driver.start()
-        self.owners = set()  # other drivers already named to the user
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="modelscape-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _beat(self):
-        while not self._stop.wait(max(0.2, self.stale_after / 6)):
-            try:
-                self.st.heartbeat(self.driver)
-            except Exception:  # busy or closing: the next beat tries again, well within stale_after
-                pass
-
-    def claim(self, job_id, since) -> str:
-        outcome, owner = self.st.claim(job_id, self.driver, since, self.stale_after)
-        if outcome == "stored" and not self.st.records([job_id]):  # its record is damaged: run it again
-            outcome, owner = self.st.claim(job_id, self.driver, None, self.stale_after)
-        if owner is not None and owner["driver"] not in self.owners:
-            self.owners.add(owner["driver"])
-            what = ("is running jobs of this sweep: they are left to it, and taken over if it stops"
-                    if outcome == "busy" else "stopped (its heartbeat or process is gone): its jobs are taken over")
-            print(f"modelscape: another driver ({owner['host']} pid {owner['pid']}) {what}", file=sys.stderr)
-        return outcome
-
-    def record(self, job_id) -> dict:
-        return self.st.records([job_id])[0]
-
-    def release(self, job_ids):
-        self.st.release(self.driver, job_ids)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-        try:
-            self.st.release(self.driver)
-        finally:
-            self.driver.stop()
 
 
 def _interrupted(n_done, n_jobs, lost, stored, after_bar):
@@ -505,49 +322,11 @@ def _open_store(store, cfg):
     """``(store, opened_here)``: the caller's Store as it is, or one opened on a path (closed after the sweep)."""
     if store is False:
         return None, False
-    from modelscape.backend.store import Store
     if isinstance(store, Store):
         return store, False
     if store is None:
         store = os.path.join(cfg["RESULTS_DIR"], cfg["EXPT_NAME"])
     return Store(store), True
-
-
-def _store_records(st, records, cfgs) -> list:
-    """Write a unit's records in one transaction, so that a crash stores all of them or none. Should the
-    store refuse one (an object-dtype grab, a full disk), each is written alone by ``_store_record``."""
-    from modelscape.backend.store import jsonable
-    if len(records) > 1:
-        for record, cfg in zip(records, cfgs):
-            record["config"] = jsonable(cfg)
-        try:
-            st.write_many(records)
-            return records
-        except Exception:
-            pass
-    return [_store_record(st, record, cfg) for record, cfg in zip(records, cfgs)]
-
-
-def _store_record(st, record, cfg):
-    """Write one record; a record the store refuses (an object-dtype grab, a full disk) becomes a failed
-    job in memory and, where possible, on disk, and the sweep goes on."""
-    from modelscape.backend.store import jsonable
-    record["config"] = jsonable(cfg)
-    try:
-        st.write(record)
-        return record
-    except Exception as e:
-        from modelscape.backend.job import failed_record
-        failed = failed_record(record["axes"], e, record.get("device", "cpu"), record.get("wall_time", 0.0),
-                               error=f"the result could not be stored: {type(e).__name__}: {e}")
-        failed.pop("oom", None)
-        failed.update(job_id=record["job_id"], config=record["config"])
-        warnings.warn(f"job {record['axes']}: {failed['error']}", stacklevel=3)
-        try:
-            st.write(failed)
-        except Exception:
-            pass  # the store itself is broken: the sweep's results still come back in memory
-        return failed
 
 
 def summary(result: SweepResults) -> str:

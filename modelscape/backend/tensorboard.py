@@ -28,7 +28,11 @@ import uuid
 import numpy as np
 
 from modelscape.backend.trainloop import LoopObserver, ema_thresholds
-from modelscape.utils import qualname
+from modelscape.config import AXIS_ALIASES
+from modelscape.utils import qualname, require
+
+__all__ = ["require_tensorboard", "tensorboard_observers", "TensorBoardObserver", "logdir", "run_name",
+           "run_hparams", "metric_tags", "final_metrics", "start_sweep", "write_experiment", "read_experiment"]
 
 FLUSH_SECS = 5.0  # at most one write every this many seconds while a job trains (TensorBoard reloads every 5 s)
 MAX_POINTS = 1000  # train-loss points per run: longer jobs write every k-th step (TensorBoard shows 1000)
@@ -42,7 +46,6 @@ _EVENTS = "events.out.tfevents"
 
 def require_tensorboard():
     """The ``tensorboard`` package, or a one-line ConfigError naming the extra that installs it."""
-    from modelscape.backend.executors.optional import require  # the executors package imports the job module
     return require("tensorboard", "tensorboard", needed_by="TENSORBOARD=True")
 
 
@@ -69,7 +72,6 @@ def run_name(axes: dict, job_id: str = "") -> str:
 def run_hparams(cfg: dict, axes: dict) -> dict:
     """The hparams of a job's run: its axis values (under the axis names), then each key of ``HPARAM_KEYS`` no
     axis sets. Numbers, strings and bools; a class or function by its qualified name; anything else as text."""
-    from modelscape.backend.job_iterator import AXIS_ALIASES
     set_by_axes = {AXIS_ALIASES.get(a, a) for a in axes}
     pairs = list(axes.items()) + [(k, cfg.get(k)) for k in HPARAM_KEYS if k not in set_by_axes]
     return {k: _hparam_value(v) for k, v in pairs if v is not None}
@@ -112,8 +114,8 @@ class _RunWriter:
     """One event file in ``directory``, written synchronously; its events are read by any TensorBoard reader."""
 
     def __init__(self, directory: str, replace: bool = False):
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
+        from tensorboard.compat.proto import event_pb2, summary_pb2  # optional extra
+        from tensorboard.summary.writer.record_writer import RecordWriter  # optional extra
         self.Event, self.Summary = event_pb2.Event, summary_pb2.Summary
         os.makedirs(directory, exist_ok=True)
         if replace:  # a job run again (a failed one retried, RESUME=False): its old curves are stale
@@ -141,15 +143,15 @@ class _RunWriter:
 
 def _hparams_summary(tag: str, **plugin_data):
     """A Summary holding the hparams plugin's ``HParamsPluginData(**plugin_data)`` under ``tag``."""
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    from tensorboard.compat.proto import summary_pb2  # optional extra
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2  # optional extra
     data = plugin_data_pb2.HParamsPluginData(**plugin_data)
     return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
         tag=tag, metadata=metadata.create_summary_metadata(data))])
 
 
 def _proto_value(v):
-    from google.protobuf import struct_pb2
+    from google.protobuf import struct_pb2  # optional extra
     if isinstance(v, bool):
         return struct_pb2.Value(bool_value=v)
     if isinstance(v, str):
@@ -207,7 +209,7 @@ class TensorBoardObserver(LoopObserver):
             self._write_train(None)
             self._write_evals([steps], [record["test_loss"]], {k: [v] for k, v in record["grabs"].items()})
         self.writer.scalars(steps, final_metrics(record, self.thresholds))
-        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2  # optional extra
         status = api_pb2.STATUS_FAILURE if record["status"] == "diverged" else api_pb2.STATUS_SUCCESS
         end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
         self.writer.summary(steps, _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end))
@@ -217,7 +219,7 @@ class TensorBoardObserver(LoopObserver):
 
     def _open(self) -> _RunWriter:
         if self.writer is None:
-            from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+            from tensorboard.plugins.hparams import metadata, plugin_data_pb2  # optional extra
             self.writer = _RunWriter(self.directory, replace=self.replace)
             start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
             for k, v in self.hparams.items():
@@ -263,7 +265,7 @@ class TensorBoardObserver(LoopObserver):
         self.n_eval = max(self.n_eval, len(eval_steps))
 
     def _histogram(self, step, tag, values) -> None:
-        from torch.utils.tensorboard.summary import histogram
+        from torch.utils.tensorboard.summary import histogram  # optional extra
         finite = values[np.isfinite(values)].astype(np.float64)
         if finite.size:
             self.writer.summary(step, histogram(tag, finite, bins="auto"))
@@ -294,7 +296,7 @@ def write_experiment(directory: str, runs: list, thresholds) -> None:
     """Write the hparams plugin's experiment summary to ``directory`` (a logdir's root): one column per hparam
     of ``runs`` (their ``run_hparams``), with every value they take as its domain, and the metrics of
     ``metric_tags(thresholds)``; merged with the summary already there (an earlier sweep), which it replaces."""
-    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams import api_pb2, metadata  # optional extra
     values: dict = {}  # hparam name -> its distinct values, in first-seen order
     for hp in runs:
         for k, v in hp.items():
@@ -319,8 +321,8 @@ def write_experiment(directory: str, runs: list, thresholds) -> None:
 
 def read_experiment(directory: str):
     """The hparams experiment summary in ``directory``'s own event files (not its runs'), or None."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import metadata
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # optional extra
+    from tensorboard.plugins.hparams import metadata  # optional extra
     for path in sorted(glob.glob(os.path.join(directory, _EVENTS + ".*"))):
         for event in EventFileLoader(path).Load():
             for value in event.summary.value:
@@ -345,8 +347,8 @@ def _domain_values(info) -> list:
 
 def _hparam_info(name: str, vals: list):
     """An HParamInfo whose discrete domain is ``vals``: numbers (sorted), bools, or else all as strings."""
-    from google.protobuf import struct_pb2
-    from tensorboard.plugins.hparams import api_pb2
+    from google.protobuf import struct_pb2  # optional extra
+    from tensorboard.plugins.hparams import api_pb2  # optional extra
     if all(isinstance(v, bool) for v in vals):
         kind = api_pb2.DATA_TYPE_BOOL
     elif all(isinstance(v, float) for v in vals):

@@ -1,6 +1,8 @@
 """The step loop: batch function, loss, EMA, thresholds, grabs. Nothing else.
 
 It knows nothing of sweeps, stores, processes or parameterizations: it receives a built model and optimizer.
+At the bottom, the original modelscape's ``train_model``: its face over this loop (it builds an optimizer and a
+loss from names, hence the one import of ``build``).
 """
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from modelscape.utils import to_numpy
+from modelscape.backend.build import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
+from modelscape.model import centeredmodel
+from modelscape.utils import match_shapes, to_numpy
+
+__all__ = ["train_loop", "LoopObserver", "LossTracker", "Evaluations", "ema_thresholds", "check_grabs",
+           "observers_wanting", "read_losses", "match_shapes", "GRAB_ARGS", "train_model"]
 
 
 def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float | None = None):
@@ -31,18 +38,6 @@ def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float 
         if len(hit):
             first[j] = hit[0]
     return ema, first
-
-
-def match_shapes(out, y):
-    """``out`` reshaped to ``y``'s shape for a float target of the same size (MSE on (N,) vs (N, 1)), or
-    sequence logits ``(N, T, C)`` with the classes moved to dim 1 for integer targets ``(N, T)``."""
-    # MSE against y of shape (N,) or (N, 1): the seed squeezed both; reshaping keeps a batch of one intact.
-    if out.shape != y.shape and out.numel() == y.numel() and y.dtype.is_floating_point:
-        return out.reshape(y.shape)
-    # Sequence logits (N, T, C) against class targets (N, T): cross-entropy wants the classes at dim 1.
-    if out.ndim >= 3 and out.shape[:-1] == y.shape and not y.dtype.is_floating_point:
-        return out.movedim(-1, 1)
-    return out
 
 
 # What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
@@ -352,9 +347,6 @@ def train_model(model, batch_function, lr=1e-2, max_iter=int(1e3), loss_checkpoi
     NaN without one); otherwise arrays of length ``max_iter`` (EMA train loss per step, test loss and grabs
     after each step), the last value repeated after an early stop.
     """
-    from modelscape.backend.job import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
-    from modelscape.model import centeredmodel
-
     if loss_checkpoints is not None and np.ndim(loss_checkpoints) == 0:
         loss_checkpoints = [loss_checkpoints]
     if percent_thresholds is not None and np.ndim(percent_thresholds) == 0:

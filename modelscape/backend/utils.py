@@ -4,13 +4,12 @@ device is given, as there)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
 import torch
 
-from modelscape.backend.cli import load_json
+from modelscape.config import load_json
 
 
 def default_device() -> torch.device:
@@ -74,7 +73,7 @@ def load_config(path):
     if ext == ".json":
         return load_json(path)
     if ext in (".yaml", ".yml"):
-        import yaml
+        import yaml  # optional: PyYAML, only for a .yaml config file
         with open(path) as f:
             return yaml.safe_load(f)
     raise ValueError(f"unsupported config file extension {ext!r} ({path}); use .json, .yaml or .yml")

@@ -188,7 +188,7 @@ def get_powerlaw_target(H, source_exp, offset=6, normalizeH=False, include_noise
     """A target ``y = H c`` with random signs and ``c_k^2`` a normalised power law of exponent ``source_exp``
     (> 1), rescaled to norm ``sqrt(M)``. ``include_noise`` adds noise carrying the power law's tail beyond the
     ``P`` columns of ``H``. Uses numpy's global RNG."""
-    from scipy.special import zeta
+    from scipy.special import zeta  # optional: scipy, only for this function
 
     if source_exp <= 1:
         raise ValueError(f"source_exp must be > 1 for a power-law target, got {source_exp}")

@@ -39,7 +39,7 @@ SPLITS = ("train", "test")
 
 @functools.lru_cache(maxsize=1)
 def _raw():
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional: the examples extra, only for the digits data
 
     d = load_digits()
     return d.data.astype(np.float32), d.target.astype(np.int64)

@@ -21,6 +21,8 @@ import torch
 
 from modelscape.data.synthetic import fixed_bfn
 
+__all__ = ["markov_chain", "markov_entropy_rate", "markov_bfn", "VOCAB_SIZE", "SEQ_LEN"]
+
 VOCAB_SIZE = 32
 SEQ_LEN = 32
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["powerlaw_target", "powerlaw_bfn", "fixed_bfn"]
+
 
 def powerlaw_target(dim: int, alpha: float = 1.5, beta: float = 1.0, target_seed: int = 0):
     """Eigenvalues ``lambda_k = k**-alpha`` of the input covariance and a teacher ``w`` with

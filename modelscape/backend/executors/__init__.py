@@ -1,7 +1,8 @@
-"""Where jobs run. An executor takes ``JobSpec``s through ``submit`` and hands back futures of records.
+"""Where units of work run. An executor takes ``JobSpec``s through ``submit`` and hands back futures of records.
 
-The job iterator only uses ``submit``, ``as_completed`` and ``shutdown`` (as with ``submitit``), so a
-distributed engine (Ray, Slurm) is one more class here, not a change to the iterator.
+The sweep engine only uses ``submit``, ``as_completed`` and ``shutdown`` (as with ``submitit``), so a distributed
+engine (Ray) is one more class here, not a change to the engine. Every executor runs a unit with
+``runner.run_unit``. Slurm is not here: it takes a whole sweep, not single units (``backend.slurm``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from modelscape.backend.executors.base import Executor, JobSpec, cpu_cores, default_threads
 from modelscape.backend.executors.inprocess import InProcessExecutor
 from modelscape.backend.executors.pool import PoolExecutor
+from modelscape.backend.executors.ray_executor import RayExecutor
 
 
 def cuda_devices(devices) -> list[int]:
@@ -40,12 +42,11 @@ def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, threads:
     """``pool`` (worker processes, one per slot; ``auto`` means the same), ``inprocess`` (this process:
     for debugging, unprotected from a job that crashes or hangs, and unable to enforce ``job_timeout``), or
     ``ray`` (tasks on the Ray at ``ray_address``; None starts a local one). ``slurm`` is not an executor of
-    single jobs: the job iterator hands a whole sweep to ``executors.slurm``.
+    single jobs: the job iterator hands a whole sweep to ``backend.slurm``.
 
     ``threads``: torch threads per job (0 = ``default_threads``: the idle cores shared by the jobs that run
     at once)."""
     if kind == "ray":
-        from modelscape.backend.executors.ray_executor import RayExecutor  # optional: imported only here
         return RayExecutor(ray_address, workers_per_device)
     where = slots(devices, workers_per_device)
     if kind == "auto":
@@ -60,4 +61,5 @@ def make_executor(kind: str, devices=(0,), workers_per_device: int = 1, threads:
     raise ValueError(f"EXECUTOR={kind!r}; choose auto, inprocess, pool or ray")
 
 
-__all__ = ["Executor", "JobSpec", "InProcessExecutor", "PoolExecutor", "make_executor", "slots", "default_threads"]
+__all__ = ["Executor", "JobSpec", "InProcessExecutor", "PoolExecutor", "RayExecutor", "make_executor", "slots",
+           "default_threads", "cpu_cores"]

@@ -6,6 +6,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+__all__ = ["Executor", "JobSpec", "cpu_cores", "idle_cores", "default_threads"]
+
 
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one, as under taskset or Slurm)."""
@@ -36,8 +38,13 @@ def default_threads(concurrent_jobs: int) -> int:
 
 @dataclass
 class JobSpec:
-    """One job: the sweep's shared context (``context_id``, the same object for every job of a sweep, so
-    it is shipped to a worker once) and this job's own axis values and config overrides."""
+    """One unit of work: the sweep's shared context (``context_id``, the same object for every unit of a sweep,
+    so it is shipped to a worker once) and this unit's own part: one job's axis values and config overrides, or,
+    for a fused group, its ``members`` (``(axes, overrides)`` each, trained together as one stacked model).
+
+    ``resolved``: the context's config and the overrides are resolved already (the sweep engine resolves every
+    job's config once, in the driver); otherwise the worker resolves them as ``run_config`` does.
+    """
 
     index: int
     axes: dict
@@ -47,6 +54,16 @@ class JobSpec:
     retries: int = 0  # CUDA out-of-memory retries so far
     size: int = 1  # jobs in this unit of work (a fused group holds several); JOB_TIMEOUT scales with it
     crashes: list = field(default_factory=list)  # how each earlier attempt ended its worker (one line each)
+    members: list | None = None  # a fused group: [(axes, overrides), ...]; None: the one job above
+    resolved: bool = False
+
+    def __post_init__(self):
+        if self.members:
+            self.size = len(self.members)
+
+    def work(self) -> dict:
+        """What a worker needs besides the context to run this unit (``runner.run_unit``'s ``work``)."""
+        return {"axes": self.axes, "overrides": self.overrides, "members": self.members, "resolved": self.resolved}
 
 
 class Executor:

@@ -9,9 +9,10 @@ from concurrent.futures import Future
 
 import torch
 
-from modelscape.backend import live
 from modelscape.backend.executors.base import Executor, JobSpec, default_threads
-from modelscape.backend.job import run_config_safe
+from modelscape.backend.runner import run_unit
+
+__all__ = ["InProcessExecutor"]
 
 
 class InProcessExecutor(Executor):
@@ -32,18 +33,15 @@ class InProcessExecutor(Executor):
         return fut
 
     def _run(self, spec, fut):
-        global_config, bfn_config = spec.context
-        config = {**global_config, **spec.overrides}
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         self._running = 1
         try:
             # the driver, in this process, hears the job's progress directly, and prints its lines above its bar
-            with live.capture_output(self.on_output), live.reporting(self.on_live, live.axes_label(spec.axes)):
-                record = run_config_safe(config, bfn_config, self.device, spec.axes)
-                if record.get("oom"):  # retried once, after giving the cache back
-                    torch.cuda.empty_cache()
-                    record = run_config_safe(config, bfn_config, self.device, spec.axes)
+            record = run_unit(spec.context, spec.work(), self.device, self.on_live, self.on_output)
+            if record.get("oom"):  # retried once, after giving the cache back
+                torch.cuda.empty_cache()
+                record = run_unit(spec.context, spec.work(), self.device, self.on_live, self.on_output)
         finally:
             self._running = 0
             torch.set_num_threads(before)

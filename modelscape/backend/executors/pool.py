@@ -27,6 +27,9 @@ from multiprocessing.connection import wait
 import cloudpickle
 
 from modelscape.backend.executors.base import Executor, JobSpec, default_threads
+from modelscape.backend.records import failed_record
+
+__all__ = ["PoolExecutor", "CRASH_ATTEMPTS"]
 
 # A job that killed its worker this many times is recorded as crashed (the first death may be bad luck: the
 # host ran out of memory, another process's doing).
@@ -39,10 +42,9 @@ def _worker_main(conn, device: str, threads: int, driver_pid: int, death_signal:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver decides
     _watch_driver(driver_pid, death_signal)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # torch's deterministic CUDA needs it
-    import torch
+    import torch  # worker start-up: after the watchdog, which must run even while torch imports
 
-    from modelscape.backend import live
-    from modelscape.backend.job import failed_record, run_config_safe
+    from modelscape.backend.runner import run_unit  # worker start-up: the engine imports torch
 
     lock = threading.Lock()  # a thread of the job may print while the main thread sends
 
@@ -74,16 +76,14 @@ def _worker_main(conn, device: str, threads: int, driver_pid: int, death_signal:
         try:
             if isinstance(context, Exception):
                 raise RuntimeError("the worker could not unpickle the sweep's config and bfn_config") from context
-            overrides, axes = cloudpickle.loads(payload)
+            work = cloudpickle.loads(payload)
         except Exception as e:
             send("result", index, failed_record({}, e, device))
             continue
-        global_config, bfn_config = context
         try:
             # progress messages and whole output lines, labelled with the job's axes, go to the driver
-            with live.capture_output(lambda stream, text: send("out", stream, text)), \
-                    live.reporting(lambda m: send("live", m), live.axes_label(axes)):
-                record = run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+            record = run_unit(context, work, device, lambda m: send("live", m),
+                              lambda stream, text: send("out", stream, text))
         except SystemExit as e:
             # The job called sys.exit: end this process as that call asked, so the driver records the exit
             # code (never as a clean end of the worker, never as a result).
@@ -103,7 +103,7 @@ def _watch_driver(driver_pid: int, death_signal: bool) -> None:
     stuck in ``time.sleep(1e9)`` or in a deadlock)."""
     if death_signal and sys.platform.startswith("linux"):
         try:
-            import ctypes
+            import ctypes  # worker start-up: Linux only, and only in a worker
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
@@ -130,7 +130,7 @@ def _quit(code: int = 0) -> None:
 def _warm_up() -> None:
     """Pay torch's one-off lazy imports (the first optimizer step imports torch._dynamo, seconds) before the
     worker says it is ready, so no job's wall time carries them."""
-    import torch
+    import torch  # worker start-up: imported by the worker after its watchdog runs
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.0)
@@ -190,7 +190,7 @@ class _Worker:
         if spec.context_id not in self.contexts:
             self.conn.send(("context", spec.context_id, context_blob))
             self.contexts.add(spec.context_id)
-        self.conn.send(("job", spec.index, spec.context_id, cloudpickle.dumps((spec.overrides, spec.axes))))
+        self.conn.send(("job", spec.index, spec.context_id, cloudpickle.dumps(spec.work())))
         self.job = (spec, fut)
         self.started = time.monotonic()
 
@@ -265,7 +265,6 @@ class PoolExecutor(Executor):
 
     def _fail(self, w: _Worker, status: str, reason: str, finished: list) -> None:
         """End the worker's job with a record of ``status`` whose error is ``reason``."""
-        from modelscape.backend.job import failed_record
         spec, fut = w.job
         w.job = None
         record = failed_record(spec.axes, RuntimeError(reason), w.device, time.monotonic() - w.started,

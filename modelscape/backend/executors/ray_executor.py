@@ -18,9 +18,14 @@ import warnings
 from concurrent.futures import Future
 
 import cloudpickle
+import torch
 
 from modelscape.backend.executors.base import Executor, JobSpec
-from modelscape.backend.executors.optional import require
+from modelscape.backend.records import failed_record
+from modelscape.backend.runner import run_unit
+from modelscape.utils import require
+
+__all__ = ["RayExecutor"]
 
 _CONTEXTS: dict = {}  # in a Ray worker: context id -> the unpickled (global_config, bfn_config)
 
@@ -43,26 +48,21 @@ class _Relay:
 
 
 def _run_task(context_id, context_ref, payload, index, relay=None):
-    """The Ray task: run one job on the GPU Ray gave this task (CUDA_VISIBLE_DEVICES), else the CPU; with a
+    """The Ray task: run one unit on the GPU Ray gave this task (CUDA_VISIBLE_DEVICES), else the CPU; with a
     ``relay``, its progress and output lines go there."""
-    import ray
-    import torch
+    import ray  # optional package: only a Ray task (in a Ray worker) runs this
 
-    from modelscape.backend import live
-    from modelscape.backend.job import run_config_safe
     if context_id not in _CONTEXTS:
         _CONTEXTS.clear()  # one sweep's context at a time per worker: an old dataset is not kept alive
         _CONTEXTS[context_id] = cloudpickle.loads(ray.get(context_ref[0]))
-    global_config, bfn_config = _CONTEXTS[context_id]
-    overrides, axes = cloudpickle.loads(payload)
+    work = cloudpickle.loads(payload)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     if relay is None:
-        return run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+        return run_unit(_CONTEXTS[context_id], work, device)
     try:
         # fire and forget: the task never waits on the driver
-        with live.capture_output(lambda stream, text: relay.put.remote(("out", stream, text))), \
-                live.reporting(lambda m: relay.put.remote(("live", m)), live.axes_label(axes)):
-            return run_config_safe({**global_config, **overrides}, bfn_config, device, axes)
+        return run_unit(_CONTEXTS[context_id], work, device, lambda m: relay.put.remote(("live", m)),
+                        lambda stream, text: relay.put.remote(("out", stream, text)))
     finally:
         # An actor runs one caller's calls in order: once this returns, all of this task's messages are in
         # the relay, so the driver, draining it before it takes the record, sees them first.
@@ -112,7 +112,7 @@ class RayExecutor(Executor):
         relay = self._relay if (self.on_live is not None or self.on_output is not None) else None
         # The context's ref goes inside a list so that Ray does not fetch and unpickle it for every task.
         ref = self._task.remote(spec.context_id, [self._contexts[spec.context_id]],
-                                cloudpickle.dumps((spec.overrides, spec.axes)), spec.index, relay)
+                                cloudpickle.dumps(spec.work()), spec.index, relay)
         self._running[ref] = (spec, fut)
 
     def _drain(self):
@@ -135,7 +135,6 @@ class RayExecutor(Executor):
     def _collect(self, ref):
         """The record of a finished task; a task that raised or lost its worker becomes a failed record.
         Returns None when the job was resubmitted (a CUDA OOM is retried once, as by the pool)."""
-        from modelscape.backend.job import failed_record
         spec, fut = self._running.pop(ref)
         try:
             record = self.ray.get(ref)

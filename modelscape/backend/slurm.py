@@ -2,7 +2,7 @@
 
 The driver (``EXECUTOR=slurm``) splits the jobs its store does not hold as done into ``SLURM_SHARDS``
 shards and submits them as one Slurm job array (at most ``SLURM_ARRAY_PARALLELISM`` tasks at once). Each array
-task runs the ordinary local engine (``job_iterator.run_jobs`` on a pool over its node's GPUs, or its CPUs)
+task runs the ordinary local engine (``sweep.run_jobs`` on a pool over its node's GPUs, or its CPUs)
 over its shard and writes its records to its own file, ``shard-<run>-<k>.db``, beside the store's
 ``results.db``: one writer per SQLite file, so no SQLite file is written from two machines over a network
 file system. Readers (``load``, ``modelscape ls/show/export``, resume) see the directory as one store
@@ -27,8 +27,16 @@ import uuid
 import warnings
 from pathlib import Path
 
-from modelscape.backend.executors.optional import require
+import torch
+
+from modelscape.backend.executors import make_executor
+from modelscape.backend.plan import plan_units
+from modelscape.backend.store import DB_NAME, SCHEDULER_HOST, Driver, Store, StoreUnion, shard_path
+from modelscape.backend.sweep import run_jobs
 from modelscape.config import ConfigError
+from modelscape.utils import require
+
+__all__ = ["run_sweep", "ShardTask", "split", "sbatch_parameters"]
 
 # Slurm states (sacct) of a task that may still run its jobs; PREEMPTED and TIMEOUT tasks are requeued
 # (``ShardTask.checkpoint``) and show as PENDING / REQUEUED again.
@@ -87,11 +95,6 @@ class ShardTask:
 
     def __call__(self) -> int:
         """Run the shard; returns how many of its jobs are stored in its file."""
-        import torch
-
-        from modelscape.backend.executors import make_executor
-        from modelscape.backend.job_iterator import run_jobs
-        from modelscape.backend.store import Store
         # Slurm shows the task only the GPUs it was given (CUDA_VISIBLE_DEVICES): use every one of them.
         devices = list(range(torch.cuda.device_count())) or [0]
         with Store(self.path) as st:
@@ -139,14 +142,12 @@ def _task_live(submitit, folder, task_id: str, claimed: float) -> bool:
 
 def _task_driver(task_id: str):
     """The claimant, in results.db, of the jobs submitted to array task ``task_id``."""
-    from modelscape.backend.store import SCHEDULER_HOST, Driver
     return Driver(f"slurm:{task_id}", SCHEDULER_HOST, 0, 0.0)
 
 
 def _queued_jobs(st, submitit, folder) -> set:
     """Ids of the jobs held by array tasks still queued or running; the claims of tasks that ended are
     released (their unstored jobs are missing again)."""
-    from modelscape.backend.store import SCHEDULER_HOST
     tasks = {}
     for c in st.claims():
         if c["host"] == SCHEDULER_HOST:
@@ -164,8 +165,6 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
     """Submit the jobs ``todo`` of a sweep as a Slurm array. With ``DETACH`` return at once (``{}``); else wait
     for the array and return ``{job id: record}`` of the jobs it stored."""
     submitit = require("submitit", "slurm", "slurm")
-    from modelscape.backend.fused import plan_units
-    from modelscape.backend.store import DB_NAME, StoreUnion, shard_path
     if st is None or st.path.name != DB_NAME:
         raise ConfigError(f"EXECUTOR='slurm' needs a store directory (RESULTS_DIR/EXPT_NAME, holding {DB_NAME}) "
                           "for its array tasks to write their shard files in")

@@ -1,0 +1,188 @@
+"""A job's record <-> one row of a results database: its columns, its layout (JSON) and one npz blob of arrays.
+
+``encode(record)`` gives the column values of a row of the ``jobs`` (or ``live``) table; ``decode(row)`` the
+record that was written, arrays with their dtypes, read back with ``allow_pickle=False`` (nothing in a row can
+run code). ``SELECT`` is the query whose rows ``decode`` takes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from modelscape.backend.identity import tensor_to_numpy, is_torch_tensor, jsonable
+from modelscape.results import axis_label
+
+__all__ = ["StoreError", "STATUSES", "RECORD_COLUMNS", "SELECT", "encode", "decode", "dumps"]
+
+
+class StoreError(Exception):
+    """A results store that cannot be used: missing, corrupt, foreign, or written by a newer version."""
+
+
+# crashed: the job killed its worker process twice; timeout: it ran past JOB_TIMEOUT (see executors/pool.py)
+STATUSES = ("done", "not_reached", "diverged", "failed", "crashed", "timeout")
+
+# Record keys that live in their own column, with the Python type the column gives back.
+_COLUMNS = {"status": str, "error": str, "steps": int, "wall_time": float, "device": str, "seed": int,
+            "trial": int, "train_loss": float, "test_loss": float}
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+# A stored record's columns: the jobs table's, and (with two more) the live table's, so a row of either decodes
+# the same way.
+RECORD_COLUMNS = """
+    job_id     TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    axes       TEXT NOT NULL,
+    config     TEXT,
+    error      TEXT,
+    steps      INTEGER,
+    wall_time  REAL,
+    device     TEXT,
+    seed       INTEGER,
+    trial      INTEGER,
+    train_loss REAL,
+    test_loss  REAL,
+    created    REAL NOT NULL,
+    layout     TEXT NOT NULL,
+    arrays     BLOB"""
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) and not isinstance(v, np.void) else v
+
+
+def _json_exact(v) -> bool:
+    """Whether ``v`` survives a JSON round trip as an equal value of the same types."""
+    try:
+        back = json.loads(json.dumps(v, allow_nan=True))
+    except (TypeError, ValueError):
+        return False
+    return _same(v, back)
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _as_array(name, v) -> np.ndarray:
+    arr = tensor_to_numpy(v) if is_torch_tensor(v) else np.asarray(v)
+    if arr.dtype.hasobject:
+        raise StoreError(f"{name} is an array of Python objects (dtype object); the store keeps numeric and "
+                         "string arrays only: return numbers or a numeric array")
+    return arr
+
+
+def encode(record: Mapping):
+    """A record -> (column values, layout JSON, npz blob or None)."""
+    if "job_id" not in record or "status" not in record:
+        raise ValueError(f"a record needs 'job_id' and 'status'; it has keys {sorted(record)}")
+    cols = {k: None for k in _COLUMNS}
+    layout = {"keys": list(record), "none": [], "json": {}, "arrays": {}}
+    arrays = {}
+
+    def put_array(a):
+        name = f"a{len(arrays)}"
+        arrays[name] = a
+        return name
+
+    for key, value in record.items():
+        value = _plain(value)
+        if key in ("job_id", "axes", "config"):
+            continue
+        if value is None:
+            layout["none"].append(key)
+        elif key in _COLUMNS and type(value) is _COLUMNS[key] and not (
+                type(value) is int and not _INT64[0] <= value <= _INT64[1]):
+            cols[key] = value
+        elif key == "grabs" and isinstance(value, Mapping):
+            layout["grabs"] = grabs = {}
+            for gname, g in value.items():
+                g = g if isinstance(g, np.generic) else _plain(g)  # numpy scalars keep their dtype
+                if g is None:
+                    grabs[gname] = ["none", None]
+                elif isinstance(g, np.generic):
+                    grabs[gname] = ["scalar", put_array(_as_array(f"grab {gname!r}", g))]
+                elif isinstance(g, (bool, int, float)) and _json_exact(g):
+                    grabs[gname] = ["json", g]
+                else:
+                    grabs[gname] = ["array", put_array(_as_array(f"grab {gname!r}", g))]
+        elif isinstance(value, np.ndarray) or is_torch_tensor(value):
+            layout["arrays"][key] = put_array(_as_array(f"record key {key!r}", value))
+        elif _json_exact(value):
+            layout["json"][key] = value
+        else:  # lossy, but a record must never fail to be stored for an odd extra key
+            layout["json"][key] = jsonable(value)
+    if cols["status"] is None:
+        raise ValueError(f"record {record['job_id']}: status must be a string, got {record['status']!r}")
+    blob = None
+    if arrays:
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **arrays)
+        blob = buf.getvalue()
+    axes = {str(k): axis_label(v) for k, v in (record.get("axes") or {}).items()}
+    config = dumps(jsonable(record["config"])) if "config" in record else None
+    return dict(job_id=str(record["job_id"]), axes=dumps(axes), config=config,
+                layout=dumps(layout), arrays=blob, **cols)
+
+
+def dumps(obj) -> str:
+    """Compact JSON as the store writes it (NaN allowed: Python's json reads it back)."""
+    return json.dumps(obj, allow_nan=True, separators=(",", ":"))
+
+
+# CAST: a damaged row may hold text where the blob belongs; read as bytes, it fails to decode as that row alone
+SELECT = ("SELECT job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, "
+           "test_loss, layout, CAST(arrays AS BLOB) FROM jobs")
+
+
+def decode(row) -> dict:
+    """A row of ``SELECT`` -> the record that was written."""
+    (job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, test_loss,
+     layout, blob) = row
+    layout = json.loads(layout)
+    cols = dict(status=status, error=error, steps=steps, wall_time=wall_time, device=device, seed=seed,
+                trial=trial, train_loss=train_loss, test_loss=test_loss)
+    arrays = {}
+    if blob is not None:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    none, js = set(layout["none"]), layout["json"]
+    out = {}
+    for key in layout["keys"]:
+        if key == "job_id":
+            out[key] = job_id
+        elif key == "axes":
+            out[key] = json.loads(axes)
+        elif key == "config":
+            out[key] = json.loads(config) if config is not None else None
+        elif key in none:
+            out[key] = None
+        elif key in js:
+            out[key] = js[key]
+        elif key in layout["arrays"]:
+            out[key] = arrays[layout["arrays"][key]]
+        elif key == "grabs" and "grabs" in layout:
+            grabs = out[key] = {}
+            for gname, (kind, ref) in layout["grabs"].items():
+                grabs[gname] = (None if kind == "none" else ref if kind == "json"
+                                else arrays[ref][()] if kind == "scalar" else arrays[ref])
+        elif key in cols:
+            v = cols[key]
+            # SQLite stores NaN in a REAL column as NULL
+            out[key] = float("nan") if v is None and _COLUMNS[key] is float else v
+        else:
+            raise StoreError(f"job {job_id}: stored layout names key {key!r} but holds no value for it")
+    return out
+

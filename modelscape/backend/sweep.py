@@ -1,0 +1,233 @@
+"""The driver's engine: claim each job in the store, dispatch units of work to an executor, store each record.
+
+``run_jobs`` is the loop a sweep's driver runs (``job_iterator.main`` locally, each Slurm array task on its
+node): the jobs still to run are planned into units (``plan.plan_units``: single jobs and fused groups), each
+job is claimed right before its unit is submitted (so several drivers on one store share the work), and a
+unit's records are stored together, in one transaction, the moment they arrive.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections import deque
+
+from modelscape.backend.board import LiveBoard
+from modelscape.backend.executors import JobSpec
+from modelscape.backend.identity import jsonable
+from modelscape.backend.plan import plan_units
+from modelscape.backend.records import failed_record, split_records
+from modelscape.backend.store import Driver
+
+__all__ = ["run_jobs", "store_location"]
+
+_INTERNAL = ("oom",)
+
+
+def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout, board=None, units=None):
+    """The engine's loop: run the jobs ``todo`` (indices into ``jobs``, a list of ``(axes, overrides,
+    config)``, resolved by the driver) on ``executor`` and yield ``(index, record)`` as each finishes, its record
+    stored in ``st`` (None: keep nothing) the moment it arrives. ``context`` is ``(config, bfn_config)``, the
+    config resolved as every job's is (each job's ``config`` is it with the job's ``overrides``). A job that
+    another driver on ``st`` stored meanwhile is yielded with that driver's record. Close the generator to
+    release this driver's claims early.
+
+    ``board`` (a ``board.LiveBoard``; default, one without a progress bar) receives the running jobs' progress
+    messages and lines of output from the executor, and writes their partial records to ``st``. ``units``: the
+    sweep's units of work (``plan.plan_units``), if planned already."""
+    if board is None:
+        every = jobs[todo[0]][2]["LIVE_EVERY"] if todo else 0
+        board = LiveBoard(jobs, ids, todo, st, every)
+    hooks = getattr(executor, "on_live", None), getattr(executor, "on_output", None)
+    executor.on_live, executor.on_output = board.receive, board.echo
+    # A fresh id per run: id(context) can be reused by a later sweep once this one's context is freed, and
+    # a reused executor's workers would then run that sweep with this sweep's (stale) config.
+    context_id = uuid.uuid4().hex
+
+    where = store_location(st)
+
+    def overrides(i):  # the worker learns the job's store id: its checkpoints and live progress are filed by it
+        return {**jobs[i][1], "JOB_ID": ids[i] or "", **where}
+
+    def spec_of(unit):
+        if len(unit) == 1:
+            return JobSpec(unit[0], jobs[unit[0]][0], overrides(unit[0]), context_id, context, resolved=True)
+        # a fused group: its members travel together, trained as one stacked model (modelscape.backend.fused)
+        return JobSpec(unit[0], {}, {}, context_id, context, members=[(jobs[i][0], overrides(i)) for i in unit],
+                       resolved=True)
+
+    # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
+    units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo, units)
+    dispatch = _dispatch(executor, spec_of, units, ids, st, since, claim_timeout)
+    try:
+        for unit, records, ran_here in dispatch:
+            if ran_here:
+                for i, record in zip(unit, records):
+                    for k in _INTERNAL:
+                        record.pop(k, None)
+                    record["job_id"] = ids[i]
+                    record["axes"] = jobs[i][0]
+                    if st is not None:
+                        record["code"] = codes[i]
+                if st is not None:  # a group's records land together: a crash never leaves part of a group
+                    records = _store_records(st, records, [jobs[i][2] for i in unit])
+            for i, record in zip(unit, records):
+                board.finished_job(i, record)
+                yield i, record
+    finally:
+        executor.on_live, executor.on_output = hooks
+        dispatch.close()
+
+
+def store_location(st) -> dict:
+    """RESULTS_DIR and EXPT_NAME naming the directory of the store ``st`` (given as a path of its own, or a shard
+    file beside results.db), so that what a job files beside the store (checkpoints) lands beside it."""
+    if st is None:
+        return {}
+    directory = st.path.resolve().parent
+    return {"RESULTS_DIR": str(directory.parent), "EXPT_NAME": directory.name}
+
+
+def _window(executor) -> int:
+    """How many jobs to keep submitted (and claimed) at once: one per slot and a few queued, so that a slot
+    never waits for the driver and another driver still finds most jobs unclaimed."""
+    return len(getattr(executor, "slots", None) or [None]) + 2
+
+
+def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
+    """Run ``units`` (lists of job indices: one job, or a fused group) on ``executor``, about ``_window`` of them
+    submitted at a time; yield ``(indices, records, ran_here)`` as each unit finishes (a job another driver ran:
+    a unit of its own).
+
+    With a store, each job is claimed right before its unit is submitted: a job a live driver holds is left
+    out of its unit and looked at again every second, until that driver has stored it (yielded with
+    ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
+    here, in one unit with the jobs of its unit that driver held too). A unit's claims are released once the
+    caller has stored its records (on the generator's next step), and all at the end.
+    """
+    pending, waiting, inflight = deque(units), [], {}
+    claims = _Claims(st, stale_after) if st is not None else None
+    window, poll = _window(executor), min(1.0, stale_after / 10)
+    next_poll = time.monotonic() + poll
+    try:
+        while pending or waiting or inflight:
+            while pending and len(inflight) < window:
+                claimed, busy = [], []
+                for i in pending.popleft():
+                    outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
+                    if outcome == "busy":
+                        busy.append(i)
+                    elif outcome == "stored":
+                        yield [i], [claims.record(ids[i])], False
+                    else:
+                        claimed.append(i)
+                if busy:  # together: should their driver die, they are taken over as the group it was training
+                    waiting.append(busy)
+                if claimed:
+                    inflight[executor.submit(spec_of(claimed))] = claimed
+            if inflight:
+                for fut in _finished(executor, inflight):
+                    unit = inflight.pop(fut)
+                    yield unit, split_records(fut.result(), len(unit)), True
+                    if claims is not None:
+                        claims.release([ids[i] for i in unit])
+            elif waiting:
+                time.sleep(max(0.0, next_poll - time.monotonic()))
+            if waiting and not pending and time.monotonic() >= next_poll:
+                pending.extend(waiting)
+                waiting.clear()
+                next_poll = time.monotonic() + poll
+    finally:
+        if claims is not None:
+            claims.close()
+
+
+def _finished(executor, inflight) -> list:
+    """The submitted futures that are done: those done already (an executor may finish several at once and
+    hand over only the first), else the next one ``as_completed`` gives."""
+    done = [f for f in inflight if f.done()]
+    if done:
+        return done
+    for fut in executor.as_completed(list(inflight)):
+        return [fut] + [f for f in inflight if f.done() and f is not fut]
+    raise RuntimeError(f"the executor {executor!r} returned no result for {len(inflight)} submitted jobs")
+
+
+class _Claims:
+    """This driver's claims on one store, kept alive by a heartbeat thread until ``close``."""
+
+    def __init__(self, st, stale_after):
+        self.st, self.stale_after = st, stale_after
+        self.driver = Driver.start()
+        self.owners = set()  # other drivers already named to the user
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="modelscape-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        while not self._stop.wait(max(0.2, self.stale_after / 6)):
+            try:
+                self.st.heartbeat(self.driver)
+            except Exception:  # busy or closing: the next beat tries again, well within stale_after
+                pass
+
+    def claim(self, job_id, since) -> str:
+        outcome, owner = self.st.claim(job_id, self.driver, since, self.stale_after)
+        if outcome == "stored" and not self.st.records([job_id]):  # its record is damaged: run it again
+            outcome, owner = self.st.claim(job_id, self.driver, None, self.stale_after)
+        if owner is not None and owner["driver"] not in self.owners:
+            self.owners.add(owner["driver"])
+            what = ("is running jobs of this sweep: they are left to it, and taken over if it stops"
+                    if outcome == "busy" else "stopped (its heartbeat or process is gone): its jobs are taken over")
+            print(f"modelscape: another driver ({owner['host']} pid {owner['pid']}) {what}", file=sys.stderr)
+        return outcome
+
+    def record(self, job_id) -> dict:
+        return self.st.records([job_id])[0]
+
+    def release(self, job_ids):
+        self.st.release(self.driver, job_ids)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.st.release(self.driver)
+        finally:
+            self.driver.stop()
+
+
+def _store_records(st, records, cfgs) -> list:
+    """Write a unit's records in one transaction, so that a crash stores all of them or none. Should the
+    store refuse one (an object-dtype grab, a full disk), each is written alone by ``_store_record``."""
+    if len(records) > 1:
+        for record, cfg in zip(records, cfgs):
+            record["config"] = jsonable(cfg)
+        try:
+            st.write_many(records)
+            return records
+        except Exception:
+            pass
+    return [_store_record(st, record, cfg) for record, cfg in zip(records, cfgs)]
+
+
+def _store_record(st, record, cfg):
+    """Write one record; a record the store refuses (an object-dtype grab, a full disk) becomes a failed
+    job in memory and, where possible, on disk, and the sweep goes on."""
+    record["config"] = jsonable(cfg)
+    try:
+        st.write(record)
+        return record
+    except Exception as e:
+        failed = failed_record(record["axes"], e, record.get("device", "cpu"), record.get("wall_time", 0.0),
+                               error=f"the result could not be stored: {type(e).__name__}: {e}")
+        failed.pop("oom", None)
+        failed.update(job_id=record["job_id"], config=record["config"])
+        warnings.warn(f"job {record['axes']}: {failed['error']}", stacklevel=3)
+        try:
+            st.write(failed)
+        except Exception:
+            pass  # the store itself is broken: the sweep's results still come back in memory
+        return failed
