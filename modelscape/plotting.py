@@ -29,6 +29,7 @@ import xarray as xr
 
 from modelscape.mup import coord_check, plot_coord_check  # noqa: F401  (re-exported: the coordinate check's figure)
 from modelscape.results import NO_RESULT, axis_label
+from modelscape.transfer import best_over_trials, drift
 
 __all__ = ["plot_loss_curves", "plot_timekeys", "plot_lr_transfer", "plot_coord_check", "coord_check"]
 
@@ -173,9 +174,12 @@ def _ticks_at(axes, values, max_ticks=10):
     vals = sorted(float(v) for v in values)
     if not vals or len(vals) > max_ticks or vals[0] <= 0:
         return
+    # long labels (0.00195) of many ticks run into each other: label every other tick, the largest always
+    step = 2 if len(vals) > 6 else 1
+    shown = set(vals[::-1][::step])
     for ax in axes:
         ax.xaxis.set_major_locator(FixedLocator(vals))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}" if v in shown else ""))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
 
@@ -470,7 +474,15 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
 
     Diverged and failed jobs (or a non-finite metric) are crosses on the top edge of the panel, not a gap;
     jobs that were never run (status ``missing``) are left out.
-    Returns the Figure; the best learning rates are in ``fig.best_lr`` as ``{param: {width: lr}}``.
+
+    Each curve's optimum is also read between grid points (``modelscape.transfer``: a parabola in log2(LR)
+    around its minimum, fitted to the mean over trials) and marked with a dotted vertical line; a note in each
+    panel gives the drift of that optimum in octaves per doubling of ``width`` (0: the learning rate transfers). ``width``
+    may be any axis: ``"DEPTH"`` for depth transfer.
+
+    Returns the Figure; the best grid learning rates are in ``fig.best_lr`` as ``{param: {width: lr}}``, the
+    fitted optima in ``fig.fitted_lr`` (same layout) and the drifts in ``fig.drift`` (``{param: octaves per
+    doubling}``).
     """
     if best not in ("min", "max"):
         raise ValueError(f"best must be 'min' or 'max', got {best!r}")
@@ -500,11 +512,11 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
     elif ceiling == "auto":
         ceiling = _auto_ceiling(ds, var, lr, trial)
     fig, axes, _ = _figure(len(params), panel=(4.2, 3.6), sharex=True, sharey=True)
-    fig.best_lr = {}
+    fig.best_lr, fig.fitted_lr, fig.drift = {}, {}, {}
     any_broken = False
     for ax, pv in zip(axes, params):
         sub = ds.sel({param: pv}) if param is not None else ds
-        best_here = {}
+        best_here, fitted_here = {}, {}
         for wv, col in zip(widths, colors):
             vals = _as_trials(sub[var].sel({width: wv}), trial, [lr])
             st = _as_trials_str(sub["status"].sel({width: wv}), trial, [lr])
@@ -531,17 +543,28 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
                 best_here[wv] = float(lr_arr[i])
                 ax.plot([lr_arr[i]], [mean[i]], marker="*", ms=15, color=col, mec="black", mew=0.8, ls="none",
                         zorder=5)
+                if best == "min" and (lr_arr > 0).all():
+                    fit = best_over_trials(lr_arr, vals.T, log_y=logy)
+                    if math.isfinite(fit["x"]) and not fit["at_edge"]:
+                        fitted_here[wv] = fit["x"]
+                        ax.axvline(fit["x"], color=col, lw=1.0, ls=":", alpha=0.8)
         fig.best_lr[pv] = best_here
+        fig.fitted_lr[pv] = fitted_here
+        fig.drift[pv] = drift(list(fitted_here), list(fitted_here.values())) if _numeric(widths) else math.nan
         ax.set_xscale("log")
         ax.set_yscale("log" if logy else "linear")
+        moved = fig.drift[pv]
         ax.set_title(_panel_title(param, pv))
-        ax.set_xlabel(f"learning rate ({lr})")
+        ax.set_xlabel(f"learning rate ({lr})" + (f"\noptimum moves {moved:+.2f} octaves per doubling of {width}"
+                                                 if math.isfinite(moved) else ""))
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(_metricaxis_label(metric))
     _tidy_log_axes(axes)
     _ticks_at(axes, lrs)
     axes[0].plot([], [], marker="*", ms=12, color="0.6", mec="black", mew=0.8, ls="none",
                  label="best LR of the width")
+    if any(fig.fitted_lr.values()):
+        axes[0].plot([], [], color="0.3", lw=1.0, ls=":", label="fitted optimum")
     if any_broken:
         label = "diverged / failed" + (f" / above {ceiling:.3g}" if np.isfinite(ceiling) else "")
         axes[0].plot([], [], color="0.3", label=label, **_BROKEN)

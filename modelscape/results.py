@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from modelscape.transfer import best_over_trials
+
 __all__ = ["SweepResults", "ExptTrace", "axis_label", "threshold_grid", "NO_RESULT", "SCALAR_FIELDS"]
 
 SCALAR_FIELDS = ("train_loss", "test_loss", "steps", "wall_time")
@@ -329,6 +331,57 @@ class SweepResults(Mapping):
         if unknown:
             raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.axis_names}")
         return ds[var].sel(**{k: axis_label(v) for k, v in sel.items()})
+
+    def best(self, axis: str = "LR", metric: str = "train_loss", trial: str = "trial", maximize: bool = False,
+             log_x: bool | None = None, n_boot: int = 200, **sel):
+        """The best value of ``axis`` (a learning rate, a multiplier) for each combination of the other sweep axes,
+        read from a parabola fitted around the minimum of ``metric`` (see ``modelscape.transfer``), with its
+        uncertainty over trials.
+
+        ``metric``: a per-job number (``train_loss``, ``test_loss``, a scalar grab by its name); ``maximize`` for an
+        accuracy. Diverged, failed and missing jobs are left out of the fit. ``trial``: the axis bootstrapped for
+        the uncertainty (absent: one trial). ``log_x``: fit in log2 of ``axis`` (default: when all its values are
+        positive). ``sel`` fixes other axes. Returns an ``xarray.Dataset`` over the remaining axes: ``best`` (the
+        optimum of ``axis``), ``fitted`` (``metric`` there), ``octaves`` (standard deviation of log2(best) over
+        ``n_boot`` bootstrap resamples of the trials; ``std``, in the axis' units, without ``log_x``), ``at_edge`` (the grid minimum is the smallest or largest
+        value tried: the optimum may lie beyond the grid).
+        """
+        import xarray as xr  # worker start-up: workers import this module, never xarray
+
+        ds = self.to_xarray()
+        var = metric if metric in ds else f"grab_{metric}"
+        if var not in ds:
+            raise KeyError(f"no variable {metric!r}; there are {sorted(v for v in ds.data_vars if v != 'status')}")
+        if axis not in self.axis_names:
+            raise KeyError(f"best: no sweep axis {axis!r}; the axes are {self.axis_names}")
+        unknown = set(sel) - set(self.axis_names)
+        if unknown:
+            raise KeyError(f"no axis {sorted(unknown)}; the axes are {self.axis_names}")
+        da = ds[var].where(~ds["status"].isin(["diverged", "missing", *NO_RESULT]))
+        da = da.sel({k: axis_label(v) for k, v in sel.items()})
+        extra = [d for d in da.dims if d not in self.axis_names]
+        if extra:
+            raise ValueError(f"{var} has dimensions {extra} besides the sweep axes: best needs a number per job")
+        if maximize:
+            da = -da
+        x = np.asarray(da[axis].values)
+        if not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in x.tolist()):
+            raise TypeError(f"best: axis {axis!r} must hold numbers, got {x.tolist()}")
+        log_x = bool((x.astype(float) > 0).all()) if log_x is None else log_x
+        others = [d for d in da.dims if d not in (axis, trial)]
+        shape = [da.sizes[d] for d in others]
+        spread = "octaves" if log_x else "std"
+        out = {k: np.full(shape, np.nan) for k in ("best", "fitted", spread)}
+        out["at_edge"] = np.zeros(shape, dtype=bool)
+        for idx in itertools.product(*[range(n) for n in shape]):
+            sub = da.isel(dict(zip(others, idx)))
+            y = sub.transpose(*([trial] if trial in sub.dims else []), axis).values
+            fit = best_over_trials(x.astype(float), y, log_x=log_x, log_y=not maximize, n_boot=n_boot)
+            out["best"][idx], out[spread][idx], out["at_edge"][idx] = fit["x"], fit["std"], fit["at_edge"]
+            out["fitted"][idx] = -fit["y"] if maximize else fit["y"]
+        coords = {d: da[d].values for d in others}
+        return xr.Dataset({k: (others, v) for k, v in out.items()}, coords=coords,
+                          attrs={"axis": axis, "metric": metric, "log_x": log_x})
 
     # --- xarray --------------------------------------------------------------------------------------
     def to_xarray(self):
