@@ -23,7 +23,7 @@ LAYERS = [
         "modelscape/mup/coord.py", "modelscape/models.py", "modelscape/model.py", "modelscape/data/__init__.py",
         "modelscape/data/synthetic.py", "modelscape/data/digits.py", "modelscape/data/language.py",
         "modelscape/data/data.py", "modelscape/data/monomial.py", "modelscape/data/ntk_coeffs.py",
-        "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py",
+        "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py", "modelscape/transfer.py",
         "modelscape/backend/identity.py", "modelscape/backend/checkpoints.py"]),
     ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
                     "modelscape/backend/store.py"]),
