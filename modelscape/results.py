@@ -191,6 +191,31 @@ def _common_shape(shapes):
     return tuple(max(s[i] for s in shapes) for i in range(nd.pop()))
 
 
+def _grab_labels(name, records, ndim):
+    """``(dims, coords, places)`` of a grab whose values came labelled (``record["grab_dims"]``) in every record
+    that has it, else None: the union of each dimension's labels in first-seen order, and for each record the
+    positions of its labels along each dimension (jobs of different depths name different layers)."""
+    specs = [(r.get("grab_dims") or {}).get(name) for r in records]
+    if not specs or any(sp is None for sp in specs) or any(len(sp["dims"]) != ndim for sp in specs):
+        return None
+    dims = list(specs[0]["dims"])
+    if any(list(sp["dims"]) != dims for sp in specs):
+        return None
+    coords = {}
+    for d in dims:
+        union = []
+        for sp in specs:
+            for lab in sp["coords"].get(d, []):
+                if lab not in union:
+                    union.append(lab)
+        coords[d] = union
+    places = []
+    for sp in specs:
+        index = [{lab: k for k, lab in enumerate(coords[d])} for d in dims]
+        places.append(tuple([index[k][lab] for lab in sp["coords"].get(d, [])] for k, d in enumerate(dims)))
+    return dims, coords, places
+
+
 def threshold_grid(records) -> tuple[np.ndarray, list]:
     """The ``threshold`` coordinate of ``records`` (each with timekeys) and each record's positions on it.
 
@@ -459,16 +484,24 @@ class SweepResults(Mapping):
             inner_shapes = [v.shape[1:] if along else v.shape for _, _, v in vals]
             inner = _common_shape(inner_shapes)
             gdims = [f"{name}_dim{k}" for k in range(len(inner))]
+            # a grab that returned labelled arrays (utils.Labelled): its dims by name, entries placed by label
+            labelled = _grab_labels(name, [r for _, r, _ in vals], len(inner))
+            if labelled is not None:
+                gdims, gcoords, places = labelled
+                inner = [len(gcoords[d]) for d in gdims]
+                extra_coords.update(gcoords)
+            else:
+                places = [tuple(slice(0, n) for n in (v.shape[1:] if along else v.shape)) for _, _, v in vals]
             if along:
                 arr = np.full(shape + [len(extra_coords["eval_step"])] + list(inner), fill, dtype=dtype)
-                for i, r, v in vals:
+                for (i, r, v), place in zip(vals, places):
                     rows = [pos[int(s)] for s in r["eval_steps"]]
-                    arr[i][rows] = v
+                    arr[i][np.ix_(rows, *place) if labelled else (rows,) + place] = v
                 data[f"grab_{name}"] = (dims + ["eval_step"] + gdims, arr)
             else:
                 arr = np.full(shape + list(inner), fill, dtype=dtype)
-                for i, r, v in vals:
-                    arr[i + tuple(slice(0, s) for s in v.shape)] = v
+                for (i, r, v), place in zip(vals, places):
+                    arr[i][np.ix_(*place) if labelled else place] = v
                 data[f"grab_{name}"] = (dims + gdims, arr)
 
         self._xr = xr.Dataset(data, coords={**coords, **extra_coords})

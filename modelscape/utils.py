@@ -13,7 +13,7 @@ import torch
 from modelscape.config import ConfigError
 
 __all__ = ["derive_seed", "to_numpy", "ensure_torch", "load_from_file", "resolve_device", "qualname", "as_list",
-           "match_shapes", "require"]
+           "match_shapes", "require", "Labelled", "labels_of"]
 
 
 def derive_seed(*parts) -> int:
@@ -104,3 +104,45 @@ def require(module: str, extra: str, executor: str | None = None, needed_by: str
         who = needed_by or f"EXECUTOR={executor!r}"
         raise ConfigError(f"{who} needs the package {module!r}, which is not installed: "
                           f"pip install modelscape[{extra}]") from None
+
+
+class Labelled:
+    """An array whose dimensions have names and whose entries have labels, as a grab may return it.
+
+    ``Labelled(values, dims=("layer", "measure"), coords={"layer": ["fc1", "fc2"], "measure": ["norm"]})``: the
+    results keep the names and labels (``res.to_xarray()["grab_<name>"]`` has those dimensions, not
+    ``<name>_dim0``). A grab may also return an ``xarray.DataArray``; it is read the same way.
+    """
+
+    def __init__(self, values, dims, coords: dict | None = None):
+        self.values = to_numpy(values)
+        self.dims = tuple(str(d) for d in dims)
+        if self.values.ndim != len(self.dims):
+            raise ValueError(f"Labelled: {self.values.ndim}-dimensional values but {len(self.dims)} dims {self.dims}")
+        coords = {str(d): [_label(v) for v in c] for d, c in dict(coords or {}).items()}
+        for d, c in coords.items():
+            if d not in self.dims or len(c) != self.values.shape[self.dims.index(d)]:
+                raise ValueError(f"Labelled: coordinate {d!r} has {len(c)} labels but the values' dims are "
+                                 f"{dict(zip(self.dims, self.values.shape))}")
+        # a dimension given no labels is labelled by position
+        self.coords = {d: coords.get(d, list(range(n))) for d, n in zip(self.dims, self.values.shape)}
+
+    def __repr__(self):
+        return f"Labelled(dims={self.dims}, shape={self.values.shape})"
+
+
+def _label(v):
+    v = v.item() if isinstance(v, np.generic) else v
+    return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def labels_of(v):
+    """``(values, {"dims": [...], "coords": {...}})`` of a ``Labelled`` value or an ``xarray.DataArray`` (read
+    through its attributes: no xarray import), else ``(v, None)``."""
+    if isinstance(v, Labelled):
+        return v.values, {"dims": list(v.dims), "coords": v.coords}
+    if all(hasattr(v, a) for a in ("dims", "coords", "values")) and not isinstance(v, (np.ndarray, torch.Tensor)):
+        lab = Labelled(np.asarray(v.values), v.dims, {d: list(np.asarray(v.coords[d].values)) for d in v.dims
+                                                      if d in v.coords})
+        return lab.values, {"dims": list(lab.dims), "coords": lab.coords}
+    return v, None

@@ -24,6 +24,7 @@ LAYERS = [
         "modelscape/data/synthetic.py", "modelscape/data/digits.py", "modelscape/data/language.py",
         "modelscape/data/data.py", "modelscape/data/monomial.py", "modelscape/data/ntk_coeffs.py",
         "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py", "modelscape/transfer.py",
+        "modelscape/diagnostics.py",
         "modelscape/backend/identity.py", "modelscape/backend/checkpoints.py"]),
     ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
                     "modelscape/backend/store.py"]),

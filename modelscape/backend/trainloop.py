@@ -14,7 +14,7 @@ import torch
 
 from modelscape.backend.build import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
 from modelscape.model import centeredmodel
-from modelscape.utils import match_shapes, to_numpy
+from modelscape.utils import labels_of, match_shapes, to_numpy
 
 __all__ = ["train_loop", "LoopObserver", "LossTracker", "Evaluations", "ema_thresholds", "check_grabs",
            "observers_wanting", "read_losses", "match_shapes", "GRAB_ARGS", "train_model"]
@@ -42,18 +42,24 @@ def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float 
 
 # What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
 _STORABLE_KINDS = "biufcU"
-# What a grab's own arguments are called: config keys of the same name would collide with them.
-GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt")
+# What a grab's own arguments are called: config keys of the same name would collide with them. ``step`` is
+# the number of updates the model has had.
+GRAB_ARGS = ("model", "X_tr", "y_tr", "X_te", "y_te", "opt", "step")
 
 
-def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs):
+def _grab_values(grabs, model, X_tr, y_tr, X_te, y_te, opt, grab_kwargs, step=0, labels=None):
+    """Call every grab; ``{name: value}`` as the store keeps them. ``labels`` (a dict) receives the dimension
+    names and coordinate labels of each grab that returns a ``Labelled`` array or a DataArray."""
     vals = {}
     for name, fn in grabs.items():
         try:
-            v = fn(model=model, X_tr=X_tr, y_tr=y_tr, X_te=X_te, y_te=y_te, opt=opt, **grab_kwargs)
+            v = fn(model=model, X_tr=X_tr, y_tr=y_tr, X_te=X_te, y_te=y_te, opt=opt, step=step, **grab_kwargs)
         except Exception as e:
             raise RuntimeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) raised "
                                f"{type(e).__name__}: {e}") from e
+        v, lab = labels_of(v)
+        if lab is not None and labels is not None:
+            labels[name] = lab
         arr = np.array(to_numpy(v))  # a copy: on the CPU to_numpy of a live parameter is a view
         if arr.dtype.kind not in _STORABLE_KINDS:  # None, a dict, any object: dtype object
             raise TypeError(f"grab {name!r} ({getattr(fn, '__qualname__', fn)}) returned a {type(v).__name__}, "
@@ -142,6 +148,7 @@ class Evaluations:
         self.grab_kwargs = dict(grab_kwargs or {})
         self.eval_steps, self.test_curve = [], []
         self.grab_trace = {name: [] for name in self.grabs}
+        self.grab_labels: dict = {}  # name -> dims and coordinate labels of a grab that returns a labelled array
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (before its update) is recorded along the curve."""
@@ -154,8 +161,9 @@ class Evaluations:
             out = self.model(self.X_te)
             return float(self.loss_fn(match_shapes(out, self.y_te), self.y_te))
 
-    def _grab(self, X, y):
-        return _grab_values(self.grabs, self.grab_model, X, y, self.X_te, self.y_te, self.opt, self.grab_kwargs)
+    def _grab(self, X, y, step):
+        return _grab_values(self.grabs, self.grab_model, X, y, self.X_te, self.y_te, self.opt, self.grab_kwargs,
+                            step, self.grab_labels)
 
     def check(self, X, y) -> None:
         """Call the grabs once on the untrained model (``check_grabs``), where step 0 is not recorded anyway."""
@@ -167,7 +175,7 @@ class Evaluations:
         self.eval_steps.append(step)
         self.test_curve.append(self.test_loss() if test_loss is None else test_loss)
         if self.grabs:
-            for name, v in self._grab(X, y).items():
+            for name, v in self._grab(X, y, step).items():
                 self.grab_trace[name].append(v)
 
     def result(self, tracker: LossTracker, steps: int, X, y) -> dict:
@@ -187,7 +195,9 @@ class Evaluations:
                           test_curve=np.asarray(self.test_curve))
             result["grabs"] = {name: _stack(name, vals) for name, vals in self.grab_trace.items()}
         else:
-            result["grabs"] = self._grab(X, y) if self.grabs else {}
+            result["grabs"] = self._grab(X, y, steps) if self.grabs else {}
+        if self.grab_labels:
+            result["grab_dims"] = dict(self.grab_labels)
         return result
 
 
