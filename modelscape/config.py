@@ -251,7 +251,8 @@ def close_matches(key: str, candidates: Iterable[str] | None = None) -> list[str
             scored.append((dist, c))
         elif len(up) >= 6 and (cu.startswith(up) or up.startswith(cu)) and min(len(up), len(cu)) >= 6:
             scored.append((3, c))  # EMA_SMOOTH for EMA_SMOOTHER
-    return [ALIASES.get(c, c) for _, c in sorted(scored)]
+    # an alias and its schema name (``width`` and ``WIDTH``) are one suggestion, not two
+    return list(dict.fromkeys(ALIASES.get(c, c) for _, c in sorted(scored)))
 
 
 def signature_names(fn: Callable | None) -> set[str]:

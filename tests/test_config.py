@@ -123,6 +123,14 @@ def test_close_matches_puts_the_best_first():
     assert config.close_matches("datasethps") == []
 
 
+def test_a_suggestion_is_named_once_even_when_an_alias_matches_too():
+    # WIDHT is one edit from WIDTH and from its alias width: one schema name, suggested once
+    assert config.close_matches("WIDHT") == ["WIDTH"]
+    with pytest.raises(ConfigError) as e:
+        canon({"WIDHT": 16})
+    assert "did you mean 'WIDTH'?" in str(e.value) and "(or" not in str(e.value)
+
+
 def test_user_keys_named_by_a_consumer_pass_silently():
     def model_cls(d_in, width, WIDHT_SCALE=1.0, **kwargs):
         pass
