@@ -245,6 +245,27 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert 2 <= len(done) < 6  # kept for the re-run (resume is tested in test_resume.py)
 
 
+def test_jobs_lost_in_flight_count_every_job_of_a_fused_group(monkeypatch):
+    """Ctrl-C reports the jobs it loses: a fused group of 3 in flight is 3 jobs, as the bar counted them."""
+    from types import SimpleNamespace
+    from modelscape.backend.executors import JobSpec, PoolExecutor, RayExecutor, inprocess
+    group = JobSpec(0, {}, {}, "ctx", ({}, {}), members=[({"LR": lr}, {}) for lr in (0.1, 0.2, 0.3)])
+    single = JobSpec(3, {"LR": 0.4}, {}, "ctx", ({}, {}))
+
+    ex = make_executor("inprocess")
+    seen = []
+    monkeypatch.setattr(inprocess, "run_unit", lambda *a, **k: seen.append(ex.in_flight()) or {})
+    list(ex.as_completed([ex.submit(group), ex.submit(single)]))
+    assert seen == [3, 1] and ex.in_flight() == 0
+
+    pool = PoolExecutor.__new__(PoolExecutor)  # its bookkeeping only: no worker is started
+    pool._workers = [SimpleNamespace(job=(group, None)), SimpleNamespace(job=None), SimpleNamespace(job=(single, None))]
+    assert pool.in_flight() == 4
+    ray_ex = RayExecutor.__new__(RayExecutor)
+    ray_ex._running = {"ref-a": (group, None), "ref-b": (single, None)}
+    assert ray_ex.in_flight() == 4
+
+
 # --- threads and the new keys ----------------------------------------------------------------------------
 
 def test_thread_defaults_share_the_cores_and_threads_overrides(monkeypatch):
