@@ -362,3 +362,38 @@ def test_no_observer_without_a_listener_or_with_live_every_0():
         assert prepare_job(dict(cfg, LIVE_EVERY=0), dict(base_bfn=quick_bfn)).observers == []
         kinds = [type(o) for o in prepare_job(cfg, dict(base_bfn=quick_bfn)).observers]
         assert kinds == [live.LiveObserver]
+
+
+# --- the bar in a log ----------------------------------------------------------------------------------------
+
+LOGGED_SCRIPT = """
+import torch
+from modelscape.backend.job_iterator import main
+from modelscape.data import powerlaw_bfn
+
+def nudge(model, opt, step):
+    pass
+
+cfg = dict(WIDTH=8, DEPTH=2, N_SAMPLES=8, N_TEST=8, MAX_ITER=5, EXECUTOR="inprocess", THREADS=1,
+           step_hooks={0: nudge})
+main([[0.1, 0.05]], ["LR"], cfg, dict(base_bfn=powerlaw_bfn, dim=4), store=False)
+"""
+
+
+def test_a_redirected_log_has_the_fused_note_on_its_own_line_and_the_bar_once(tmp_path):
+    """stderr to a file, as `python sweep.py 2> log`: the note on jobs that cannot fuse is written before the
+    bar is drawn, so it does not land on the bar's line, and the bar (its redraws joined by carriage returns)
+    is one line of the log."""
+    script = tmp_path / "logged.py"
+    script.write_text(LOGGED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    # bytes: text mode would turn the bar's carriage returns into line ends
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    lines = err.split("\n")
+    notes = [ln for ln in lines if "fused trials" in ln]
+    assert notes == ["fused trials: 2 job(s) run one by one: step_hooks act on the model between steps"]
+    bars = [ln for ln in lines if "steps [" in ln]
+    assert len(bars) == 1 and "10/10 steps" in bars[0].split("\r")[-1]
+    assert lines.index(notes[0]) < lines.index(bars[0])
