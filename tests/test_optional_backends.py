@@ -22,7 +22,7 @@ def test_missing_package_names_the_extra(module, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, module, None)  # import now fails as if it were not installed
     extra = {"ray": "ray", "submitit": "slurm"}[module]
     with pytest.raises(ConfigError, match=rf"^EXECUTOR='{extra}' needs the package '{module}', which is not "
-                       rf"installed: pip install modelscape\[{extra}\]$"):
+                       rf"installed: pip install -e '\.\[{extra}\]' in modelscape's folder$"):
         if module == "ray":
             make_executor("ray")
         else:

@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sweep import config, read_log  # noqa: E402
@@ -18,7 +19,9 @@ from modelscape.backend.job_iterator import main  # noqa: E402
 from modelscape.backend.store import Store, StoreUnion, load  # noqa: E402
 from modelscape.config import ConfigError  # noqa: E402
 
-import submitit  # noqa: F401  (the slurm extra, pinned in requirements.txt: a missing install fails, not skips)
+import submitit  # noqa: F401  (the slurm extra, pinned in requirements-test.txt: a missing install fails, not skips)
+
+pytestmark = pytest.mark.slow  # a cluster backend (a stand-in Slurm on this machine)
 
 # Defined by exec, as in a notebook: the array tasks (fresh processes) receive it by value.
 CELL = textwrap.dedent(r'''
@@ -60,7 +63,7 @@ def sweep(tmp_path, **kw):
 
 
 def wait_for(pred, what, timeout=120):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
