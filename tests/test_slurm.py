@@ -94,16 +94,19 @@ def test_shards_killed_part_way_and_rerun_trains_only_the_missing(tmp_path, caps
     started = read_log(tmp_path / "log")  # (24, 1) is not in it yet: it is prepared after (24, 0)
     pids = {(e["WIDTH"], e["trial"]): e["pid"] for e in started}
     assert pids[(8, 0)] == pids[(8, 1)] and pids[(16, 0)] == pids[(16, 1)]  # a group is trained in one process
-    assert cli.main(["ls", str(tmp_path)]) == 0  # progress: four stored, two running in an array task
+    assert cli.main(["ls", str(tmp_path)]) == 0  # progress: six jobs, four stored, two running in an array task
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[-2:] == ["running", "sweeps"] and out[1].split()[1] == "4" and out[1].split()[-2] == "2"
+    assert out[0].split()[-2:] == ["running", "sweeps"] and out[1].split()[1] == "6" and out[1].split()[-2] == "2"
     os.kill(claims[0]["pid"], signal.SIGKILL)  # the array task dies (preempted, out of time) mid-job
     (tmp_path / "log.go").touch()
     wait_for(lambda: not live_claims(shards[0]), "the dead task's claim to lapse", 30)
 
     assert cli.main(["ls", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split()[:2] == ["expt", "4"]  # one experiment, four jobs stored in its three files
+    # one experiment of six jobs: four stored in its three files, and the dead task's two not finished
+    header, row = out[0].split(), out[1].split()
+    assert row[:2] == ["expt", "6"]
+    assert sum(int(row[header.index(s)]) for s in ("interrupted", "queued") if s in header) == 2
     assert cli.main(["show", str(d), "--status", "pending"]) == 0
     table = capsys.readouterr().out.split("\n\n")[0].splitlines()  # the footer follows a blank line
     # not finished: queued, or interrupted if the killed task had flushed its progress
