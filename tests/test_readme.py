@@ -178,7 +178,16 @@ def test_cli_and_load_blocks(one_screen, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "default" in out and "widths" in out  # ls
     with open(d / "jobs.csv") as f:
-        assert len(list(csv.DictReader(f))) == 12
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12
+    # the columns the README names, in its order: the axes where it says so, the timekey columns by threshold
+    said = re.search(r"`export --csv` writes one row per stored job,\s+with the columns (.*?)\n\n", README.read_text(),
+                     re.S).group(1)
+    named = [c for c in re.findall(r"`(\w+)`", said) if not c.startswith("timekey")]
+    axes = ["WIDTH", "LR", "trial"]
+    expected = [*named[:1], *axes, *[c for c in named[1:-1] if c not in axes], "timekey_0.15", "timekey_0.1",
+                named[-1]]
+    assert list(rows[0]) == expected
     import xarray as xr
     with xr.open_dataset(d / "sweep.nc") as nc:
         assert nc.sizes["WIDTH"] == 3
