@@ -100,6 +100,14 @@ def test_shards_killed_part_way_and_rerun_trains_only_the_missing(tmp_path, caps
     os.kill(claims[0]["pid"], signal.SIGKILL)  # the array task dies (preempted, out of time) mid-job
     (tmp_path / "log.go").touch()
     wait_for(lambda: not live_claims(shards[0]), "the dead task's claim to lapse", 30)
+    # The scheduler learns of the death a moment later (here submitit's local controller, polling its task; on a
+    # cluster, sacct), and the re-run below asks it which tasks still run: until then it rightly leaves the
+    # dead task's jobs to it. On a busy machine that moment is long enough to matter, so wait for it.
+    with Store(d / "results.db", readonly=True) as st:
+        tasks = {c["driver"].split(":", 1)[1] for c in st.claims() if c["host"] == slurm.SCHEDULER_HOST}
+    assert tasks
+    wait_for(lambda: not any(slurm._task_live(submitit, d / "slurm" / "%j", t, time.time()) for t in tasks),
+             "the scheduler to see the array tasks end", 30)
 
     assert cli.main(["ls", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
