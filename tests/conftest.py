@@ -8,6 +8,7 @@ compete for its ports and cores: tests that start one are marked ``ray``).
 """
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -21,6 +22,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # A process started in the background by a non-interactive shell, under nohup or GNU time, inherits SIGINT
+    # ignored, and Python then raises no KeyboardInterrupt: the tests that press Ctrl-C (on this process, or on
+    # a driver they start, which inherits the disposition) would wait for ever. Set, not ignored, it is reset
+    # to the default in every program started from here, as after a Ctrl-C from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # Ray keeps a session folder per start: in a folder of this run's own, removed at its end, instead of the
     # system's temp folder. A short path: Ray's socket paths must fit in 107 characters.
     if "RAY_TMPDIR" not in os.environ:

@@ -334,7 +334,9 @@ def test_a_callers_pool_interrupted_mid_sweep_stays_usable(tmp_path, monkeypatch
 
         threading.Thread(target=interrupt_once_started, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):  # the hanging job is the first
-            main([[HANG, HEALTHY, 22]], ["WIDTH"], config(), bfn, executor=pool, store=False, progress=False)
+            # JOB_TIMEOUT only so that a lost Ctrl-C fails this test instead of hanging the suite
+            main([[HANG, HEALTHY, 22]], ["WIDTH"], config(JOB_TIMEOUT=float(round(scaled(120)))), bfn,
+                 executor=pool, store=False, progress=False)
         assert pool.in_flight() == 0
         attempts(d)
         res = main([[24]], ["WIDTH"], config(), bfn, executor=pool, store=False, progress=False)
