@@ -14,7 +14,8 @@ LayerNorms and Linear layers), with ``--optimizer SGD`` or ``Adam``.
     python examples/example_coord_check.py --model gpt --optimizer Adam --widths 64 256 1024
 
 Writes coord_check_sp.png and coord_check_mup.png (``coord_check_gpt_<optimizer>_<param>.png`` for the GPT) to
---out and prints the hidden layers' values at the last step. Runs in well under a minute on a laptop CPU.
+--out and prints the hidden layers' values at the last step. The default run took 14 s on a 2-core machine
+busy with other work (load average 5.6).
 """
 import argparse
 import os

@@ -8,7 +8,7 @@ online on a power-law linear teacher and records its loss curves. The figure sho
 (mean over trials per epsilon, band: min-max over trials) and how far each perturbed run's test loss is from its
 trial's control, log axes.
 
-    python examples/example_perturb_init.py                            # ~20 s on 2 CPU cores
+    python examples/example_perturb_init.py       # 7 s on 2 quiet cores; 21 s at load average 8.5
     python examples/example_perturb_init.py --eps 0 1e-4 1e-3 1e-2 1e-1 1 --NUM_TRIALS 8 --MAX_ITER 2000
 
 Any hyperparameter flag changes every job (``--WIDTH``, ``--LR``, ``--MAX_ITER``, ``--NUM_TRIALS``,

@@ -1,7 +1,7 @@
 """The ``modelscape`` command: look inside results stores without opening a notebook.
 
-    modelscape ls PATH                      experiments under PATH: stored jobs by status, jobs running now
-                                            (when any), sweeps
+    modelscape ls PATH                      experiments under PATH: their jobs by status (stored ones, and
+                                            running, interrupted and queued ones), sweeps
     modelscape show PATH [--status S] [--where AXIS=VALUE ...] [--sweep N]
                                             one row per job of a sweep (default: the latest), then
                                             where it ran (host, git commit, versions) and its code versions
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from modelscape.backend.store import DB_NAME, DB_SUFFIXES, STATUSES, StoreError, StoreUnion
-from modelscape.results import NO_RESULT
+from modelscape.results import NO_RESULT, threshold_grid
 
-__all__ = ["main", "build_parser", "find_stores", "sweep_rows", "watch_view", "UsageError"]
+__all__ = ["main", "build_parser", "find_stores", "sweep_rows", "experiment_counts", "watch_view", "UsageError"]
 
 SCALARS = ("steps", "wall_time", "train_loss", "test_loss", "device", "seed", "trial")
 # netCDF engines in xarray's order of preference, by the module that provides each
@@ -204,6 +204,25 @@ def _code_cell(rec) -> str:
     return " ".join(f"{name.rsplit('.', 1)[-1]}={fp[:8]}" for name, fp in code.items()) if code else "-"
 
 
+UNSTORED = ("running", "interrupted", "queued")  # what a job a sweep lists and no file holds a record of is
+
+
+def experiment_counts(store: StoreUnion) -> dict:
+    """``{status: jobs}`` of an experiment, as ``show`` tells them: every stored job by its status, and every job
+    a sweep lists that is not stored as ``running`` (a live driver holds it), ``interrupted`` (its driver died
+    while it ran) or ``queued`` (not started)."""
+    stored = store.statuses()
+    counts = dict(store.status_counts())
+    listed = dict.fromkeys(j for s in store.sweeps() for j in store.sweep_job_ids(s["id"]))
+    partial = store.live_records()
+    running = running_ids({c["job_id"] for c in store.live_claims()}, partial)
+    for job_id in listed:
+        if job_id not in stored:
+            status = "running" if job_id in running else "interrupted" if job_id in partial else "queued"
+            counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
 def cmd_ls(args) -> int:
     stores = find_stores(args.path)
     if not stores:
@@ -212,19 +231,16 @@ def cmd_ls(args) -> int:
     for name, db in stores:
         try:
             with StoreUnion(db) as st:
-                # held by a live driver or array task, and started
-                running = len(running_ids({c["job_id"] for c in st.live_claims()}, st.live_records()))
-                table.append((name, st.status_counts(), running, len(st.sweeps())))
+                table.append((name, experiment_counts(st), len(st.sweeps())))
         except StoreError as e:
             bad += 1
             print(f"modelscape: error: {e}", file=sys.stderr)
     if table:
-        statuses = [s for s in STATUSES if any(s in c for _, c, _, _ in table)]
-        statuses += sorted({s for _, c, _, _ in table for s in c} - set(statuses))
-        show_running = any(r for _, _, r, _ in table)
-        header = ["experiment", "jobs", *statuses, *(["running"] if show_running else []), "sweeps"]
-        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], *([r] if show_running else []), n]
-                for name, c, r, n in table]
+        order = STATUSES + UNSTORED
+        statuses = [s for s in order if any(c.get(s) for _, c, _ in table)]
+        statuses += sorted({s for _, c, _ in table for s in c} - set(order))
+        header = ["experiment", "jobs", *statuses, "sweeps"]
+        rows = [[name, sum(c.values()), *[c.get(s, 0) for s in statuses], n] for name, c, n in table]
         print_table(header, rows, [False] + [True] * (len(header) - 1))
     return 1 if bad else 0
 
@@ -362,19 +378,37 @@ def _export_csv(args) -> int:
     recs = [(axes, r) for axes, r in rows if r is not None]
     if not recs:
         raise StoreError(f"nothing to export: no jobs stored in {args.path}")
-    n_tk = max((len(r["timekeys"]) for _, r in recs if r.get("timekeys") is not None), default=0)
+    tk_names, timekeys = timekey_columns([r for _, r in recs])
+    nan_row = [float("nan")] * len(tk_names)
     scalars = [s for s in SCALARS if s not in names]
-    header = ["job_id", *names, "status", *scalars, *[f"timekey_{i}" for i in range(n_tk)], "error"]
+    header = ["job_id", *names, "status", *scalars, *tk_names, "error"]
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for axes, r in recs:
-            tk = list(np.asarray(r["timekeys"], dtype=float)) if r.get("timekeys") is not None else []
-            tk += [float("nan")] * (n_tk - len(tk))
             w.writerow([r["job_id"], *[axes.get(n, "") for n in names], r["status"],
-                        *["" if r.get(s) is None else r[s] for s in scalars], *tk, short_error(r.get("error"))])
+                        *["" if r.get(s) is None else r[s] for s in scalars], *timekeys.get(r["job_id"], nan_row),
+                        short_error(r.get("error"))])
     print(f"wrote {len(recs)} jobs to {args.csv}", file=sys.stderr)
     return 0
+
+
+def timekey_columns(records) -> tuple[list, dict]:
+    """``(names, {job id: timekeys})``: the CSV's timekey columns, one per threshold, named by its value as given
+    (``timekey_0.1``; a fraction of the initial loss under RELATIVE_THRESHOLDS), as ``to_xarray``'s
+    ``threshold`` coordinate holds them, and each job's timekeys on them (NaN at a threshold it was not given).
+    Jobs without timekeys (failed ones) are not in the dict."""
+    have = [r for r in records if r.get("timekeys") is not None and np.size(r["timekeys"])
+            and r.get("thresholds_given", r.get("thresholds")) is not None]
+    if not have:
+        return [], {}
+    labels, slots = threshold_grid(have)
+    values = {}
+    for r, where in zip(have, slots):
+        row = np.full(len(labels), np.nan)
+        row[where] = np.asarray(r["timekeys"], dtype=float).ravel()
+        values[r["job_id"]] = row.tolist()
+    return [f"timekey_{float(v):.15g}" for v in labels], values
 
 
 def netcdf_engine() -> str | None:
@@ -430,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     path_help = "a results directory, an experiment directory, or its results.db"
 
-    ls = sub.add_parser("ls", help="experiments and their jobs by status")
+    ls = sub.add_parser("ls", help="experiments and their jobs by status (running and queued ones too)")
     ls.add_argument("path", metavar="PATH", help=path_help)
     ls.set_defaults(func=cmd_ls)
 

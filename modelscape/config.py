@@ -121,8 +121,8 @@ SCHEMA: tuple[HP, ...] = (
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
        range="[0, inf)"),
     HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), inprocess "
-       "(for debugging; unprotected from a job that crashes or hangs), ray (pip install modelscape[ray]) or "
-       "slurm (pip install modelscape[slurm]).", choices=("auto", "inprocess", "pool", "ray", "slurm"),
+       "(for debugging; unprotected from a job that crashes or hangs), ray (the extra ray: pip install -e '.[ray]') "
+       "or slurm (the extra slurm: pip install -e '.[slurm]').", choices=("auto", "inprocess", "pool", "ray", "slurm"),
        group="execution"),
     HP("RAY_ADDRESS", str, None, "EXECUTOR=ray: the Ray cluster to join ('auto', or an address such as "
        "ray://head:10001); None starts a local Ray.", group="cluster"),
@@ -175,8 +175,8 @@ SCHEMA: tuple[HP, ...] = (
     HP("EXPT_NAME", str, "default", "Experiment name: the store is RESULTS_DIR/EXPT_NAME/results.db.",
        group="results"),
     HP("TENSORBOARD", bool, False, "Write each job as a TensorBoard run under RESULTS_DIR/EXPT_NAME/tensorboard: "
-       "train and test loss, grabs, and its hyperparameters and final metrics for the HPARAMS tab (pip install "
-       "modelscape[tensorboard]); open with `tensorboard --logdir RESULTS_DIR/EXPT_NAME`.", group="results"),
+       "train and test loss, grabs, and its hyperparameters and final metrics for the HPARAMS tab (the extra tensorboard: "
+       "pip install -e '.[tensorboard]'); open with `tensorboard --logdir RESULTS_DIR/EXPT_NAME`.", group="results"),
     HP("RESUME", bool, True, "Skip jobs already stored as done; False reruns everything.", group="results"),
     HP("RETRY_FAILED", bool, False, "On resume, also re-run the jobs stored as `crashed` (killed their worker "
        "twice) or `timeout`; `failed` jobs are always re-run.", group="results"),
@@ -251,7 +251,8 @@ def close_matches(key: str, candidates: Iterable[str] | None = None) -> list[str
             scored.append((dist, c))
         elif len(up) >= 6 and (cu.startswith(up) or up.startswith(cu)) and min(len(up), len(cu)) >= 6:
             scored.append((3, c))  # EMA_SMOOTH for EMA_SMOOTHER
-    return [ALIASES.get(c, c) for _, c in sorted(scored)]
+    # an alias and its schema name (``width`` and ``WIDTH``) are one suggestion, not two
+    return list(dict.fromkeys(ALIASES.get(c, c) for _, c in sorted(scored)))
 
 
 def signature_names(fn: Callable | None) -> set[str]:

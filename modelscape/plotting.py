@@ -147,7 +147,8 @@ def _legend(fig, axes, title):
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, title=title, loc="outside right upper", fontsize="small",
+        # centred on the right: at the top it would cover the end of a long figure title
+        fig.legend(handles, labels, title=title, loc="outside right center", fontsize="small",
                    title_fontsize="small")
 
 
@@ -233,7 +234,8 @@ def plot_loss_curves(res, color: str, facet: str | None = None, which: str = "tr
         spread: ``"minmax"`` (band from the lowest to the highest trial), ``"std"`` (mean +- one standard
             deviation) or None.
         sel: values fixing the other sweep axes, e.g. ``{"LR": 0.1}``.
-        logx: log-scaled steps (step 0 is then not drawn); default: when the curves span over 100 steps.
+        logx: log-scaled steps, linear between 0 and 1 (a symlog axis) so that step 0, the model at
+            initialization, is drawn at the left edge; default: when the curves span over 100 steps.
         logy: log-scaled loss.
         thresholds: draw the LOSS_CHECKPOINTS as dotted lines (train loss only).
         path: save the figure there (PNG, PDF, ...).
@@ -269,22 +271,22 @@ def plot_loss_curves(res, color: str, facet: str | None = None, which: str = "tr
             arr = arr[..., np.isfinite(arr).any(axis=0)]  # drop failed trials (counted in the panel note)
             mean, lo, hi, sd = _trial_reduce(arr, -1)
             # The mean only where every trial still runs (jobs stop at different steps once their thresholds
-            # are crossed), so it does not jump where one ends; the band covers every step some trial ran.
+            # are crossed), so it does not jump where one ends; the band the same steps, so it ends with its line.
             full = np.isfinite(arr).all(-1) if arr.shape[-1] else np.zeros(len(steps), bool)
-            positive = (steps > 0) if logx else np.ones(len(steps), bool)
-            ok = full & positive & np.isfinite(mean)
-            some = np.isfinite(mean) & positive
+            ok = full & np.isfinite(mean)
             if logy:
                 ok &= mean > 0
             if not ok.any():
                 ax.plot([], [], color=col, label=_fmt(cv) + " (no data)")
                 continue
-            ax.plot(steps[ok], mean[ok], color=col, lw=1.6, label=_fmt(cv))
+            # test losses are sparse (every EVAL_EVERY steps): a marker shows where each was measured
+            ax.plot(steps[ok], mean[ok], color=col, lw=1.6, label=_fmt(cv),
+                    **(dict(marker="o", ms=3) if which == "test" else {}))
             if spread is not None and arr.shape[-1] > 1:
                 low, high = (lo, hi) if spread == "minmax" else (mean - sd, mean + sd)
                 if logy:
                     low = np.where(low > 0, low, np.nan)
-                ax.fill_between(steps[some], low[some], high[some], color=col, alpha=0.2, lw=0)
+                ax.fill_between(steps[ok], low[ok], high[ok], color=col, alpha=0.2, lw=0)
         _note_broken(ax, sub["status"])
         if thresholds and which == "train" and "thresholds" in sub:
             drawn = False
@@ -294,7 +296,9 @@ def plot_loss_curves(res, color: str, facet: str | None = None, which: str = "tr
                     drawn = True
             if drawn:
                 ax.plot([], [], color="0.5", ls=":", lw=1, label="loss thresholds")
-        ax.set_xscale("log" if logx else "linear")
+        if logx:  # linear on [0, 1]: step 0 stays on the axis
+            ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
+            ax.set_xlim(left=0)
         ax.set_yscale("log" if logy else "linear")
         ax.set_title(_panel_title(facet, fv))
         ax.grid(True, which="major", alpha=0.3)

@@ -102,8 +102,9 @@ def require(module: str, extra: str, executor: str | None = None, needed_by: str
         return importlib.import_module(module)
     except ImportError:
         who = needed_by or f"EXECUTOR={executor!r}"
+        # modelscape is installed from its folder, not from a package index: its extra is named that way
         raise ConfigError(f"{who} needs the package {module!r}, which is not installed: "
-                          f"pip install modelscape[{extra}]") from None
+                          f"pip install -e '.[{extra}]' in modelscape's folder") from None
 
 
 class Labelled:

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 import torch
 
 import modelscape
@@ -151,7 +152,7 @@ with torch.no_grad():
     b = modelscape.load({str(tmp_path / 'expt2')!r}).checkpoint(step=4)(probe)
 print(json.dumps([a.tolist(), b.tolist()]))
 """
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120),
                          cwd=tmp_path.parent)  # net.py is not importable from there
     assert got.returncode == 0, got.stderr
     a, b = json.loads(got.stdout)

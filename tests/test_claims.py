@@ -12,7 +12,9 @@ import sys
 import time
 from collections import Counter
 
+import pytest
 
+from deadlines import scaled  # deadlines stretched on a busy machine
 from modelscape.backend.store import Driver, Store
 
 from test_resume import BASE, n_stored, sub_env, sweep
@@ -54,7 +56,7 @@ def test_two_drivers_started_together_train_each_job_once(tmp_path):
     drivers = [start_driver(tmp_path, store, log, sleep=0.05) for _ in range(2)]
     outs = []
     for p in drivers:
-        out, err = p.communicate(timeout=240)
+        out, err = p.communicate(timeout=scaled(240))
         assert p.returncode == 0, err
         outs.append(out)
     counts = trainings(log)
@@ -71,7 +73,7 @@ def test_a_dead_drivers_claims_are_taken_over_at_once_on_the_same_host(tmp_path,
     store, log = tmp_path / "expt", tmp_path / "trained.log"
     iters = [[8, 16], [0.05, 0.1], [0, 1, 2]]  # 12 jobs
     p = start_driver(tmp_path, store, log, sleep=0.3, iters=iters)
-    deadline = time.time() + 120
+    deadline = time.time() + scaled(120)
     while n_stored(store) < 3:
         assert time.time() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.1)
@@ -96,16 +98,18 @@ def test_a_dead_drivers_claims_are_taken_over_at_once_on_the_same_host(tmp_path,
     assert set(first) | set(second) == {(w, lr, t) for w in iters[0] for lr in iters[1] for t in iters[2]}
 
 
+@pytest.mark.serial  # a thread must beat within the timeout: run when no other test competes for the cores
 def test_the_heartbeat_thread_keeps_a_drivers_claims_alive_and_close_releases_them(tmp_path):
     from modelscape.backend.sweep import _Claims
+    stale = scaled(1.2)  # 1.2 s on a quiet machine; the thread beats 6 times per timeout
     with Store(tmp_path / "s.db") as st:
-        claims = _Claims(st, stale_after=1.2)  # beats every 0.2 s
+        claims = _Claims(st, stale_after=stale)
         try:
             assert claims.claim("job", since=None) == "claimed"
-            time.sleep(2.5)  # twice the timeout: alive only if the thread refreshed the claim meanwhile
-            (live,) = st.live_claims(stale_after=1.2)
-            assert live["job_id"] == "job" and time.time() - live["heartbeat"] < 1.2
-            assert live["heartbeat"] > live["claimed"] + 1.0
+            time.sleep(2 * stale + 0.1)  # twice the timeout: alive only if the thread refreshed the claim meanwhile
+            (live,) = st.live_claims(stale_after=stale)
+            assert live["job_id"] == "job" and time.time() - live["heartbeat"] < stale
+            assert live["heartbeat"] > live["claimed"] + stale
         finally:
             claims.close()
         assert st.live_claims(stale_after=1e9) == [] and not claims._thread.is_alive()

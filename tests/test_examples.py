@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 
 import modelscape
 
@@ -27,6 +28,7 @@ def env():
 
 
 def run_example(name, out, *args, timeout=240):
+    timeout = scaled(timeout)
     cmd = [sys.executable, str(EXAMPLES / name), "--out", str(out), *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name} failed:\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-3000:]}"
@@ -217,6 +219,7 @@ def _kernel_manager(tmp_path):
     return KernelManager(kernel_name="modelscape-test", kernel_spec_manager=ksm)
 
 
+@pytest.mark.slow
 def test_notebook_executes_every_cell(tmp_path, monkeypatch):
     import nbformat
     import nbclient
@@ -229,9 +232,17 @@ def test_notebook_executes_every_cell(tmp_path, monkeypatch):
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name="modelscape-test", timeout=240,
+    km = _kernel_manager(tmp_path)
+    client = nbclient.NotebookClient(nb, km=km, kernel_name="modelscape-test", timeout=int(scaled(240)),
                                      resources={"metadata": {"path": str(ROOT)}})
-    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    try:
+        client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    finally:
+        # nbclient shuts down only a kernel it made itself; this one is ours to end (it lingered for minutes)
+        kernel = km.provisioner.process if km.has_kernel and km.provisioner is not None else None
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    assert kernel is not None and kernel.poll() is not None, "the notebook's kernel outlived its test"
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "a code cell did not run"

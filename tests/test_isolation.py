@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 
 import modelscape
 from modelscape.backend.cli import base_args
@@ -91,7 +92,8 @@ def fault_sweep(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     (d / "armed").touch()
     store = d / "store"
-    g = config(WORKERS_PER_DEVICE=1, JOB_TIMEOUT=8.0)
+    # long enough for a healthy job's 10 steps on a busy machine, short enough that the hung job costs little
+    g = config(WORKERS_PER_DEVICE=1, JOB_TIMEOUT=float(round(scaled(8.0))))
     bfn = dict(base_bfn=faulty_bfn, fault_dir=str(d))
     res = main([WIDTHS], ["WIDTH"], g, bfn, store=str(store), progress=False)
     return d, store, g, bfn, res, attempts(d)
@@ -117,7 +119,7 @@ def test_default_config_isolates_crashes_and_hangs_among_healthy_jobs(fault_swee
         assert r[w]["error"].count(reason) == 2 and "2 times" in r[w]["error"]
         assert np.isnan(r[w]["test_loss"])
         assert len(tries[w]) == 2 and len(set(tries[w])) == 2, "the retry must run on a fresh worker"
-    assert r[HANG]["status"] == "timeout" and "JOB_TIMEOUT=8" in r[HANG]["error"]
+    assert r[HANG]["status"] == "timeout" and f"JOB_TIMEOUT={g['JOB_TIMEOUT']:g} s" in r[HANG]["error"]
     assert len(tries[HANG]) == 1  # a timeout is not retried
     # a job that killed its worker once, and then ran on a fresh one: its result, not a crash
     assert r[CRASH_ONCE]["status"] in ("done", "not_reached") and len(set(tries[CRASH_ONCE])) == 2
@@ -184,7 +186,7 @@ def start_driver(tmp_path, nap, where="main"):
 
 def wait_for_lines(proc, log, n, timeout=120):
     """The log's lines once it has ``n`` (jobs started in the workers)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         lines = log.read_text().split("\n")[:-1] if log.exists() else []
         if len(lines) >= n:
@@ -222,7 +224,7 @@ def test_a_hung_worker_ends_within_seconds_of_its_driver_being_killed(tmp_path):
     assert alive(worker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
     gone = not alive(worker)
@@ -236,13 +238,34 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     proc, log = start_driver(tmp_path, nap=0.3)
     wait_for_lines(proc, log, 3)  # two jobs done, the third running
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the driver and its workers
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=scaled(60))
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     (line,) = [ln for ln in err.splitlines() if "interrupted" in ln]
     done = modelscape.load(tmp_path / "store").records
     assert f"interrupted: {len(done)} of 6 jobs done, 1 lost in flight; re-run to resume" in line
     assert 2 <= len(done) < 6  # kept for the re-run (resume is tested in test_resume.py)
+
+
+def test_jobs_lost_in_flight_count_every_job_of_a_fused_group(monkeypatch):
+    """Ctrl-C reports the jobs it loses: a fused group of 3 in flight is 3 jobs, as the bar counted them."""
+    from types import SimpleNamespace
+    from modelscape.backend.executors import JobSpec, PoolExecutor, RayExecutor, inprocess
+    group = JobSpec(0, {}, {}, "ctx", ({}, {}), members=[({"LR": lr}, {}) for lr in (0.1, 0.2, 0.3)])
+    single = JobSpec(3, {"LR": 0.4}, {}, "ctx", ({}, {}))
+
+    ex = make_executor("inprocess")
+    seen = []
+    monkeypatch.setattr(inprocess, "run_unit", lambda *a, **k: seen.append(ex.in_flight()) or {})
+    list(ex.as_completed([ex.submit(group), ex.submit(single)]))
+    assert seen == [3, 1] and ex.in_flight() == 0
+
+    pool = PoolExecutor.__new__(PoolExecutor)  # its bookkeeping only: no worker is started
+    pool._workers = [SimpleNamespace(job=(group, None)), SimpleNamespace(job=None), SimpleNamespace(job=(single, None))]
+    assert pool.in_flight() == 4
+    ray_ex = RayExecutor.__new__(RayExecutor)
+    ray_ex._running = {"ref-a": (group, None), "ref-b": (single, None)}
+    assert ray_ex.in_flight() == 4
 
 
 # --- threads and the new keys ----------------------------------------------------------------------------
@@ -311,7 +334,9 @@ def test_a_callers_pool_interrupted_mid_sweep_stays_usable(tmp_path, monkeypatch
 
         threading.Thread(target=interrupt_once_started, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):  # the hanging job is the first
-            main([[HANG, HEALTHY, 22]], ["WIDTH"], config(), bfn, executor=pool, store=False, progress=False)
+            # JOB_TIMEOUT only so that a lost Ctrl-C fails this test instead of hanging the suite
+            main([[HANG, HEALTHY, 22]], ["WIDTH"], config(JOB_TIMEOUT=float(round(scaled(120)))), bfn,
+                 executor=pool, store=False, progress=False)
         assert pool.in_flight() == 0
         attempts(d)
         res = main([[24]], ["WIDTH"], config(), bfn, executor=pool, store=False, progress=False)

@@ -57,7 +57,6 @@ LAZY = {
     ("modelscape.backend.tensorboard", "torch"): "torch's tensorboard summaries need the tensorboard extra",
     ("modelscape.backend.utils", "yaml"): "optional package: PyYAML, for a .yaml config file only",
     ("modelscape.data.data", "scipy"): "optional package: scipy, for one function",
-    ("modelscape.data.digits", "sklearn"): "optional package: scikit-learn (the examples extra), for the digits",
     ("modelscape.mup.coord", "xarray"): "worker start-up: workers import modelscape.mup, never xarray",
     ("modelscape.mup.coord", "matplotlib"): "optional until a figure is drawn",
     ("modelscape.plotting", "matplotlib"): "optional until a figure is drawn",

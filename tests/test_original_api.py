@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 import torch
 from torch import nn
 
@@ -465,7 +466,7 @@ def test_all_failed_sweep_raises_and_a_script_exits_with_one_line(tmp_path):
         main([[4]], ["ntrain"], dict(MAX_ITER=2, N_TEST=4), dict(base_bfn=bfn), store=False, executor="inprocess",
              progress=False)
     """))
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=scaled(120))
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith("error: all 1 jobs of the sweep failed")
     assert "Traceback" not in p.stderr

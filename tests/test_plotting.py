@@ -103,19 +103,34 @@ def test_loss_curves_one_line_per_colour_one_panel_per_facet(curves_res, tmp_pat
     assert [ax.get_title() for ax in axes] == ["GAMMA = 0.5", "GAMMA = 1"]
     for ax in axes:
         assert [ln.get_label() for ln in labelled_lines(ax)] == ["32", "64", "128", "loss thresholds"]
-        assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+        # log steps, but linear on [0, 1]: step 0 (the model at init) is on the axis, at its left edge
+        assert ax.get_yscale() == "log" and ax.get_xscale() == "symlog" and ax.get_xlim()[0] == 0
         assert "loss" in axes[0].get_ylabel() and "step" in ax.get_xlabel()
     # a spread band per width, but WIDTH=128 at GAMMA=1 has one trial left: its failed job is noted, not hidden
     assert [len(ax.collections) for ax in axes] == [3, 2]
     assert [t.get_text() for t in axes[1].texts] == ["1 failed (not drawn)"] and not axes[0].texts
-    # the mean stops where the first trial stops (at 350 of 400 steps); the band runs on
+    # the mean starts at step 0 and stops where the first trial stops (at 350 of 400 steps), and so does its band
     mean = next(ln for ln in labelled_lines(axes[0]) if ln.get_label() == "32")
-    assert max(mean.get_xdata()) == MAX_ITER - 50 - 1
+    assert min(mean.get_xdata()) == 0 and max(mean.get_xdata()) == MAX_ITER - 50 - 1
+    band = axes[0].collections[0].get_paths()[0].vertices[:, 0]
+    assert band.min() == 0 and band.max() == MAX_ITER - 50 - 1
     assert legend_title(fig) == "WIDTH"
     assert legend_texts(fig) == ["32", "64", "128", "loss thresholds"]
     assert [ln.get_ydata()[0] for ln in axes[0].get_lines() if ln.get_linestyle() == ":"
             and len(ln.get_ydata())] == THRESHOLDS
     check_png(tmp_path / "curves.png")
+
+
+def test_the_legend_leaves_the_title_and_the_panels_clear(curves_res):
+    """One panel makes a narrow figure under a long title (the notebook's figure): the legend, on the right,
+    covers neither."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = plotting.plot_loss_curves(curves_res, color="WIDTH", sel={"GAMMA": 0.5})
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not legend.overlaps(fig._suptitle.get_window_extent(renderer))
+    assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in visible_axes(fig))
 
 
 def test_loss_curves_test_loss_and_the_accepted_inputs(curves_res, tmp_path):

@@ -15,7 +15,9 @@ from modelscape.backend.executors import JobSpec, make_executor  # noqa: E402
 from modelscape.backend.job_iterator import main  # noqa: E402
 from modelscape.backend.store import Store  # noqa: E402
 
-import ray  # the ray extra, pinned in requirements.txt: a missing install fails here, not skips
+import ray  # the ray extra, pinned in requirements-test.txt: a missing install fails here, not skips
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # a cluster backend: one xdist worker runs every Ray test
 
 WIDTHS = [16, 24, 32, 40]
 

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 import xarray as xr
 
 import modelscape
@@ -138,7 +139,7 @@ def start_sweep(script, store, log_path, sleep=0.0):
 
 
 def finish(p, timeout=120):
-    out, err = p.communicate(timeout=timeout)
+    out, err = p.communicate(timeout=scaled(timeout))
     assert p.returncode == 0, f"sweep subprocess failed ({p.returncode}):\n{out}\n{err}"
     assert "finished 12" in out, out + err
     return out
@@ -189,7 +190,7 @@ def test_sigkill_mid_sweep_leaves_a_readable_store_and_resume_trains_only_the_mi
     ref = start_sweep(script, full, tmp_path / "full.log")
     victim = start_sweep(script, killed, tmp_path / "killed.log", sleep=0.4)
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + scaled(90)
         while n_stored(killed) < 3:
             assert victim.poll() is None, "the sweep ended before it could be killed:\n" + victim.stderr.read()
             assert time.time() < deadline, "the sweep stored fewer than 3 jobs in 90 s"
@@ -402,7 +403,7 @@ def test_load_while_a_sweep_is_writing_returns_the_jobs_finished_so_far(tmp_path
     t = threading.Thread(target=thread_reader)
     t.start()
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + scaled(90)
         while p.poll() is None and time.time() < deadline:
             try:
                 snapshots.append(modelscape.load(path, running=False))  # finished jobs only (test_live: running)

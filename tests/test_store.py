@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 
 import modelscape
 from modelscape.backend.store import (NON_RESULT_KEYS, SCHEMA_VERSION, Store, StoreError, identity_cache,
@@ -82,6 +83,7 @@ def assert_same(a, b, where="record"):
 
 
 def run_python(code, *args, timeout=60, **kw):
+    timeout = scaled(timeout)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT, **kw)
@@ -352,7 +354,7 @@ def test_readers_see_complete_records_while_a_writer_commits(tmp_path):
             st.write(synth_record(i, n_steps=2000))
             time.sleep(0.01)
         t.join(60)
-        results = [json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in readers]
+        results = [json.loads(p.communicate(timeout=scaled(60))[0].strip().splitlines()[-1]) for p in readers]
     finally:
         for p in readers:
             if p.poll() is None:

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_store import ROOT, synth_record  # noqa: E402
@@ -53,9 +54,10 @@ def test_ls_lists_experiments_with_counts(capsys, results_dir):
     code, out, err = run_cli(capsys, "ls", root)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["experiment", "jobs", "done", "not_reached", "failed", "sweeps"]
-    assert lines[1].split() == ["alpha", "6", "4", "1", "1", "2"]  # the old sweep's job counts too
-    assert lines[2].split() == ["beta", "2", "2", "0", "0", "1"]
+    assert lines[0].split() == ["experiment", "jobs", "done", "not_reached", "failed", "queued", "sweeps"]
+    # the old sweep's job counts too, and so does the job not stored yet, as show lists it
+    assert lines[1].split() == ["alpha", "7", "4", "1", "1", "1", "2"]
+    assert lines[2].split() == ["beta", "2", "2", "0", "0", "0", "1"]
     assert len(lines) == 3
     assert len({len(ln) for ln in lines}) == 1  # numbers right-aligned under their headers
     for one_store in (root / "beta", root / "beta" / "results.db"):
@@ -133,15 +135,17 @@ def test_export_csv(capsys, results_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 5
     assert list(rows[0])[:4] == ["job_id", "WIDTH", "LR", "status"]
-    assert {"timekey_0", "timekey_1", "train_loss", "test_loss", "steps", "wall_time"} <= set(rows[0])
+    # the timekey columns are named by their thresholds (the records' LOSS_CHECKPOINTS are 0.5 and 0.1)
+    assert [k for k in rows[0] if k.startswith("timekey")] == ["timekey_0.5", "timekey_0.1"]
+    assert {"train_loss", "test_loss", "steps", "wall_time"} <= set(rows[0])
     for row in rows:
         r = recs[(int(row["WIDTH"]), float(row["LR"]))]
         assert row["job_id"] == r["job_id"] and row["status"] == r["status"]
         if r["status"] == "failed":
-            assert row["error"] == "ValueError: boom 3" and row["timekey_0"] == "nan"
+            assert row["error"] == "ValueError: boom 3" and row["timekey_0.5"] == "nan"
             continue
         assert float(row["train_loss"]) == r["train_loss"] and float(row["test_loss"]) == r["test_loss"]
-        np.testing.assert_array_equal([float(row["timekey_0"]), float(row["timekey_1"])], r["timekeys"])
+        np.testing.assert_array_equal([float(row["timekey_0.5"]), float(row["timekey_0.1"])], r["timekeys"])
 
 
 def test_export_netcdf(capsys, results_dir, tmp_path, monkeypatch):
@@ -167,6 +171,24 @@ def test_export_netcdf(capsys, results_dir, tmp_path, monkeypatch):
 def test_python_dash_m(results_dir):
     root, _ = results_dir
     p = subprocess.run([sys.executable, "-m", "modelscape.cli", "show", str(root / "beta")], capture_output=True,
-                       text=True, timeout=60, cwd=ROOT)
+                       text=True, timeout=scaled(60), cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert [ln.split()[:2] for ln in p.stdout.splitlines()] == [["trial", "status"], ["0", "done"], ["1", "done"]]
+
+
+def test_export_csv_puts_each_timekey_under_its_threshold(capsys, tmp_path):
+    """Jobs given different thresholds: one column per threshold (the union, largest first, as
+    ``to_xarray``'s coordinate), each job's timekeys under theirs and NaN elsewhere."""
+    a = synth_record(0, axes={"LR": 0.1})
+    b = synth_record(1, axes={"LR": 0.2}) | {"thresholds": np.array([0.2]), "timekeys": np.array([7.0])}
+    with Store(tmp_path / "mixed") as st:
+        st.begin_sweep(["LR"], [[0.1, 0.2]], [a["job_id"], b["job_id"]])
+        st.write(a)
+        st.write(b)
+    code, _, err = run_cli(capsys, "export", tmp_path / "mixed", "--csv", tmp_path / "mixed.csv")
+    assert code == 0, err
+    with open(tmp_path / "mixed.csv", newline="") as f:
+        rows = {row["LR"]: row for row in csv.DictReader(f)}
+    assert [k for k in rows["0.1"] if k.startswith("timekey")] == ["timekey_0.5", "timekey_0.2", "timekey_0.1"]
+    assert [rows["0.2"][k] for k in ("timekey_0.5", "timekey_0.2", "timekey_0.1")] == ["nan", "7.0", "nan"]
+    assert float(rows["0.1"]["timekey_0.5"]) == a["timekeys"][0] and rows["0.1"]["timekey_0.2"] == "nan"

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 
 from modelscape import cli
 from modelscape.backend.job_iterator import SweepFailed, main
@@ -97,7 +98,7 @@ def test_an_edited_batch_function_body_trains_anew(tmp_path, monkeypatch, route)
     (v2,) = {json.dumps(r["code"]) for r in second.records}
     assert v1 != v2 and len(json.loads(v2)) == 1  # the batch function (powerlaw_bfn, which it calls, inside)
     out = subprocess.run([sys.executable, "-m", "modelscape.cli", "show", str(store)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT)).stdout
+                         text=True, cwd=ROOT, timeout=scaled(60), env=dict(os.environ, PYTHONPATH=ROOT)).stdout
     code_line = next(ln for ln in out.splitlines() if ln.startswith("code: "))
     for name, fp in json.loads(v2).items():
         assert f"{name} {fp}" in code_line
@@ -253,11 +254,11 @@ def test_a_store_in_a_read_only_directory_is_readable(tmp_path):
                 "print('immutable', st.immutable, 'jobs', len(st.results().records))\n")
         env = dict(os.environ, PYTHONPATH=ROOT)
         p = subprocess.run(prefix + [sys.executable, "-c", code, str(expt)], capture_output=True, text=True,
-                           env=env, timeout=60)
+                           env=env, timeout=scaled(60))
         assert p.returncode == 0, p.stderr
         assert p.stdout.split() == ["blocked", "immutable", "True", "jobs", "2"]  # the fallback, honestly taken
         p = subprocess.run(prefix + [sys.executable, "-m", "modelscape.cli", "show", str(expt)], capture_output=True,
-                           text=True, env=env, timeout=60, cwd=ROOT)
+                           text=True, env=env, timeout=scaled(60), cwd=ROOT)
         assert p.returncode == 0, p.stderr
         assert [ln.split()[:2] for ln in p.stdout.splitlines()[1:3]] == [["8", res.records[0]["status"]],
                                                                          ["16", res.records[1]["status"]]]
@@ -283,7 +284,7 @@ def test_several_processes_creating_one_store_at_once(tmp_path):
     procs = [ctx.Process(target=_open_many, args=(str(tmp_path), rounds, barrier, errors)) for _ in range(n)]
     for p in procs:
         p.start()
-    bad = [e for _ in procs for e in errors.get(timeout=120)]
+    bad = [e for _ in procs for e in errors.get(timeout=scaled(120))]
     for p in procs:
         p.join()
     assert bad == []
@@ -291,6 +292,7 @@ def test_several_processes_creating_one_store_at_once(tmp_path):
         assert st.status_counts() == {}
 
 
+@pytest.mark.serial  # times an open against a 30 s timeout: run when no other test competes for the cores
 def test_opening_waits_for_the_wal_switch_while_another_process_holds_a_new_store(tmp_path):
     db = tmp_path / "s.db"
     Store(db).close()

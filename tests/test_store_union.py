@@ -54,7 +54,8 @@ def test_cli_reads_the_directory_as_one(expt, capsys):
     d, _ = expt
     assert cli.main(["ls", str(d)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["expt", "3", "2", "1", "1"]
+    assert out[0].split() == ["experiment", "jobs", "done", "failed", "queued", "sweeps"]
+    assert out[1].split() == ["expt", "4", "2", "1", "1", "1"]  # the sweep's fourth job is not stored yet
     assert cli.main(["show", str(d)]) == 0
     rows = capsys.readouterr().out.splitlines()
     status = {int(ln.split()[0]): ln.split()[1] for ln in rows[1:5]}

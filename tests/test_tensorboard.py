@@ -183,7 +183,7 @@ def test_missing_tensorboard_is_one_config_error_before_any_job(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
     cfg = config(tmp_path)
     with pytest.raises(ConfigError, match=r"TENSORBOARD=True needs the package 'tensorboard'.*"
-                                          r"pip install modelscape\[tensorboard\]"):
+                                          r"pip install -e '\.\[tensorboard\]'"):
         main([[0.1, 0.2]], ["LR"], cfg, BFN, executor="inprocess", progress=False)
     assert not os.path.exists(os.path.join(str(tmp_path), "tb"))  # no store, no run: nothing ran
     with pytest.raises(ConfigError, match="modelscape"):

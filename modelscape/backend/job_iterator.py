@@ -19,6 +19,7 @@ from modelscape.backend.board import LiveBoard
 from modelscape.backend.build import consumers, get_base_bfn, get_model_class, resolve_names
 from modelscape.backend.executors import make_executor
 from modelscape.backend.job import check_bfn_config, check_resolved
+from modelscape.backend.plan import plan_units
 from modelscape.backend.slurm import run_sweep as run_slurm_sweep
 from modelscape.backend.store import NON_RESULT_KEYS, Store, StoreUnion, code_versions, identity_cache, \
     job_identity, jsonable, provenance
@@ -201,11 +202,15 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
                 st.close()
         return _result(names, values, ids, records, progress, store_dir)
 
+    # Planned before the bar is drawn: the plan's notes (jobs that cannot fuse, and why) then sit on lines of
+    # their own in a log, instead of on the bar's line with the bar drawn again below them.
+    units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo)
     board = LiveBoard(jobs, ids, todo, st, base["LIVE_EVERY"], bar=progress,
                       stored=[r["status"] for r in records.values()])
     run = None
     try:
-        run = run_jobs(executor, jobs, ids, codes, todo, st, context, since, base["CLAIM_TIMEOUT"], board)
+        run = run_jobs(executor, jobs, ids, codes, todo, st, context, since, base["CLAIM_TIMEOUT"], board,
+                       units=units)
         for i, record in run:
             records[ids[i] if ids[i] is not None else i] = record
     except KeyboardInterrupt:

@@ -81,6 +81,10 @@ class StoreUnion:
                 found.update((r["job_id"], r) for r in st.records(mine))
         return [found[j] for j in job_ids if j in found]
 
+    def statuses(self) -> dict:
+        """``{job id: status}`` of every job some file holds a record of (the record it is read from)."""
+        return {j: status for j, (status, _, _) in self._best().items()}
+
     def status_counts(self, sweep_id: int | None = None) -> dict:
         best = self._best()
         ids = best if sweep_id is None else self.primary.sweep_job_ids(self._check_sweep(sweep_id))

@@ -12,7 +12,7 @@ Writing happens at flush points only (every ``FLUSH_SECS`` and at the end), in t
 per run written synchronously (no writer thread per job: a fused group of 64 jobs would start 64). Between
 flush points, a read-back costs the observer a clock read (and, without curves, one appended pair).
 
-tensorboard is an optional extra (``pip install modelscape[tensorboard]``), imported only when a job asks for it.
+tensorboard is an optional extra (``pip install -e '.[tensorboard]'`` in modelscape's folder), imported only when a job asks for it.
 """
 from __future__ import annotations
 

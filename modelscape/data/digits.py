@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from modelscape.data.synthetic import fixed_bfn
+from modelscape.utils import require
 
 N_IMAGES = 1797
 SPLITS = ("train", "test")
@@ -39,9 +40,8 @@ SPLITS = ("train", "test")
 
 @functools.lru_cache(maxsize=1)
 def _raw():
-    from sklearn.datasets import load_digits  # optional: the examples extra, only for the digits data
-
-    d = load_digits()
+    # scikit-learn is optional (the extra examples), needed only for the digits data
+    d = require("sklearn.datasets", "examples", needed_by="the digits data").load_digits()
     return d.data.astype(np.float32), d.target.astype(np.int64)
 
 

@@ -84,7 +84,8 @@ class Executor:
         raise NotImplementedError
 
     def in_flight(self) -> int:
-        """How many jobs are running right now (lost if the sweep is interrupted)."""
+        """How many jobs are running right now (lost if the sweep is interrupted): every job of a fused group
+        in flight counts, not the group once."""
         return 0
 
     def cancel(self) -> None:

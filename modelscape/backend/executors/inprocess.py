@@ -35,7 +35,7 @@ class InProcessExecutor(Executor):
     def _run(self, spec, fut):
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        self._running = 1
+        self._running = spec.size
         try:
             # the driver, in this process, hears the job's progress directly, and prints its lines above its bar
             record = run_unit(spec.context, spec.work(), self.device, self.on_live, self.on_output)

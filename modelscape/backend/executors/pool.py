@@ -377,7 +377,7 @@ class PoolExecutor(Executor):
                     yield fut
 
     def in_flight(self) -> int:
-        return sum(w.job is not None for w in self._workers)
+        return sum(w.job[0].size for w in self._workers if w.job is not None)
 
     def cancel(self) -> None:
         """Drop the jobs not started and replace the workers running one: the pool stays usable."""

@@ -165,7 +165,7 @@ class RayExecutor(Executor):
                     yield fut
 
     def in_flight(self) -> int:
-        return len(self._running)
+        return sum(spec.size for spec, _ in self._running.values())
 
     def shutdown(self, now: bool = False) -> None:
         """Cancel the tasks still running (Ray kills their workers either way, so ``now`` changes nothing)
