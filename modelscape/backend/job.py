@@ -29,7 +29,7 @@ from modelscape.backend.trainloop import GRAB_ARGS, train_loop
 from modelscape.config import BY_NAME, ConfigError, axis_target, canonicalize, check_job_config, signature_names
 from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
 from modelscape.models import Centered
-from modelscape.utils import derive_seed, ensure_torch, qualname, resolve_device
+from modelscape.utils import check_paths, derive_seed, ensure_torch, qualname, resolve_device
 
 __all__ = ["PreparedJob", "resolve_config", "check_resolved", "check_bfn_config", "prepare_job", "prepare_resolved",
            "job_observers", "train_prepared", "finish_record", "run_config", "run_resolved", "run_config_safe",
@@ -45,8 +45,10 @@ def check_bfn_config(bfn_config: dict) -> None:
 
 def check_resolved(cfg: dict) -> None:
     """The checks a resolved config must pass before its job runs: ``config.check_job_config`` (ranges, scalars
-    where a job needs scalars) and the step hooks' own rules (``interventions.check_step_hooks``)."""
+    where a job needs scalars), EXPT_NAME and JOB_ID as plain names (``utils.check_paths``) and the step hooks'
+    own rules (``interventions.check_step_hooks``)."""
     check_job_config(cfg)
+    check_paths(cfg)
     if cfg.get("step_hooks"):
         check_step_hooks(cfg["step_hooks"], cfg)
 

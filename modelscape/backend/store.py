@@ -13,13 +13,13 @@ from pathlib import Path
 
 from modelscape.backend.claims import DEFAULT_STALE_AFTER, SCHEDULER_HOST, Driver  # noqa: F401  (re-exported)
 from modelscape.backend.db import (  # noqa: F401  (re-exported)
-    DB_NAME, DB_SUFFIXES, SCHEMA_VERSION, STATUSES, Store, StoreError, ordered_counts, resolve_db_path)
+    DB_NAME, DB_SUFFIXES, SCHEMA_VERSION, STATUSES, Store, StoreError, StoreLost, ordered_counts, resolve_db_path)
 from modelscape.backend.identity import (  # noqa: F401  (re-exported: they lived here before 0.4)
     IDENTITY_VERSION, NON_RESULT_KEYS, code_fingerprint, code_versions, identity_cache, job_identity, jsonable,
     provenance)
 from modelscape.results import SweepResults
 
-__all__ = ["Store", "StoreUnion", "StoreError", "load", "shard_path", "DB_NAME", "DB_SUFFIXES", "SCHEMA_VERSION",
+__all__ = ["Store", "StoreUnion", "StoreError", "StoreLost", "load", "shard_path", "DB_NAME", "DB_SUFFIXES", "SCHEMA_VERSION",
            "STATUSES", "SHARD_GLOB", "Driver", "SCHEDULER_HOST", "job_identity", "identity_cache", "jsonable",
            "provenance", "code_fingerprint", "code_versions", "NON_RESULT_KEYS"]
 
