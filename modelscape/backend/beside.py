@@ -1,5 +1,5 @@
-"""What a results store keeps beside its database file ``D/name.db``: arrays too big for a row, and rows that could
-not be written.
+"""The files of a results store: which database file a store path means (``resolve_db_path``), and what a store
+keeps beside its database file ``D/name.db``: arrays too big for a row, and rows that could not be written.
 
 - ``D/name.db-arrays/<job id>/<token>-<key>.npy``: an array of ``rows.EXTERNAL_BYTES`` or more, one file each,
   named by the row that holds it (``rows.encode``'s ``external``); a job written again gets a new token and its
@@ -30,12 +30,37 @@ import numpy as np
 
 from modelscape.backend.rows import StoreError, dumps, encode
 
-__all__ = ["arrays_dir", "spill_dirs", "ExternalArrays", "write_spill", "spilled", "read_spill", "check_name",
+__all__ = ["DB_NAME", "DB_SUFFIXES", "resolve_db_path", "arrays_dir", "spill_dirs", "ExternalArrays", "write_spill", "spilled", "read_spill", "check_name",
            "keep", "import_spilled", "spill_records", "SPILL_SUFFIX", "WRITE_ATTEMPTS", "RETRY_DELAYS"]
 
 SPILL_SUFFIX = ".row"
+DB_NAME = "results.db"
+DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_HEADER = 1 << 24  # a spill file's JSON line: the columns of one row (its config among them)
+
+
+def resolve_db_path(path, create: bool = False) -> Path:
+    """The database file a store path means: the file itself, or ``DIR/results.db`` for a directory.
+
+    A path that does not exist is a file if it ends in .db/.sqlite/.sqlite3 and a directory otherwise;
+    with ``create`` the missing directories are made, without it a missing store is a StoreError.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if p.exists():  # checked first: another process may be creating the directory right now
+        if not p.is_dir():
+            return p
+        db = p / DB_NAME
+        if not create and not db.exists():
+            raise StoreError(f"no results store in {p}: it holds no {DB_NAME}")
+        return db
+    if not create:
+        raise StoreError(f"no results store at {p}: no such file or directory")
+    if p.suffix.lower() in DB_SUFFIXES:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+    p.mkdir(parents=True, exist_ok=True)
+    return p / DB_NAME
 
 
 def check_name(name: str, what: str) -> str:

@@ -27,7 +27,9 @@ A job's identity hashes everything that decides its numbers and nothing else (``
 record becomes a row as ``rows.encode`` says; claims name their driver as ``claims.Driver`` does.
 
 Other writers (the array tasks of a Slurm sweep) each write their own ``shard-*.db`` beside ``results.db``;
-``store.StoreUnion`` reads the directory as one store.
+``store.StoreUnion`` reads the directory as one store. What a store keeps beside its file (arrays too big for a
+row, rows it refused, spilled for the next writer to import) is ``beside``. A writer checks before each commit
+that its file and its WAL are the ones it opened (``check_file``: ``StoreLost`` otherwise).
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from modelscape.backend.beside import ExternalArrays, import_spilled, keep
+from modelscape.backend.beside import (  # noqa: F401  (DB_NAME, DB_SUFFIXES, resolve_db_path: re-exported)
+    DB_NAME, DB_SUFFIXES, ExternalArrays, import_spilled, keep, resolve_db_path)
 from modelscape.backend.claims import ClaimsTable, Driver  # noqa: F401  (Driver: the type claims name)
 from modelscape.backend.identity import canonical_json, jsonable
 from modelscape.backend.rows import RECORD_COLUMNS, SELECT, STATUSES, StoreError, decode, dumps, encode
@@ -55,9 +58,7 @@ from modelscape.results import SweepResults, axis_label
 
 SCHEMA_VERSION = 2  # 2: the claims table
 APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite files
-DB_NAME = "results.db"
 PAGE_SIZE = 32768
-DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 _SCHEMA_SQL = f"""
 CREATE TABLE jobs ({RECORD_COLUMNS}
@@ -128,29 +129,6 @@ def _file_id(path):
 
 
 # --- the store ------------------------------------------------------------------------------------------
-
-def resolve_db_path(path, create: bool = False) -> Path:
-    """The database file a store path means: the file itself, or ``DIR/results.db`` for a directory.
-
-    A path that does not exist is a file if it ends in .db/.sqlite/.sqlite3 and a directory otherwise;
-    with ``create`` the missing directories are made, without it a missing store is a StoreError.
-    """
-    p = Path(os.fspath(path)).expanduser()
-    if p.exists():  # checked first: another process may be creating the directory right now
-        if not p.is_dir():
-            return p
-        db = p / DB_NAME
-        if not create and not db.exists():
-            raise StoreError(f"no results store in {p}: it holds no {DB_NAME}")
-        return db
-    if not create:
-        raise StoreError(f"no results store at {p}: no such file or directory")
-    if p.suffix.lower() in DB_SUFFIXES:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-    p.mkdir(parents=True, exist_ok=True)
-    return p / DB_NAME
-
 
 def _run_script(conn, sql):
     for stmt in sql.split(";"):
