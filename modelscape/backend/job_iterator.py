@@ -28,7 +28,7 @@ from modelscape.config import AXIS_ALIASES, BY_NAME, TRIAL, ConfigError, axis_ta
     signature_names, with_overrides  # noqa: F401  (AXIS_ALIASES, TRIAL, axis_target: re-exported, as in 0.3)
 from modelscape.results import SweepResults, axis_label
 
-__all__ = ["main", "SweepFailed", "summary", "sweep_meta", "check_names", "run_jobs"]
+__all__ = ["main", "SweepFailed", "summary", "sweep_meta", "check_names", "check_axis_names", "run_jobs"]
 
 
 class SweepFailed(RuntimeError):
@@ -86,6 +86,33 @@ def _materialize(iterators, iterator_names):
     return list(iterator_names), values
 
 
+# Names a sweep's results give to their own fields (``SweepResults.to_xarray``'s variables and coordinates, the
+# columns of ``modelscape export --csv``, ``get``'s own argument): an axis of the same name would be lost in them.
+RESULT_NAMES = frozenset({"status", "steps", "wall_time", "train_loss", "test_loss", "timekeys", "thresholds",
+                          "train_curve", "train_raw", "test_curve", "threshold", "step", "eval_step", "var", "job_id",
+                          "error"})
+# Keys the engine sets or reads for itself, none of which changes a number: an axis over them would be overridden
+# (JOB_ID, RESULTS_DIR ...) or would train identical jobs under several ids.
+ENGINE_KEYS = NON_RESULT_KEYS | {"JOB_ID", "STORE_FILE"}
+
+
+def check_axis_names(names, grabs=()) -> None:
+    """ConfigError for an axis whose name the results or the engine use for something else (``RESULT_NAMES``,
+    ``ENGINE_KEYS``, a grab's ``grab_<name>`` variable and ``timekey_<i>`` columns), before anything runs."""
+    for name in names:
+        why = None
+        if name in RESULT_NAMES:
+            why = f"the results name a field of every job {name!r} (to_xarray, get, export)"
+        elif name in ENGINE_KEYS:
+            why = (f"{name} is the engine's to set, and changes no number: jobs that differ only in it would be the "
+                   "same job trained again")
+        elif name.startswith("timekey_") or any(name == f"grab_{g}" or name.startswith(f"{g}_dim") for g in grabs):
+            why = f"the results name a variable {name!r} already (a grab's values, or a timekey column)"
+        if why:
+            raise ConfigError(f"axis {name!r} cannot be a sweep axis: {why}. Rename it (and the parameter of your "
+                              "batch function, model or grab that takes it)")
+
+
 def main(iterators, iterator_names=None, global_config=None, bfn_config=None, use_mp=None, *,
          executor=None, store=None, resume=None, progress=True):
     """Run every combination of the iterators and return the labelled results (``SweepResults``).
@@ -117,6 +144,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     bfn_config = dict(bfn_config or {})
     check_bfn_config(bfn_config)
     names, values = _materialize(iterators, iterator_names)
+    check_axis_names(names, global_config.get("otherreturns") or ())
     base, targets = _resolve_base(names, global_config, bfn_config)
     # Start the workers now: they spawn and import torch (seconds) while this process expands, checks and hashes
     # the jobs. A config that fails the checks above never started one.
