@@ -77,3 +77,18 @@ def test_an_axis_with_a_free_name_still_runs(tmp_path):
     res = main([[1, 2]], ["status_"], dict(TINY), dict(base_bfn=bfn_taking("status_")), executor="inprocess",
                store=False, progress=False)
     assert sorted(res.to_xarray().coords["status_"].values.tolist()) == [1, 2]
+
+
+# --- a rerun says what it skipped and what it trains ----------------------------------------------------------
+
+def test_a_rerun_says_how_many_jobs_are_stored_and_how_many_train(tmp_path, capsys):
+    bfn = dict(base_bfn=bfn_taking("unused"))
+    store = tmp_path / "expt"
+
+    def sweep(lrs):
+        main([lrs], ["LR"], dict(TINY), bfn, executor="inprocess", store=store, progress=True)
+        return [line for line in capsys.readouterr().err.splitlines() if "to train" in line]
+
+    assert sweep([0.1, 0.2]) == [f"sweep: 0 of 2 jobs already stored in {store}, 2 to train"]
+    assert sweep([0.1, 0.2]) == [f"sweep: 2 of 2 jobs already stored in {store} (2 not_reached), 0 to train"]
+    assert sweep([0.1, 0.2, 0.3]) == [f"sweep: 2 of 3 jobs already stored in {store} (2 not_reached), 1 to train"]

@@ -217,9 +217,12 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
     records = _stored_records(st, ids, base["RETRY_FAILED"]) if resume else {}
+    found = len(records)
     if store_dir is not None:  # checkpoints are not part of a job's identity: a job lacking some runs again
         records = checkpoints.keep_satisfied(records, jobs, ids, store_dir)
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
+    if progress:
+        print(resume_line(len(jobs), records, len(todo), found - len(records), st, resume), file=sys.stderr)
     context = (base, bfn_config)  # resolved: each job's config is base with its overrides
     if executor == "slurm":  # the whole sweep goes to Slurm array tasks, each running run_jobs on its node
         try:
@@ -251,6 +254,23 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         if own_store:
             st.close()
     return _result(names, values, ids, records, progress, store_dir)
+
+
+def resume_line(n_jobs, records, n_todo, lacking, st, resume) -> str:
+    """What a sweep skips and what it trains, before it starts: ``sweep: 15 of 15 jobs already stored in
+    results/x (15 done), 0 to train``, so a resumed sweep never reads as a fresh one."""
+    if st is None:
+        return f"sweep: {n_jobs} jobs to train (store=False: nothing is kept)"
+    counts = {}
+    for r in records.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    how = f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))})" if counts else ""
+    line = f"sweep: {len(records)} of {n_jobs} jobs already stored in {st.path.parent}{how}, {n_todo} to train"
+    if lacking:
+        line += f" ({lacking} stored without the checkpoints asked for)"
+    if not resume:
+        line += " (RESUME=False: every job trains again)"
+    return line
 
 
 def _result(names, values, ids, records, progress, store_dir=None) -> SweepResults:
