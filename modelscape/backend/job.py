@@ -116,6 +116,8 @@ class PreparedJob:
     loop_kwargs: dict
     t0: float
     observers: list = field(default_factory=list)  # LoopObservers: live progress, TensorBoard, checkpoints, hooks
+    # (class, constructor kwargs) the model was built with: how a checkpoint describes it to be built again
+    model_spec: tuple | None = None
 
 
 def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
@@ -171,7 +173,8 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
     loss_fn = resolve_loss(cfg["LOSS"], cfg)
     model_cls = get_model_class(cfg, mlp=MLP)  # MLP read at call time: the original's tests patch it
     torch.manual_seed(init_seed)
-    model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)).to(device)
+    model_kwargs = _model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)
+    model = model_cls(**model_kwargs).to(device)
 
     opt_cls = resolve_optimizer(cfg["OPTIMIZER"])
     opt_kwargs = {**ctor_kwargs(opt_cls, cfg, skip=("params", "lr", "momentum", "weight_decay")),
@@ -216,7 +219,7 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
                        grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
                        verbose=cfg["VERBOSE"])
     job = PreparedJob(cfg, axes, device, trial, base_seed, model, net, opt, loss_fn, batch_fn, X_tr, y_tr, X_te,
-                      y_te, loop_kwargs, t0)
+                      y_te, loop_kwargs, t0, model_spec=(model_cls, model_kwargs))
     job.observers = job_observers(job)
     return job
 
