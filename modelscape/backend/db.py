@@ -325,8 +325,23 @@ class Store(ClaimsTable):
             raise StoreLost(f"the results store {self.path} {what} while this process was writing to it")
         if wal is not None and _file_id(self._wal) != wal:
             raise StoreLost(f"{self._wal}, the write-ahead log holding the latest results written to {self.path}, "
-                            "vanished or was replaced while this process was writing to it: those results are "
-                            "gone from the store")
+                            "vanished or was replaced while this process was writing to it, taking the results "
+                            "committed since its last checkpoint out of the store")
+
+    def salvage(self) -> str:
+        """After ``StoreLost`` for a vanished WAL: copy every commit this connection still sees (its open handle
+        on the deleted log holds them) into the database file and empty the log, so that the file holds them and
+        the next process to open the store finds it consistent. Returns a line saying what was done."""
+        if self._ident is None or self._conn is None or _file_id(self.path) != self._ident[0]:
+            return "the store's file itself is gone: nothing to copy back into it"
+        with self._lock:
+            try:
+                busy, log, done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                return f"copying the lost log's commits back into {self.path} failed ({e})"
+        if busy or done < log:
+            return f"only {done} of {log} pages of the lost log could be copied back into {self.path} (a reader held it)"
+        return f"every commit of the lost log was copied back into {self.path}"
 
     @contextlib.contextmanager
     def _guard(self, what: str):

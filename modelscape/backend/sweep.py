@@ -92,7 +92,7 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
         if st is not None:
             st.check_file()  # a log deleted after the last write took that write with it
     except StoreLost as e:
-        raise StoreLost(f"{e}. The sweep stops here; {_respill(st, stored)}") from None
+        raise StoreLost(f"{e}. The sweep stops here; {st.salvage()}; {_respill(st, stored)}") from None
     finally:
         executor.on_live, executor.on_output = hooks
         dispatch.close()
