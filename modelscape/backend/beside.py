@@ -251,7 +251,14 @@ def import_spilled(store) -> int:
             with contextlib.suppress(OSError):
                 os.replace(f, f.with_name(f.name + ".bad"))
             continue
-        store._insert_spilled(row, f)
+        try:
+            store._insert_spilled(row, f)
+        except StoreError as e:  # the disk still full, say: the files wait for the next writer
+            if type(e).__name__ == "StoreLost":
+                raise
+            warnings.warn(f"{len(files) - done} spilled result(s) in {f.parent} could not be imported into "
+                          f"{store.path} yet ({e.__cause__ or e}); the next run tries again", stacklevel=3)
+            break
         with contextlib.suppress(OSError):
             f.unlink()
         done += 1
