@@ -214,8 +214,17 @@ def decode_value(node, tensors: dict, resolve):
 
 
 def path_of(obj) -> str:
-    """``module:qualname`` of a class or function, as a model description names it."""
-    return f"{getattr(obj, '__module__', None) or '?'}:{obj.__qualname__}"
+    """``module:qualname`` of a class or function, as a model description names it: the name under which its
+    module holds it (a builtin such as ``torch.sigmoid`` has a qualname its module does not hold)."""
+    module = getattr(obj, "__module__", None) or "?"
+    found = sys.modules.get(module)
+    for name in (obj.__qualname__, getattr(obj, "__name__", "")):
+        target = found
+        for part in name.split(".") if name and found is not None else ["\0"]:
+            target = getattr(target, part, None)
+        if target is obj:
+            return f"{module}:{name}"
+    return f"{module}:{obj.__qualname__}"  # a lambda, a local function: loading it needs model_kwargs
 
 
 def write_tensors(path: Path, tensors: dict, meta: dict, extra: dict) -> int:
