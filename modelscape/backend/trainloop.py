@@ -7,12 +7,14 @@ loss from names, hence the one import of ``build``).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
 from modelscape.backend.build import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
+from modelscape.backend.inputs import first_batch, first_loss, naming_the_model, nonfinite
 from modelscape.model import centeredmodel
 from modelscape.utils import match_shapes, to_numpy
 
@@ -264,13 +266,20 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     while step < max_iter:
         for fn in before:
             fn(step, user_model, opt)
-        X, y = batch_fn(step)
-        if evals.due(step):
-            evals.record(step, X, y)
-        elif step == 0:
-            evals.check(X, y)
-        out = model(X)
-        loss = loss_fn(match_shapes(out, y), y)
+        if step:
+            X, y = batch_fn(step)
+            if evals.due(step):
+                evals.record(step, X, y)
+            out = model(X)
+            loss = loss_fn(match_shapes(out, y), y)
+        else:  # step 0: the batch and the model's output are checked, so bad data is named before training
+            batch_fn, X, y = first_batch(batch_fn, user_model)
+            with naming_the_model(user_model, X):
+                if evals.due(step):
+                    evals.record(step, X, y)
+                else:
+                    evals.check(X, y)
+            out, loss = first_loss(model, user_model, loss_fn, X, y, batch_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,6 +290,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
         new = read_losses(pending)
         pending.clear()
         stop = tracker.feed(new)
+        if tracker.status == "diverged":  # NaN that came with the data is the data's fault: say so
+            _warn_data(nonfinite(X, y, batch_fn, step - 1))
         for fn in after:
             fn(step, tracker, evals)
         if stop:
@@ -289,6 +300,11 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     for fn in at_end:
         fn(result, user_model, opt)
     return result
+
+
+def _warn_data(note: str | None) -> None:
+    if note:
+        warnings.warn(f"the job diverged with its data: {note}", stacklevel=3)
 
 
 def read_losses(pending: list) -> np.ndarray:
