@@ -122,6 +122,7 @@ def test_a_full_disk_keeps_every_result_and_the_next_run_imports_them(disk, caps
     assert [r["status"] for r in res.records] == ["not_reached"] * 6  # nothing became "failed"
     assert "database or disk is full" in said and "cannot rollback" not in said
     assert "next run on this store imports" in said
+    assert len(modelscape.load(store).records) == 6  # readers see the spilled results before any import
     disk.free()
     res = sweep(store)
     assert TRAINED == [] and len(res.records) == 6  # every result came back from its spill file
