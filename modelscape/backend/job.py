@@ -21,6 +21,7 @@ from modelscape.backend.build import (  # noqa: F401  (ctor_kwargs, resolve_name
     BFN_KEYS, call_post_init, consumers, ctor_kwargs, get_base_bfn, get_model_class, optimizer_names, resolve_loss,
     resolve_loss_class, resolve_names, resolve_optimizer)
 from modelscape.backend.checkpointer import job_observers as checkpoint_observers
+from modelscape.backend.inputs import first_batch
 from modelscape.backend.interventions import check_step_hooks, step_hooks_observers
 from modelscape.backend.live import live_observers
 from modelscape.backend.records import failed_record
@@ -160,14 +161,14 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
 
     if cfg.get("X_te") is not None and cfg.get("y_te") is not None:
         X_te, y_te = ensure_torch(cfg["X_te"], device), ensure_torch(cfg["y_te"], device)
-    else:
-        X_te, y_te = make_bfn(cfg["N_TEST"])(0)
+    else:  # checked as the loop checks its first batch: a bad batch function is named before anything trains
+        _, X_te, y_te = first_batch(make_bfn(cfg["N_TEST"]), device, what="test set")
     n = cfg["N_SAMPLES"]
     if cfg["ONLINE"]:
         X_tr = y_tr = None
         batch_fn = make_bfn(n)
     else:
-        X_tr, y_tr = make_bfn(n)(0)
+        _, X_tr, y_tr = first_batch(make_bfn(n), device, what="training set")
         batch_fn = make_bfn(n, X_tr, y_tr)
 
     loss_fn = resolve_loss(cfg["LOSS"], cfg)
