@@ -209,9 +209,20 @@ class LoopObserver:
 
     ``fusable`` False keeps the job out of fused groups for another reason (the fused trainer steps a stacked
     optimizer, so ``opt`` at ``at_end`` holds no state of its own).
+
+    ``optional`` True (what reports or saves: TensorBoard, live progress, checkpoints): should one of its calls
+    raise (a full disk, say), the loop warns once, naming ``role`` and the error, calls ``failed(exc)`` and
+    calls the observer no more; the job trains on and keeps its result. False (step hooks, which change what is
+    trained): the error fails the job.
     """
 
     fusable = True
+    optional = False
+    role = "an observer"
+    broken = None  # once an optional observer has failed: why
+
+    def failed(self, exc: BaseException) -> None:
+        """Called once when an ``optional`` observer's call raised ``exc``: let go of what it holds."""
 
     def before_step(self, step: int, model, opt) -> None:
         pass
@@ -228,8 +239,33 @@ class LoopObserver:
 
 
 def observers_wanting(observers, method: str) -> list:
-    """The bound ``method`` of each observer that overrides it."""
-    return [getattr(o, method) for o in observers or () if o.wants(method)]
+    """The bound ``method`` of each observer that overrides it; an ``optional`` observer's guarded, so that its
+    failure costs the job nothing (see ``LoopObserver``)."""
+    return [_Guarded(o, method) if o.optional else getattr(o, method) for o in observers or () if o.wants(method)]
+
+
+class _Guarded:
+    """An optional observer's method: an exception becomes one warning, and the observer is called no more."""
+
+    def __init__(self, observer, method: str):
+        self.observer, self.call = observer, getattr(observer, method)
+
+    def __call__(self, *args) -> None:
+        o = self.observer
+        if o.broken is not None:
+            return
+        try:
+            self.call(*args)
+        except Exception as e:
+            o.broken = f"{type(e).__name__}: {e}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # one per job and observer, never deduplicated across jobs
+                warnings.warn(f"{o.role} failed ({o.broken}); this job trains on without it and keeps its result",
+                              RuntimeWarning, stacklevel=2)
+            try:
+                o.failed(e)
+            except Exception:  # letting go is best effort: the observer is done either way
+                pass
 
 
 def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
