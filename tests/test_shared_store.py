@@ -182,3 +182,23 @@ def test_an_argument_that_is_not_data_fails_before_training(tmp_path):
         sweep(tmp_path / "expt", CHECKPOINTS=["final"], MODEL=Scaled, note=object(), CENTER=False)
     record = err.value.result.records[0]
     assert record["steps"] == 0 and "'note'" in record["error"] and "cannot describe" in record["error"]
+
+
+def test_a_full_disk_under_checkpoints_costs_the_checkpoints_not_the_result(tmp_path, monkeypatch):
+    from modelscape.backend import checkpointer
+    real, calls = checkpointer.write_tensors, []
+
+    def write_tensors(path, *args):
+        calls.append(path)
+        if len(calls) > 1:  # step 0 is written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(path, *args)
+
+    monkeypatch.setattr(checkpointer, "write_tensors", write_tensors)
+    with pytest.warns(RuntimeWarning, match=r"checkpoints \(writing .*No space left on device.*keeps its result"):
+        res = sweep(tmp_path / "expt", CHECKPOINTS=[0, 3, "final"])
+    record = res.records[0]
+    assert record["status"] == "not_reached" and record["steps"] == TINY["MAX_ITER"]
+    monkeypatch.setattr(checkpointer, "write_tensors", real)
+    res = sweep(tmp_path / "expt", CHECKPOINTS=[0, 3, "final"])  # its checkpoints are missing: it trains again
+    assert TRAINED == [8] and [e["label"] for e in res.records[0]["checkpoints"]] == ["step 0", "step 3", "final"]

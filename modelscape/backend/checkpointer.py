@@ -42,9 +42,12 @@ class FinalCheckpoint(LoopObserver):
     its record. Needs nothing between steps, so a job with it still trains fused; with CHECKPOINT_OPTIMIZER it
     does not (``fusable``): the fused trainer keeps the optimizer's state in its own stacked optimizer."""
 
+    optional = True  # a checkpoint that cannot be written (a full disk) costs the checkpoint, never the result
+
     def __init__(self, job, steps, thresholds: bool, final: bool):
         cfg = job.cfg
         self.dir = job_dir(cfg)
+        self.role = f"checkpoints (writing {self.dir})"
         # entries name files relative to the experiment directory, in the folder of this job's store file
         self.rel = Path(dirname(cfg.get("STORE_FILE"))) / cfg["JOB_ID"]
         self.steps, self.final = set(steps), final
@@ -85,12 +88,14 @@ class FinalCheckpoint(LoopObserver):
         self._save(step, label, model.state_dict(), opt.state_dict() if self.with_opt else None, threshold)
 
     def at_end(self, record: dict, model, opt) -> None:
+        # listed first, the same list: should a save below fail, the record still lists the files written, and a
+        # resumed sweep trains the job again for the missing one (``checkpoints.satisfied``)
+        record["checkpoints"] = self.entries
         steps = int(record["steps"])
         if steps in self.steps and steps not in self.files:  # the job stopped right at a requested step
             self._save_now(steps, f"step {steps}", model, opt)
         if self.final:
             self._save_now(steps, "final", model, opt)
-        record["checkpoints"] = self.entries
 
 
 class Checkpointer(FinalCheckpoint):
@@ -105,6 +110,9 @@ class Checkpointer(FinalCheckpoint):
         super().__init__(job, steps, thresholds, final)
         self.ring: dict | None = {} if thresholds else None
         self.saved = np.zeros(len(self.thresholds), dtype=bool)
+
+    def failed(self, exc) -> None:
+        self.ring = None  # the copies of the model kept for threshold crossings: let them go
 
     def before_step(self, step: int, model, opt) -> None:
         if step in self.steps:
