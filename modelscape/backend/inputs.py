@@ -148,7 +148,8 @@ def first_loss(net, model, loss_fn, X, y, batch_fn, step: int = 0):
     loss, the step, and what they got. BadModel for a forward that fails or returns something other than a
     tensor, a loss that fails or is not one number."""
     cls = type(model).__qualname__
-    seen = f"X = {describe(X)}, y = {describe(y)} from batch function {qualname(batch_fn)}; the model has {_held(model)}"
+    seen = (f"X = {describe(X)}, y = {describe(y)} from batch function {qualname(batch_fn)}; the model has "
+            f"{_held(model)}")
     try:
         out = net(X)
     except Exception as e:

@@ -230,7 +230,7 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         finally:
             if own_store:
                 st.close()
-        return _result(names, values, ids, records, progress, store_dir)
+        return _result(names, values, ids, records, progress, store_dir, st)
 
     board = LiveBoard(jobs, ids, todo, st, base["LIVE_EVERY"], bar=progress,
                       stored=[r["status"] for r in records.values()])
@@ -253,7 +253,7 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         board.close()
         if own_store:
             st.close()
-    return _result(names, values, ids, records, progress, store_dir)
+    return _result(names, values, ids, records, progress, store_dir, st)
 
 
 def resume_line(n_jobs, records, n_todo, lacking, st, resume) -> str:
@@ -273,14 +273,14 @@ def resume_line(n_jobs, records, n_todo, lacking, st, resume) -> str:
     return line
 
 
-def _result(names, values, ids, records, progress, store_dir=None) -> SweepResults:
+def _result(names, values, ids, records, progress, store_dir=None, st=None) -> SweepResults:
     """The sweep's SweepResults in product order (``records`` keyed by job id, or by index without a store);
     ``SweepFailed`` if every job failed."""
     order = ids if ids and ids[0] is not None else list(range(len(ids)))
     result = SweepResults(names, values, [records[k] for k in order if k in records], store_dir=store_dir)
     if progress:
         print(summary(result), file=sys.stderr)
-        disk = checkpoints.disk_line(store_dir) if store_dir is not None else None
+        disk = checkpoints.disk_line(store_dir, st.path.name) if st is not None else None
         if disk:
             print(disk, file=sys.stderr)
     if result.records and all(r["status"] == "failed" for r in result.records):
