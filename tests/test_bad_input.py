@@ -135,7 +135,8 @@ def test_numpy_batches_are_converted_and_train_as_tensors_would():
     (lambda X, y: (X, None), BadBatch, r"returned y = None at step 0"),
     (lambda X, y: (X.to("meta"), y), BadBatch, r"X = tensor \(8, 4\) float32 on meta at step 0: .*meta device"),
     (lambda X, y: (X[:0], y[:0]), BadBatch, r"returned an empty batch at step 0: X = tensor \(0, 4\)"),
-    (lambda X, y: (X, y[:5]), BadBatch, r"different numbers of rows at step 0: X = tensor \(8, 4\).*y = tensor \(5"),
+    (lambda X, y: (X, y[:5]), BadModel, r"loss torch.nn.modules.loss.MSELoss failed at step 0 on the model's output "
+                                        r"tensor \(8, 1\) float32 on cpu and y = tensor \(5, 1\)"),
     (lambda X, y: (X * float("nan"), y), BadBatch, r"X = tensor \(8, 4\) float32 on cpu holding 32 NaN and 0 inf"),
     (lambda X, y: (X, y / 0.0), BadBatch, r"y = tensor \(8, 1\) float32 on cpu holding 0 NaN and 8 inf .* the "
                                           r"data is at fault"),

@@ -3,7 +3,9 @@ returns the wrong thing is named before the job trains (not as a raw torch error
 ``diverged`` job).
 
 - ``first_batch``: the batch of step 0 must be a pair ``(X, y)`` of tensors (numpy arrays are converted, then at
-  every step: floating ones to the model's dtype), not empty, X and y with as many rows, every value finite.
+  every step: floating ones to the model's dtype), not empty, every value finite. (X and y with different
+  numbers of rows are left to the loss, whose error then names both: a model may take its batch along another
+  axis.)
 - ``first_loss``: the forward pass and the loss of step 0; an error names the model or loss, the step, and what
   it got (type, shape, dtype, device) against what the model holds. A forward that returns a tuple is named so
   (``naming_the_model`` too, around the test loss and grabs that run the model first).
@@ -110,9 +112,6 @@ def first_batch(batch_fn, model, step: int = 0, what: str = ""):
     if X.numel() == 0 or (X.ndim and X.shape[0] == 0):
         raise BadBatch(f"batch function {name} returned an empty batch {at}: X = {describe(X)}, y = {describe(y)} "
                        "(N_SAMPLES, or the size the batch function was asked for, is 0?)")
-    if X.ndim and y.ndim and X.shape[0] != y.shape[0]:
-        raise BadBatch(f"batch function {name} returned X and y with different numbers of rows {at}: "
-                       f"X = {describe(X)}, y = {describe(y)}")
     bad = nonfinite(X, y, name, step, what)
     if bad:
         raise BadBatch(bad)
