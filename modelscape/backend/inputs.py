@@ -167,7 +167,7 @@ def first_loss(net, model, loss_fn, X, y, batch_fn, step: int = 0):
         if _oom(e):
             raise
         raise BadModel(f"loss {loss_name} failed at step {step} on the model's output {describe(out)} and y = "
-                       f"{describe(y)}: {type(e).__name__}: {e}") from e
+                       f"{describe(y)} from batch function {qualname(batch_fn)}: {type(e).__name__}: {e}") from e
     if not torch.is_tensor(loss) or loss.numel() != 1:
         raise BadModel(f"loss {loss_name} returned {describe(loss)} at step {step}, not one number: reduce it "
                        "(reduction='mean')")
