@@ -210,3 +210,13 @@ def test_data_turning_nan_later_is_still_diverged_and_said_so():
     with pytest.warns(UserWarning, match=r"diverged with its data: .* holding 8 NaN .* at step 2"):
         rec = train(later)
     assert rec["status"] == "diverged" and rec["steps"] == 3
+
+
+def test_a_sweep_rerun_with_a_documented_grab_trains_nothing(tmp_path, capsys):
+    store = tmp_path / "expt"
+    for doc in ("", '    """The output layer\'s norm."""\n'):
+        grab = _compile(f"def norm(model, **kw):\n{doc}    return float(model.output_layer.weight.norm())\n", "norm")
+        main([[0.1, 0.2]], ["LR"], dict(TINY, otherreturns={"norm": grab}), dict(base_bfn=bfn_taking("unused")),
+             executor="inprocess", store=store, progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "to train" in ln]
+    assert lines[-1].endswith("(2 not_reached), 0 to train")
