@@ -249,12 +249,12 @@ def cmd_show(args) -> int:
     with StoreUnion(args.path) as st:
         sweep, names, rows = sweep_rows(st, args.sweep)
         meta = sweep_meta(st, sweep)
-        store_dir = st.path.parent
+        store_dir, store_file = st.path.parent, st.path.name
     footer = provenance_lines(meta, [r for _, r in rows])
     with_ckpt = any(r and r.get("checkpoints") for _, r in rows)
     if with_ckpt:
         from modelscape.backend import checkpoints  # start-up: `show` without checkpoints needs no torch
-        footer.append(checkpoints.disk_line(store_dir) or "")
+        footer.append(checkpoints.disk_line(store_dir, store_file) or "")
     several_codes = len({json.dumps(r.get("code"), sort_keys=True) for _, r in rows if r and r.get("code")}) > 1
     conds = _parse_where(args.where, names)
     wanted = set(args.status or ())

@@ -198,7 +198,9 @@ SILENT_ALIASES: dict[str, str] = {
 }
 
 # Keys the package reads from a config that are not hyperparameters (callables, arrays): never "unknown".
-RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "step_hooks"})
+# STORE_FILE is the engine's, set in each job: the store file, whose name keys the job's checkpoint folder.
+RESERVED = frozenset({"otherreturns", "X_te", "y_te", "post_init_fn", "bfn_config", "trial", "step_hooks",
+                      "STORE_FILE"})
 
 # Axis names understood by name, as in the seed: the sample-size axis and the trial axis.
 TRIAL = "trial"

@@ -13,7 +13,10 @@ import torch
 from modelscape.config import ConfigError
 
 __all__ = ["derive_seed", "to_numpy", "ensure_torch", "load_from_file", "resolve_device", "qualname", "as_list",
-           "match_shapes", "require", "Labelled", "labels_of"]
+           "match_shapes", "require", "Labelled", "labels_of", "check_path_name", "check_paths", "PATH_NAME_KEYS"]
+
+# Config keys whose value becomes one component of a path (RESULTS_DIR/EXPT_NAME/..., checkpoints/<JOB_ID>/...)
+PATH_NAME_KEYS = ("EXPT_NAME", "JOB_ID")
 
 
 def derive_seed(*parts) -> int:
@@ -147,3 +150,38 @@ def labels_of(v):
                                                       if d in v.coords})
         return lab.values, {"dims": list(lab.dims), "coords": lab.coords}
     return v, None
+
+
+def check_path_name(key: str, value, empty_ok: bool = False) -> None:
+    """ConfigError unless ``value`` (of config key ``key``) is one plain component of a path: a non-empty
+    string with no separator (``/`` or ``\\``, whatever the OS: stores travel), not ``.`` or ``..``, no NUL,
+    newline or other control character, at most 255 bytes. So a name cannot write, or delete, outside the
+    folder it is joined to."""
+    if empty_ok and value == "":
+        return
+    why = None
+    if not isinstance(value, str):
+        why = f"it is a {type(value).__name__}, not a string"
+    elif value == "":
+        why = "it is empty"
+    elif value in (".", ".."):
+        why = "it names a folder itself, not one inside it"
+    elif "/" in value or "\\" in value or (os.altsep and os.altsep in value):
+        why = "it holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        why = "it holds a control character (a newline, a NUL ...)"
+    elif len(value.encode("utf-8", "surrogatepass")) > 255:
+        why = "it is longer than a file name may be (255 bytes)"
+    if why:
+        raise ConfigError(f"{key}={value!r} cannot be used: {why}. It names one folder (RESULTS_DIR/EXPT_NAME, "
+                          f"checkpoints/JOB_ID): use letters, digits, '-', '_' or '.'")
+
+
+def check_paths(cfg: dict) -> None:
+    """The path checks of a resolved config: EXPT_NAME and JOB_ID are plain names (``check_path_name``;
+    JOB_ID may be empty: outside a sweep), RESULTS_DIR holds no NUL or newline."""
+    check_path_name("EXPT_NAME", cfg.get("EXPT_NAME", "default"))
+    check_path_name("JOB_ID", cfg.get("JOB_ID", ""), empty_ok=True)
+    root = cfg.get("RESULTS_DIR", "")
+    if not isinstance(root, (str, os.PathLike)) or any(c in os.fspath(root) for c in "\x00\n\r"):
+        raise ConfigError(f"RESULTS_DIR={root!r} cannot be used: it must be a path without NUL or line breaks")

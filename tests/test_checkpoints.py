@@ -138,7 +138,7 @@ class Net(nn.Module):
 
 def test_a_fresh_process_loads_a_checkpoint_from_the_store(tmp_path):
     res = sweep(tmp_path, lrs=(0.05, 0.1), CHECKPOINTS=["final"])
-    # a class from MODEL_FILE: its module cannot be imported by name in another process, so it travels whole
+    # a class from MODEL_FILE: a store does not make a process run a file it names; the reader loads it itself
     (tmp_path / "net.py").write_text(MODEL_SOURCE)
     from_file = main([[0.05], [0]], ["LR", "trial"], dict(TINY, CHECKPOINTS=[4], MODEL_FILE=str(tmp_path / "net.py"),
                                                           MODEL_NAME="Net"),
@@ -146,10 +146,19 @@ def test_a_fresh_process_loads_a_checkpoint_from_the_store(tmp_path):
     code = f"""
 import json, sys, torch
 import modelscape
+from modelscape.backend.checkpoints import CheckpointError
+from modelscape.utils import load_from_file
 probe = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+try:
+    modelscape.load({str(tmp_path / 'expt2')!r}).checkpoint(step=4)
+except CheckpointError as e:
+    assert "MODEL_FILE" in str(e) and "model_class=" in str(e), e
+else:
+    raise AssertionError("loaded a class from a file the store names")
 with torch.no_grad():
     a = modelscape.load({str(tmp_path / 'expt')!r}).checkpoint(LR=0.1, trial=0, step='final')(probe)
-    b = modelscape.load({str(tmp_path / 'expt2')!r}).checkpoint(step=4)(probe)
+    Net = load_from_file({str(tmp_path / 'net.py')!r}, "Net")
+    b = modelscape.load({str(tmp_path / 'expt2')!r}).checkpoint(step=4, model_class=Net)(probe)
 print(json.dumps([a.tolist(), b.tolist()]))
 """
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120),
@@ -167,8 +176,8 @@ def test_show_lists_checkpoints_and_their_size_and_the_sweep_prints_the_total(tm
          store=tmp_path / "expt", progress=True)
     err = capsys.readouterr().err
     files, size = checkpoints.disk_use(tmp_path / "expt")
-    assert files == 3  # step 0, final, the model's skeleton
-    assert f"checkpoints: 3 files, {checkpoints.human_bytes(size)} in {tmp_path / 'expt' / 'checkpoints'}" in err
+    assert files == 4  # step 0, final, the model's description and its baseline's weights
+    assert f"checkpoints: 4 files, {checkpoints.human_bytes(size)} in {tmp_path / 'expt' / 'checkpoints'}" in err
     from modelscape.cli import main as cli
     assert cli(["show", str(tmp_path / "expt")]) == 0
     shown = capsys.readouterr().out
@@ -176,7 +185,7 @@ def test_show_lists_checkpoints_and_their_size_and_the_sweep_prints_the_total(tm
     per_job = checkpoints.human_bytes(sum(e["bytes"] for e in record["checkpoints"]))
     assert "checkpoints" in shown.splitlines()[0]
     assert f"2: 0, final ({per_job})" in shown
-    assert f"checkpoints: 3 files, {checkpoints.human_bytes(size)}" in shown
+    assert f"checkpoints: 4 files, {checkpoints.human_bytes(size)}" in shown
 
 
 def test_final_alone_stays_fused_and_saves_each_members_model(tmp_path, monkeypatch):

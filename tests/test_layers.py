@@ -26,15 +26,16 @@ LAYERS = [
         "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py", "modelscape/transfer.py",
         "modelscape/diagnostics.py",
         "modelscape/backend/identity.py", "modelscape/backend/checkpoints.py"]),
-    ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
+    ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/beside.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
                     "modelscape/backend/store.py"]),
-    ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/trainloop.py"]),
+    ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/inputs.py",
+                                            "modelscape/backend/trainloop.py"]),
     ("L4 around a job: its observers, what fuses", [
         "modelscape/backend/interventions.py", "modelscape/backend/checkpointer.py",
         "modelscape/backend/tensorboard.py", "modelscape/backend/live.py", "modelscape/backend/plan.py"]),
     ("L5 a job, a fused group", ["modelscape/backend/job.py", "modelscape/backend/fused.py"]),
     ("L6 a unit of work", ["modelscape/backend/runner.py"]),
-    ("L7 executors", ["modelscape/backend/executors/base.py", "modelscape/backend/executors/inprocess.py",
+    ("L7 executors", ["modelscape/backend/spawned.py", "modelscape/backend/executors/base.py", "modelscape/backend/executors/inprocess.py",
                       "modelscape/backend/executors/pool.py", "modelscape/backend/executors/ray_executor.py",
                       "modelscape/backend/executors/__init__.py"]),
     ("L8 the driver", ["modelscape/backend/board.py", "modelscape/backend/sweep.py"]),
@@ -47,10 +48,10 @@ LAYERS = [
 # package of anything else), with why. Each such line also says why in a comment of its own.
 LAZY = {
     ("modelscape", "modelscape.backend.store"): "worker start-up: every worker imports the package, never the store",
-    ("modelscape.backend.executors.pool", "modelscape.backend.runner"):
+    ("modelscape.backend.spawned", "modelscape.backend.runner"):
         "worker start-up: the engine imports torch, after the worker's watchdog runs",
-    ("modelscape.backend.executors.pool", "torch"): "worker start-up, as above",
-    ("modelscape.backend.executors.pool", "ctypes"): "worker start-up: Linux's death signal, in a worker only",
+    ("modelscape.backend.spawned", "torch"): "worker start-up, as above",
+    ("modelscape.backend.spawned", "ctypes"): "worker start-up: Linux's death signal, in a worker only",
     ("modelscape.backend.executors.ray_executor", "ray"): "optional package (the ray extra), in a Ray task only",
     ("modelscape.backend.tensorboard", "tensorboard"): "optional package (the tensorboard extra)",
     ("modelscape.backend.tensorboard", "google"): "protobuf, which comes with the tensorboard extra",

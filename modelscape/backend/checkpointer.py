@@ -1,26 +1,27 @@
 """The job's side of checkpoints (CHECKPOINTS): the ``LoopObserver``s that write a job's weights while it trains.
 
-What the files are, where they go and how they are read back is ``checkpoints``; this module only decides when
-to save (chosen steps, threshold crossings, the end) and hands the tensors to ``checkpoints.write_tensors``.
+What the files are, where they go and how they are read back is ``checkpoints``; this module decides when to save
+(chosen steps, threshold crossings, the end), hands the tensors to ``checkpoints.write_tensors``, and describes
+the built model as data (``describe_model``: ``model.json``), so that loading it back runs no pickle.
 """
 from __future__ import annotations
 
-import copy
+import json
 import shutil
-import sys
-from collections import defaultdict
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 
-from modelscape.backend.checkpoints import (DIRNAME, FORMAT, SKELETON, atomic_write, flatten_model, flatten_tree,
-                                            job_dir, needs_store_error, plan, write_tensors)
+from modelscape.backend.checkpoints import (FORMAT, SKELETON, SKELETON_TENSORS, atomic_write, dirname, encode_value,
+                                            flatten_model, flatten_tree, job_dir, needs_store_error, path_of, plan,
+                                            write_tensors)
 from modelscape.backend.trainloop import LoopObserver
-from modelscape.utils import USER_MODULE_PREFIX
+from modelscape.mup.apply import scale_output
+from modelscape.utils import qualname
 
-__all__ = ["job_observers", "FinalCheckpoint", "Checkpointer", "skeleton_bytes"]
+__all__ = ["job_observers", "FinalCheckpoint", "Checkpointer", "describe_model"]
 
 
 def job_observers(job) -> list:
@@ -41,17 +42,21 @@ class FinalCheckpoint(LoopObserver):
     its record. Needs nothing between steps, so a job with it still trains fused; with CHECKPOINT_OPTIMIZER it
     does not (``fusable``): the fused trainer keeps the optimizer's state in its own stacked optimizer."""
 
+    optional = True  # a checkpoint that cannot be written (a full disk) costs the checkpoint, never the result
+
     def __init__(self, job, steps, thresholds: bool, final: bool):
         cfg = job.cfg
         self.dir = job_dir(cfg)
-        self.rel = Path(DIRNAME) / cfg["JOB_ID"]  # entries name files relative to the experiment directory
+        self.role = f"checkpoints (writing {self.dir})"
+        # entries name files relative to the experiment directory, in the folder of this job's store file
+        self.rel = Path(dirname(cfg.get("STORE_FILE"))) / cfg["JOB_ID"]
         self.steps, self.final = set(steps), final
         self.with_opt = bool(cfg["CHECKPOINT_OPTIMIZER"])
         self.fusable = not self.with_opt
         self.thresholds = list(cfg["LOSS_CHECKPOINTS"])
         self.entries: list[dict] = []
         self.files: dict[int, dict] = {}  # step -> its files and their size, once written
-        self.skeleton = skeleton_bytes(job.net, job.model, job.opt)  # taken now, at init: the baseline is f0
+        self.skeleton = describe_model(job)  # taken now, at init: the baseline is f0
 
     def _save(self, step: int, label: str, state: dict, opt_state: dict | None, threshold=None) -> None:
         if not self.files:
@@ -75,18 +80,22 @@ class FinalCheckpoint(LoopObserver):
         the files there are always those its record lists."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / SKELETON, self.skeleton)
+        description, tensors = self.skeleton
+        atomic_write(self.dir / SKELETON_TENSORS, tensors)
+        atomic_write(self.dir / SKELETON, description)
 
     def _save_now(self, step, label, model, opt, threshold=None):
         self._save(step, label, model.state_dict(), opt.state_dict() if self.with_opt else None, threshold)
 
     def at_end(self, record: dict, model, opt) -> None:
+        # listed first, the same list: should a save below fail, the record still lists the files written, and a
+        # resumed sweep trains the job again for the missing one (``checkpoints.satisfied``)
+        record["checkpoints"] = self.entries
         steps = int(record["steps"])
         if steps in self.steps and steps not in self.files:  # the job stopped right at a requested step
             self._save_now(steps, f"step {steps}", model, opt)
         if self.final:
             self._save_now(steps, "final", model, opt)
-        record["checkpoints"] = self.entries
 
 
 class Checkpointer(FinalCheckpoint):
@@ -101,6 +110,9 @@ class Checkpointer(FinalCheckpoint):
         super().__init__(job, steps, thresholds, final)
         self.ring: dict | None = {} if thresholds else None
         self.saved = np.zeros(len(self.thresholds), dtype=bool)
+
+    def failed(self, exc) -> None:
+        self.ring = None  # the copies of the model kept for threshold crossings: let them go
 
     def before_step(self, step: int, model, opt) -> None:
         if step in self.steps:
@@ -131,32 +143,49 @@ def _clone(tree):
     return tree
 
 
-def skeleton_bytes(net, model, opt) -> bytes:
-    """``net`` (the function trained: ``model``, or ``Centered(model)``) and ``opt`` pickled without ``model``'s
-    saved tensors (emptied; a checkpoint fills them) and without cached data, on the CPU. The centering
-    baseline keeps its weights: they are the model at init, which no checkpoint file holds otherwise."""
-    memo = {}
-    for t in model.state_dict(keep_vars=True).values():
-        empty = torch.empty(0, dtype=t.dtype)
-        memo[id(t)] = torch.nn.Parameter(empty, requires_grad=t.requires_grad) \
-            if isinstance(t, torch.nn.Parameter) else empty
-    if isinstance(getattr(net, "_cache", None), list):  # Centered's f0 on the data: tensors of data
-        memo[id(net._cache)] = []
-    memo[id(opt.state)] = defaultdict(dict)
-    # A class loaded from MODEL_FILE lives in a module no other process can import by name: pickle it whole.
-    from_files = {sys.modules[type(m).__module__] for m in net.modules()
-                  if type(m).__module__.startswith(USER_MODULE_PREFIX)}
-    for mod in from_files:
-        cloudpickle.register_pickle_by_value(mod)
-    try:
-        net_copy, opt_copy = copy.deepcopy((net, opt), memo)
-        net_copy.to("cpu")
-        return cloudpickle.dumps({"format": FORMAT, "net": net_copy, "opt": opt_copy, "centered": net is not model})
-    except Exception as e:
-        raise RuntimeError(f"CHECKPOINTS: the built model ({type(model).__qualname__}) or its optimizer cannot be "
-                           f"copied and pickled, so its checkpoints could not be loaded back: {type(e).__name__}: "
-                           f"{e}") from e
-    finally:
-        for mod in from_files:
-            cloudpickle.unregister_pickle_by_value(mod)
-
+def describe_model(job) -> tuple[bytes, bytes]:
+    """``(model.json, model.safetensors)`` of a prepared job: how to build its model and optimizer again from
+    data alone (``checkpoints.load``). The class and its constructor's arguments (``job.model_spec``; a tensor
+    among them goes to the second file), each module's muP multipliers and GAMMA (its ``_mup_*`` and
+    ``attn_mult`` attributes, and whether it carries the scaling hook), whether the model is centered (the
+    baseline's weights, the model at init, go to the second file), and the optimizer's class, settings and
+    parameter groups by parameter name. A value that is not data (an object of your own as a constructor
+    argument) is a TypeError now, before the job trains."""
+    model, net, opt = job.model, job.net, job.opt
+    cls, kwargs = job.model_spec or (type(model), None)
+    if kwargs is None or type(model) is not cls:
+        raise TypeError(f"CHECKPOINTS: the model trained is a {qualname(type(model))}, not the {qualname(cls)} built "
+                        "from the config (a post_init_fn returned another model?); a checkpoint could not build it "
+                        "again. Return the model post_init_fn receives, changed in place")
+    tensors = {}
+    args = encode_value(dict(kwargs), tensors, f"CHECKPOINTS: {qualname(cls)}'s constructor argument")
+    modules = {}
+    for path, mod in model.named_modules():
+        attrs = {k: v for k, v in vars(mod).items()
+                 if (k.startswith("_mup_") or k == "attn_mult") and isinstance(v, (bool, int, float, str))}
+        if scale_output in mod._forward_hooks.values():
+            attrs["hook"] = True
+        if attrs:
+            modules[path] = attrs
+    centered = net is not model
+    if centered:
+        tensors.update({f"baseline.{k}": t.detach().to("cpu").clone() for k, t in net.baseline.state_dict().items()})
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    groups = []
+    for group in opt.param_groups:
+        if any(id(p) not in names for p in group["params"]):
+            raise TypeError("CHECKPOINTS: the optimizer holds tensors that are not parameters of the model; a "
+                            "checkpoint could not build it again")
+        settings = {k: v for k, v in group.items() if k != "params"}
+        groups.append({"params": [names[id(p)] for p in group["params"]],
+                       "settings": encode_value(settings, tensors, "CHECKPOINTS: an optimizer setting")})
+    description = {
+        "format": FORMAT,
+        "model": {"class": path_of(cls), "kwargs": args, "modules": modules, "file": job.cfg.get("MODEL_FILE")},
+        "centered": centered,
+        "optimizer": {"class": path_of(type(opt)), "groups": groups,
+                      "defaults": encode_value(dict(opt.defaults), tensors, "CHECKPOINTS: an optimizer default")},
+    }
+    return json.dumps(description, allow_nan=True).encode(), safetensors_bytes(tensors)

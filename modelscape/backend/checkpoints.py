@@ -1,15 +1,23 @@
 """Checkpoints: a job's weights (and, with CHECKPOINT_OPTIMIZER, its optimizer's state) at chosen steps, at each
 threshold crossing and at the end, saved beside the store and loaded back as a built model.
 
-Layout, under the experiment directory ``RESULTS_DIR/EXPT_NAME`` (the directory of the store):
+Layout, under the experiment directory ``RESULTS_DIR/EXPT_NAME`` (the directory of the store), in a folder of the
+store's own (``dirname``): ``checkpoints`` for ``results.db`` and its Slurm shards, ``<file>-checkpoints`` for any
+other store file (``expB.db-checkpoints``), so two store files in one folder never share a job's checkpoints:
 
-- ``checkpoints/<JOB_ID>/step-<n>.safetensors``: the model after ``n`` updates (the user's model: under CENTER,
+- ``<folder>/<JOB_ID>/step-<n>.safetensors``: the model after ``n`` updates (the user's model: under CENTER,
   the trained function is ``model - baseline``, the baseline being the model at step 0);
-- ``checkpoints/<JOB_ID>/step-<n>.opt.safetensors``: the optimizer's ``state_dict`` at the same step, its
+- ``<folder>/<JOB_ID>/step-<n>.opt.safetensors``: the optimizer's ``state_dict`` at the same step, its
   tensors flattened, its structure (param groups, numbers) as JSON in the file's metadata;
-- ``checkpoints/<JOB_ID>/model.pkl``: the built model as ``prepare_job`` built it, without its weights
-  (cloudpickle): its class, parameterization multipliers, GAMMA scaling, the centering baseline's weights,
-  and the optimizer with its parameter groups. Loading a checkpoint fills it with the saved weights.
+- ``<folder>/<JOB_ID>/model.json``: how to build the model again, as data: its class (``module:qualname``),
+  the constructor's arguments (JSON; a tensor among them in ``model.safetensors``), the muP multipliers and
+  GAMMA of each module, whether it was centered, and the optimizer's class, settings and parameter groups (by
+  parameter name); ``model.safetensors`` holds the centering baseline's weights (the model at init).
+
+Loading runs nothing a store holds: no pickle. The model's class is imported by name only from a package this
+process has imported already (or torch, modelscape), else the caller passes it (``model_class=``); every path
+read from a record must stay inside the store's directory. Checkpoints written by modelscape 0.3 (``model.pkl``,
+a pickle) are not loaded: the error says how to write them again.
 
 The job's store record is the index: its ``checkpoints`` list holds one entry per checkpoint (step, label such
 as ``step 500`` / ``threshold 0.1`` / ``final``, file, bytes, optimizer file), written by the job's worker
@@ -21,25 +29,43 @@ model, and their disk use. The job's side, the observers that write them while i
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from modelscape.config import ConfigError
+from modelscape.backend.identity import code_fingerprint
+from modelscape.config import ConfigError, signature_names
+from modelscape.models import Centered
+from modelscape.mup.apply import scale_output
+from modelscape.utils import USER_MODULE_PREFIX, check_path_name
 
-__all__ = ["DIRNAME", "plan", "job_dir", "check_sweep", "flatten_model", "flatten_tree", "unflatten_tree",
-           "write_tensors", "read_tensors", "load", "describe", "find_entry", "satisfied", "keep_satisfied",
-           "human_bytes", "disk_use", "disk_line", "record_cell"]
+__all__ = ["DIRNAME", "dirname", "plan", "job_dir", "check_sweep", "flatten_model", "flatten_tree", "unflatten_tree",
+           "encode_value", "decode_value", "write_tensors", "read_tensors", "load", "describe", "find_entry",
+           "satisfied", "keep_satisfied", "human_bytes", "disk_use", "disk_line", "record_cell", "CheckpointError"]
 
 DIRNAME = "checkpoints"
-SKELETON = "model.pkl"
-FORMAT = 1  # of the metadata written into each file
+SKELETON = "model.json"  # how to build the model again, as data
+SKELETON_TENSORS = "model.safetensors"  # the centering baseline's weights, tensors among the constructor's arguments
+LEGACY_SKELETON = "model.pkl"  # modelscape 0.3's pickle: never loaded
+FORMAT = 2  # of the metadata written into each file (1: 0.3, with a pickled model)
+_SHARED_STORE_FILES = ("results.db",)  # db.DB_NAME: its shards (shard-*.db) share its folder too
+_MAX_SKELETON = 64 * 2**20  # bytes of model.json read at most
+# Modules whose names a record may make this process import (their top-level package): nothing else is imported
+# on a record's word, unless the caller's process imported its package already.
+_TRUSTED_PACKAGES = ("torch", "modelscape", "math", "numpy")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: a file missing or outside its store, a model class not importable here,
+    checkpoints written by an older modelscape. The message says what to do."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -53,9 +79,22 @@ def plan(cfg: dict) -> tuple[list[int], bool, bool]:
     return steps, "thresholds" in items, "final" in items
 
 
+def dirname(store_file: str | None) -> str:
+    """The checkpoint folder of a store file, beside it: ``checkpoints`` for ``results.db`` and its shard files
+    (one store, read as their union), ``<file>-checkpoints`` for any other file."""
+    if not store_file or store_file in _SHARED_STORE_FILES or (store_file.startswith("shard-")
+                                                               and store_file.endswith(".db")):
+        return DIRNAME
+    return f"{store_file}-checkpoints"
+
+
 def job_dir(cfg: dict) -> Path:
-    """Where a job's checkpoints go: ``RESULTS_DIR/EXPT_NAME/checkpoints/<JOB_ID>``."""
-    return Path(cfg["RESULTS_DIR"]) / cfg["EXPT_NAME"] / DIRNAME / cfg["JOB_ID"]
+    """Where a job's checkpoints go: ``RESULTS_DIR/EXPT_NAME/<dirname(STORE_FILE)>/<JOB_ID>``; EXPT_NAME and
+    JOB_ID must be plain names (ConfigError), so this never leaves the experiment's folder."""
+    check_path_name("EXPT_NAME", cfg["EXPT_NAME"])
+    check_path_name("JOB_ID", cfg["JOB_ID"])
+    check_path_name("STORE_FILE", cfg.get("STORE_FILE") or DIRNAME)
+    return Path(cfg["RESULTS_DIR"]) / cfg["EXPT_NAME"] / dirname(cfg.get("STORE_FILE")) / cfg["JOB_ID"]
 
 
 def needs_store_error(what: str) -> ConfigError:
@@ -124,6 +163,70 @@ def unflatten_tree(tensors: dict, meta: dict):
     return dec(meta["tree"])
 
 
+def encode_value(obj, tensors: dict, where: str):
+    """A constructor argument or optimizer setting as JSON: numbers, strings, None, lists, tuples, dicts with
+    string keys, torch dtypes and devices, classes and functions (by ``module:qualname``), and tensors or
+    arrays (put into ``tensors``, the JSON naming them). TypeError naming ``where`` for anything else."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    if isinstance(obj, np.generic):
+        return {"value": obj.item()}
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        key = f"arg{len(tensors)}"
+        tensors[key] = torch.as_tensor(obj).detach().to("cpu").contiguous()
+        return {"tensor": key}
+    if isinstance(obj, torch.dtype):
+        return {"dtype": str(obj).removeprefix("torch.")}
+    if isinstance(obj, torch.device):
+        return {"device": str(obj)}
+    if isinstance(obj, (list, tuple)):
+        return {"list" if isinstance(obj, list) else "tuple": [encode_value(v, tensors, where) for v in obj]}
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {"dict": [[k, encode_value(v, tensors, f"{where}[{k!r}]")] for k, v in obj.items()]}
+    if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__"):
+        return {"callable": path_of(obj)}
+    raise TypeError(f"{where} is a {type(obj).__name__} ({obj!r:.80}), which a checkpoint cannot describe as data "
+                    "(numbers, strings, lists, dicts, tensors, dtypes, classes and functions can be)")
+
+
+def decode_value(node, tensors: dict, resolve):
+    """Inverse of ``encode_value``; ``resolve(path)`` turns a ``module:qualname`` into the class or function."""
+    (kind, v), = node.items()
+    if kind == "value":
+        return v
+    if kind == "tensor":
+        return tensors[v]
+    if kind == "dtype":
+        dtype = getattr(torch, str(v), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{v!r} is not a torch dtype")
+        return dtype
+    if kind == "device":
+        return torch.device(v)
+    if kind in ("list", "tuple"):
+        items = [decode_value(x, tensors, resolve) for x in v]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {str(k): decode_value(x, tensors, resolve) for k, x in v}
+    if kind == "callable":
+        return resolve(v)
+    raise CheckpointError(f"unknown value kind {kind!r} in a checkpoint's description")
+
+
+def path_of(obj) -> str:
+    """``module:qualname`` of a class or function, as a model description names it: the name under which its
+    module holds it (a builtin such as ``torch.sigmoid`` has a qualname its module does not hold)."""
+    module = getattr(obj, "__module__", None) or "?"
+    found = sys.modules.get(module)
+    for name in (obj.__qualname__, getattr(obj, "__name__", "")):
+        target = found
+        for part in name.split(".") if name and found is not None else ["\0"]:
+            target = getattr(target, part, None)
+        if target is obj:
+            return f"{module}:{name}"
+    return f"{module}:{obj.__qualname__}"  # a lambda, a local function: loading it needs model_kwargs
+
+
 def write_tensors(path: Path, tensors: dict, meta: dict, extra: dict) -> int:
     """Write a safetensors file atomically (temporary name, then rename); returns its size in bytes."""
     data = safetensors_bytes(tensors, metadata={"modelscape": json.dumps({"format": FORMAT, **extra, **meta})})
@@ -149,55 +252,198 @@ def read_tensors(path: Path) -> tuple[dict, dict]:
 # Reading, in any process
 # --------------------------------------------------------------------------------------------------------
 
-def load(record: dict, root, step=None, threshold=None, optimizer: bool = False, device="cpu"):
+def load(record: dict, root, step=None, threshold=None, optimizer: bool = False, device="cpu", model_class=None,
+         model_kwargs: dict | None = None, classes: dict | None = None):
     """The model of one checkpoint of a stored job, built as ``prepare_job`` built it and loaded with the saved
     weights; with ``optimizer`` the pair ``(model, optimizer)``, the optimizer holding its saved state.
 
     ``root`` is the experiment directory (the store's). ``step``: a step number or ``"final"``; or
     ``threshold``: a value of LOSS_CHECKPOINTS (the model at its timekey). Under CENTER the model is the
     ``Centered`` wrapper (what was trained: ``.model`` minus ``.baseline``, the model at init).
+
+    Nothing the store holds is executed: the model is built from its description (``model.json``) by its
+    class, which is ``model_class`` if given (a class, or any callable taking the constructor's keyword
+    arguments and returning the module), else the class of that name in ``classes`` (``{module.qualname:
+    class}``: the sweep's own, when it ran in this process), else imported by name from a package this process
+    has imported already (torch and modelscape always). ``model_kwargs`` replace recorded constructor
+    arguments (one the description could only name, a function from your own code, say). CheckpointError says
+    what is missing.
     """
     entry = find_entry(record, step, threshold)
     if optimizer and not entry.get("optimizer"):
         raise ValueError(f"job {_axes(record)}: the checkpoint at {entry['label']} holds no optimizer state (the "
                          "sweep ran without CHECKPOINT_OPTIMIZER)")
-    root = Path(root)
-    skeleton_path = root / Path(entry["file"]).parent / SKELETON
-    net, opt, centered = _rebuild(skeleton_path, record)
-    model = net.model if centered else net
-    tensors, meta = read_tensors(_existing(root / entry["file"], record))
+    weights = _confined(root, entry["file"], record)
+    folder = weights.parent
+    desc, arg_tensors = _read_skeleton(folder, record)
+    resolver = _Resolver(record, model_class, classes)
+    net, model = _rebuild(desc, arg_tensors, resolver, dict(model_kwargs or {}), record)
+    tensors, meta = read_tensors(_existing(weights, record))
     for name, target in meta.get("aliases", {}).items():
         tensors[name] = tensors[target]
-    _fill(model, tensors, root / entry["file"])
+    _fill(model, tensors, weights)
     net.to(device)
     if not optimizer:
         return net
-    opt.load_state_dict(unflatten_tree(*read_tensors(_existing(root / entry["optimizer"], record))))
+    opt = _build_optimizer(desc["optimizer"], model, arg_tensors, resolver, record)
+    opt.load_state_dict(unflatten_tree(*read_tensors(_existing(_confined(root, entry["optimizer"], record), record))))
     return net, opt
 
 
-def _rebuild(path: Path, record):
+def _confined(root, rel, record) -> Path:
+    """``root/rel`` for a file a record names, refused unless it stays inside the store's directory."""
+    base = Path(root).resolve()
+    bad = not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or ".." in Path(rel).parts
+    path = None if bad else (base / rel).resolve()
+    if bad or (path != base and base not in path.parents):
+        raise CheckpointError(f"job {_axes(record)}: its record names the checkpoint file {rel!r}, which is not "
+                              f"inside the store's directory {base}; refusing to read it")
+    return path
+
+
+def _read_skeleton(folder: Path, record) -> tuple[dict, dict]:
+    path = folder / SKELETON
+    if not path.exists():
+        if (folder / LEGACY_SKELETON).exists():
+            raise CheckpointError(
+                f"job {_axes(record)}: its checkpoints in {folder} were written by modelscape 0.3, which kept the "
+                f"model as a pickle ({LEGACY_SKELETON}); unpickling runs code that whoever wrote the file chose, "
+                "so it is not loaded. Write them again: re-run the sweep with the same CHECKPOINTS (each job "
+                f"lacking a {SKELETON} trains again, to the same numbers with DETERMINISTIC)")
+        _existing(path, record)
+    if path.stat().st_size > _MAX_SKELETON:
+        raise CheckpointError(f"{path} is larger than a model's description can be ({path.stat().st_size} bytes)")
     try:
-        with open(_existing(path, record), "rb") as f:
-            blob = cloudpickle.load(f)
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"cannot rebuild the model of job {_axes(record)} from {path}: {type(e).__name__}: {e}. "
-                           "The model's class (or a function it uses) is pickled by reference to its module "
-                           "(classes defined in a notebook or in __main__ are pickled whole); make that module "
-                           "importable here") from e
-    return blob["net"], blob["opt"], blob["centered"]
+        desc = json.loads(path.read_text())
+        if not isinstance(desc, dict) or desc.get("format") != FORMAT or "model" not in desc:
+            raise ValueError(f"not a format-{FORMAT} model description")
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a model description ({e})") from None
+    extra = folder / SKELETON_TENSORS
+    tensors = read_tensors(extra)[0] if extra.exists() else {}
+    return desc, tensors
 
 
-def _fill(model, tensors: dict, path: Path) -> None:
-    """Put saved tensors into the (emptied) tensors of ``model`` in place, so the optimizer's references to its
-    parameters stay valid."""
+class _Resolver:
+    """``module:qualname`` -> a class or function, without importing anything the caller did not choose."""
+
+    def __init__(self, record, model_class, classes):
+        self.record, self.model_class = record, model_class
+        self.classes = dict(classes or {})
+        self.code = record.get("code") or {}
+
+    def __call__(self, path: str, kind: str = "argument"):
+        module, _, qual = str(path).partition(":")
+        name = f"{module}.{qual}"
+        if name in self.classes:
+            return self.classes[name]
+        hint = ("pass it: res.checkpoint(..., model_class=YourClass)" if kind == "model" else
+                "pass it: res.checkpoint(..., model_kwargs={name: value})" if kind == "argument" else
+                f"import {module} first")
+        if module.startswith(USER_MODULE_PREFIX) and module not in sys.modules:  # loaded here: the sweep's process
+            raise CheckpointError(f"job {_axes(self.record)}: its {kind} {qual} came from a file (MODEL_FILE "
+                                  f"{(self.record.get('config') or {}).get('MODEL_FILE')!r}); a store does not make "
+                                  f"this process run a file it names: {hint}")
+        if "<locals>" in qual or not qual:
+            raise CheckpointError(f"job {_axes(self.record)}: its {kind} {name} was defined inside a function and "
+                                  f"cannot be found by name: {hint}")
+        top = module.split(".")[0]
+        if module not in sys.modules and top not in sys.modules and top not in _TRUSTED_PACKAGES:
+            raise CheckpointError(f"job {_axes(self.record)}: its {kind} {name} lives in {module}, which this "
+                                  f"process has not imported; a store does not make it import modules: {hint}, or "
+                                  f"import {top} first")
+        try:
+            obj = importlib.import_module(module) if module != "__main__" else sys.modules["__main__"]
+            for part in qual.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError, KeyError) as e:
+            where = "a script or notebook (__main__)" if module == "__main__" else module
+            raise CheckpointError(f"job {_axes(self.record)}: its {kind} {name} (defined in {where}) is not found "
+                                  f"here ({type(e).__name__}: {e}): {hint}") from None
+        self._check(obj, name, kind)
+        return obj
+
+    def _check(self, obj, name, kind):
+        base = {"model": torch.nn.Module, "optimizer": torch.optim.Optimizer}.get(kind)
+        if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+            raise CheckpointError(f"job {_axes(self.record)}: its {kind} {name} is not a {base.__qualname__} "
+                                  "subclass; refusing to call it")
+        if base is None and not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)) and \
+                getattr(obj, "__module__", "").split(".")[0] not in _TRUSTED_PACKAGES:
+            raise CheckpointError(f"job {_axes(self.record)}: the constructor argument {name} is a function of your "
+                                  "own code; a store does not choose which of your functions run: pass it, "
+                                  "res.checkpoint(..., model_kwargs={...})")
+        trained = self.code.get(name)
+        if trained and trained != "name-only" and (code_fingerprint(obj) or "")[:12] != trained:
+            warnings.warn(f"job {_axes(self.record)}: the code of {name} here differs from the code that trained "
+                          "it; the checkpoint's weights are loaded into this version", stacklevel=4)
+
+
+def _rebuild(desc: dict, tensors: dict, resolve, kwargs: dict, record):
+    """``(net, model)`` built from a model description: the class called with its recorded arguments (under a
+    forked RNG: loading draws nothing from the caller's), its modules' muP multipliers and GAMMA put back, and
+    under CENTER the ``Centered`` wrapper whose baseline holds the saved weights at init."""
+    spec = desc["model"]
+    cls = resolve.model_class or resolve(spec["class"], "model")
+    args = {k: v for k, v in decode_value(spec["kwargs"], tensors, resolve).items() if k not in kwargs}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = cls(**args, **kwargs)
+        except Exception as e:
+            raise CheckpointError(f"job {_axes(record)}: building its model {spec['class']} with the arguments "
+                                  f"{sorted({**args, **kwargs})} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"job {_axes(record)}: model_class returned a {type(model).__name__}, not a module")
+    for path, attrs in spec.get("modules", {}).items():
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"job {_axes(record)}: the model built here has no module {path!r}, which the "
+                                  f"trained one had: is {type(model).__qualname__} the class that trained it?") from None
+        for k, v in attrs.items():
+            if k == "hook":
+                if v and scale_output not in mod._forward_hooks.values():
+                    mod.register_forward_hook(scale_output)
+            else:
+                setattr(mod, k, v)
+    if not desc.get("centered"):
+        return model, model
+    net = Centered(model)
+    baseline = {k[len("baseline."):]: t for k, t in tensors.items() if k.startswith("baseline.")}
+    _fill(net.baseline, baseline, "the centering baseline")
+    for p in net.baseline.parameters():
+        p.requires_grad_(False)
+    return net, model
+
+
+def _build_optimizer(spec: dict, model, tensors: dict, resolve, record):
+    """The job's optimizer over ``model``'s parameters: its class, its settings, its parameter groups by
+    parameter name (``load_state_dict`` then puts the saved state and group settings in)."""
+    if not spec:
+        raise CheckpointError(f"job {_axes(record)}: its checkpoints describe no optimizer")
+    cls = resolve(spec["class"], "optimizer")
+    params = dict(model.named_parameters())
+    groups = []
+    for group in spec["groups"]:
+        missing = [n for n in group["params"] if n not in params]
+        if missing:
+            raise CheckpointError(f"job {_axes(record)}: the optimizer's parameters {missing} are not in the model")
+        groups.append({**decode_value(group["settings"], tensors, resolve), "params": [params[n] for n in group["params"]]})
+    defaults = decode_value(spec["defaults"], tensors, resolve)
+    named = signature_names(cls)
+    return cls(groups, **{k: v for k, v in defaults.items() if k in named and k != "params"})
+
+
+def _fill(model, tensors: dict, path) -> None:
+    """Put saved tensors into ``model``'s tensors in place (their saved dtype kept), so that an optimizer's
+    references to its parameters stay valid."""
     targets = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
     if missing or unexpected:
-        raise RuntimeError(f"{path} does not fit the job's model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{path} does not fit the job's model: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for name, t in targets.items():
-            t.data = tensors[name].to(t.dtype)
+            t.data = tensors[name].to(t.device)
 
 
 def _existing(path: Path, record) -> Path:
@@ -266,10 +512,12 @@ def satisfied(record: dict, cfg: dict, root) -> bool:
             return False
     if cfg.get("CHECKPOINT_OPTIMIZER") and not all(e.get("optimizer") for e in entries):
         return False
-    root = Path(root)
     files = [e["file"] for e in entries] + [e["optimizer"] for e in entries if e.get("optimizer")]
-    files += [str(Path(e["file"]).parent / SKELETON) for e in entries[:1]]
-    return all((root / f).exists() for f in files)
+    files += [str(Path(e["file"]).parent / SKELETON) for e in entries[:1]]  # 0.3's model.pkl does not count
+    try:
+        return all(_confined(root, f, record).exists() for f in files)
+    except CheckpointError:  # a record naming files outside its store: its checkpoints are written again
+        return False
 
 
 def keep_satisfied(records: dict, jobs, ids, root) -> dict:
@@ -290,10 +538,11 @@ def human_bytes(n: float) -> str:
         n /= 1000
 
 
-def disk_use(root) -> tuple[int, int]:
-    """``(files, bytes)`` under ``root/checkpoints`` (0, 0 when there is none)."""
+def disk_use(root, store_file: str | None = None) -> tuple[int, int]:
+    """``(files, bytes)`` in the checkpoint folder of the store file ``store_file`` (default ``results.db``) in
+    ``root`` (0, 0 when there is none)."""
     files = size = 0
-    for dirpath, _, names in os.walk(Path(root) / DIRNAME):
+    for dirpath, _, names in os.walk(Path(root) / dirname(store_file)):
         for name in names:
             try:
                 size += os.path.getsize(os.path.join(dirpath, name))
@@ -303,12 +552,12 @@ def disk_use(root) -> tuple[int, int]:
     return files, size
 
 
-def disk_line(root) -> str | None:
+def disk_line(root, store_file: str | None = None) -> str | None:
     """``checkpoints: 48 files, 12.3 MB in results/expt/checkpoints``, or None when there are none."""
-    files, size = disk_use(root)
+    files, size = disk_use(root, store_file)
     if not files:
         return None
-    return f"checkpoints: {files} files, {human_bytes(size)} in {Path(root) / DIRNAME}"
+    return f"checkpoints: {files} files, {human_bytes(size)} in {Path(root) / dirname(store_file)}"
 
 
 def record_cell(record) -> str:

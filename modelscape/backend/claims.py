@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-__all__ = ["Driver", "DEFAULT_STALE_AFTER", "SCHEDULER_HOST", "CLAIM_COLS", "claim_dict", "claim_live"]
+__all__ = ["Driver", "DEFAULT_STALE_AFTER", "SCHEDULER_HOST", "CLAIM_COLS", "claim_dict", "claim_live", "ClaimsTable"]
 
 DEFAULT_STALE_AFTER = 30.0  # seconds without a heartbeat after which a driver's claims may be taken over
 CLAIM_COLS = "job_id, driver, host, pid, started, claimed, heartbeat"
@@ -73,3 +73,68 @@ def claim_live(claim: dict, now: float, stale_after: float) -> bool:
         return pid_alive(claim["pid"])
     return True
 
+
+
+class ClaimsTable:
+    """The claims table of a results database: ``db.Store``'s methods for which driver runs which job (its
+    ``_guard``, ``_write_transaction`` and ``_writable`` do the SQLite part)."""
+
+    def claim(self, job_id: str, driver: "Driver", since: float | None = None,
+              stale_after: float = DEFAULT_STALE_AFTER) -> tuple[str, dict | None]:
+        """Try to make ``driver`` the one that runs ``job_id``, in one transaction. Returns ``(outcome, owner)``:
+
+        - ``("stored", None)``: a record of the job was written at or after ``since`` (another driver ran it
+          while this one was going; pass the time the driver started);
+        - ``("busy", owner)``: a live driver holds it (``owner`` is its claim: driver, host, pid, started,
+          heartbeat); skip it for now;
+        - ``("claimed", None)``: it is ``driver``'s now; ``("taken_over", owner)``: it was, until now, claimed by
+          a driver that is dead (on this host its pid is gone) or silent for more than ``stale_after`` seconds.
+        """
+        self._writable()
+        now = time.time()
+        with self._guard(f"claiming job {job_id}") as conn, self._write_transaction(conn):
+            if since is not None and conn.execute("SELECT 1 FROM jobs WHERE job_id = ? AND created >= ?",
+                                                  (job_id, since)).fetchone():
+                return "stored", None
+            row = conn.execute(f"SELECT {CLAIM_COLS} FROM claims WHERE job_id = ?", (job_id,)).fetchone()
+            owner = claim_dict(row) if row is not None else None
+            if owner is not None and owner["driver"] != driver.id and claim_live(owner, now, stale_after):
+                return "busy", owner
+            conn.execute("INSERT OR REPLACE INTO claims (job_id, driver, host, pid, started, claimed, heartbeat) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (job_id, driver.id, driver.host, driver.pid, driver.started, now, now))
+        if owner is not None and owner["driver"] != driver.id:
+            return "taken_over", owner
+        return "claimed", None
+
+    def heartbeat(self, driver: "Driver") -> int:
+        """Mark every claim of ``driver`` alive now; returns how many it holds."""
+        self._writable()
+        with self._guard("refreshing claims") as conn:
+            return conn.execute("UPDATE claims SET heartbeat = ? WHERE driver = ?",
+                                (time.time(), driver.id)).rowcount
+
+    def release(self, driver: "Driver", job_ids=None) -> None:
+        """Drop ``driver``'s claims on ``job_ids`` (all of them if None): the jobs are finished or abandoned."""
+        self._writable()
+        with self._guard("releasing claims") as conn:
+            if job_ids is None:
+                conn.execute("DELETE FROM claims WHERE driver = ?", (driver.id,))
+            else:
+                conn.executemany("DELETE FROM claims WHERE job_id = ? AND driver = ?",
+                                 [(str(j), driver.id) for j in job_ids])
+
+    def claims(self) -> list[dict]:
+        """Every claim, live or not: job_id, driver, host, pid, started, claimed, heartbeat. Empty for a
+        schema-1 store opened read-only."""
+        with self._guard("reading claims") as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'claims'").fetchone():
+                return []
+            rows = conn.execute(f"SELECT {CLAIM_COLS} FROM claims ORDER BY claimed").fetchall()
+        return [claim_dict(row) for row in rows]
+
+    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
+        """The claims of drivers that are alive (see ``claim``): job_id, driver, host, pid, started, claimed,
+        heartbeat. Empty for a schema-1 store opened read-only."""
+        now = time.time()
+        return [c for c in self.claims() if claim_live(c, now, stale_after)]

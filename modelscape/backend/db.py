@@ -27,11 +27,13 @@ A job's identity hashes everything that decides its numbers and nothing else (``
 record becomes a row as ``rows.encode`` says; claims name their driver as ``claims.Driver`` does.
 
 Other writers (the array tasks of a Slurm sweep) each write their own ``shard-*.db`` beside ``results.db``;
-``store.StoreUnion`` reads the directory as one store.
+``store.StoreUnion`` reads the directory as one store. What a store keeps beside its file (arrays too big for a
+row, rows it refused, spilled for the next writer to import) is ``beside``. A writer checks before each commit
+that its file and its WAL are the ones it opened (``check_file``: ``StoreLost`` otherwise).
 """
 from __future__ import annotations
 
-__all__ = ["Store", "StoreError", "DB_NAME", "DB_SUFFIXES", "SCHEMA_VERSION", "STATUSES", "resolve_db_path",
+__all__ = ["Store", "StoreError", "StoreLost", "DB_NAME", "DB_SUFFIXES", "SCHEMA_VERSION", "STATUSES", "resolve_db_path",
            "ordered_counts"]
 
 import contextlib
@@ -40,22 +42,23 @@ import json
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from modelscape.backend.claims import CLAIM_COLS, DEFAULT_STALE_AFTER, Driver, claim_dict, claim_live
+from modelscape.backend.beside import (  # noqa: F401  (DB_NAME, DB_SUFFIXES, resolve_db_path: re-exported)
+    DB_NAME, DB_SUFFIXES, ExternalArrays, import_spilled, keep, resolve_db_path)
+from modelscape.backend.claims import ClaimsTable, Driver  # noqa: F401  (Driver: the type claims name)
 from modelscape.backend.identity import canonical_json, jsonable
 from modelscape.backend.rows import RECORD_COLUMNS, SELECT, STATUSES, StoreError, decode, dumps, encode
 from modelscape.results import SweepResults, axis_label
 
 SCHEMA_VERSION = 2  # 2: the claims table
 APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite files
-DB_NAME = "results.db"
 PAGE_SIZE = 32768
-DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 _SCHEMA_SQL = f"""
 CREATE TABLE jobs ({RECORD_COLUMNS}
@@ -101,32 +104,31 @@ CREATE TABLE IF NOT EXISTS live ({RECORD_COLUMNS},
 )
 """
 _OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}  # every schema version has these
+_ROW_NAMES = ("job_id", "status", "axes", "config", "error", "steps", "wall_time", "device", "seed", "trial",
+              "train_loss", "test_loss", "created", "layout", "arrays")
+
+
+class StoreLost(StoreError):
+    """The database file a Store writes was deleted or replaced, or its write-ahead log vanished, while the
+    Store had it open: whatever it writes from now on lands where no reader will find it."""
+
+
+# (device, inode) -> how many connections this process holds to that database file. SQLite's locks are POSIX
+# advisory locks, which the kernel drops for the whole process the moment the process closes *any* descriptor of
+# the file: reading a file's header while this process has a connection to it would cancel that connection's
+# locks (another process could then think itself the last user and delete the WAL, or worse).
+_OPEN_HERE: dict = {}
+
+
+def _file_id(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 # --- the store ------------------------------------------------------------------------------------------
-
-def resolve_db_path(path, create: bool = False) -> Path:
-    """The database file a store path means: the file itself, or ``DIR/results.db`` for a directory.
-
-    A path that does not exist is a file if it ends in .db/.sqlite/.sqlite3 and a directory otherwise;
-    with ``create`` the missing directories are made, without it a missing store is a StoreError.
-    """
-    p = Path(os.fspath(path)).expanduser()
-    if p.exists():  # checked first: another process may be creating the directory right now
-        if not p.is_dir():
-            return p
-        db = p / DB_NAME
-        if not create and not db.exists():
-            raise StoreError(f"no results store in {p}: it holds no {DB_NAME}")
-        return db
-    if not create:
-        raise StoreError(f"no results store at {p}: no such file or directory")
-    if p.suffix.lower() in DB_SUFFIXES:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-    p.mkdir(parents=True, exist_ok=True)
-    return p / DB_NAME
-
 
 def _run_script(conn, sql):
     for stmt in sql.split(";"):
@@ -134,7 +136,7 @@ def _run_script(conn, sql):
             conn.execute(stmt)
 
 
-class Store:
+class Store(ClaimsTable):
     """The SQLite results store of one experiment. ``Store(path)`` opens (creating it if needed) ``path``
     if it is a .db file, else ``path/results.db``; ``readonly=True`` opens an existing store for reading only.
 
@@ -151,16 +153,23 @@ class Store:
         self._conn = None
         self.immutable = False  # opened read-only in a place where SQLite cannot even make its -shm file
         self.damaged: dict[str, str] = {}  # job id -> why its row could not be read (filled by readers)
+        self._ident = None  # a writer's (device, inode) of its file and of its WAL: checked around each commit
+        self._wal = self.path.with_name(self.path.name + "-wal")
+        self._opened = None  # the file's id while this Store holds a connection to it (see _OPEN_HERE)
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a results database")
         self._check_header()
         try:
             self._conn = self._connect(timeout)
+            self._opened = _file_id(self.path)
+            _OPEN_HERE[self._opened] = _OPEN_HERE.get(self._opened, 0) + 1
             self._check_schema()
             if not readonly:
                 self._enable_wal(timeout)
                 self._conn.execute("PRAGMA synchronous = NORMAL")
                 self._conn.execute(_LIVE_SQL)
+                self._ident = [_file_id(self.path), _file_id(self._wal)]
+                import_spilled(self)
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(f"{self.path} is not a usable results store: {e}") from None
@@ -209,6 +218,8 @@ class Store:
 
     def _check_header(self):
         # sqlite only notices a foreign file at the first query, with a bare "file is not a database"
+        if _file_id(self.path) in _OPEN_HERE:  # open here already, so known to be ours; reading would unlock it
+            return
         for attempt in range(40):
             try:
                 size = self.path.stat().st_size
@@ -281,16 +292,56 @@ class Store:
                 _run_script(conn, _CLAIMS_SQL)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    @staticmethod
     @contextlib.contextmanager
-    def _write_transaction(conn):
+    def _write_transaction(self, conn):
+        """One write transaction, the file's identity checked before it begins and before it commits (see
+        ``check_file``). Should SQLite have rolled back by itself (a full disk, an I/O error), the error that
+        made it do so is the one raised, not the failed ROLLBACK's."""
+        self.check_file()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.check_file()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:  # "no transaction is active": SQLite rolled back already
+                pass
             raise
+        if self._ident is not None and self._ident[1] is None:
+            self._ident[1] = _file_id(self._wal)  # the WAL exists from the first commit on
+
+    def check_file(self) -> None:
+        """A writer's check that its database file is the one it opened and that its write-ahead log is still
+        there: StoreLost otherwise (a file deleted or replaced while a sweep writes it; a WAL deleted by hand,
+        which takes the latest commits with it). A reader, or a Store not fully open, checks nothing."""
+        if self._ident is None:
+            return
+        db, wal = self._ident
+        now = _file_id(self.path)
+        if now != db:
+            what = "was deleted" if now is None else "was replaced by another file"
+            raise StoreLost(f"the results store {self.path} {what} while this process was writing to it")
+        if wal is not None and _file_id(self._wal) != wal:
+            raise StoreLost(f"{self._wal}, the write-ahead log holding the latest results written to {self.path}, "
+                            "vanished or was replaced while this process was writing to it, taking the results "
+                            "committed since its last checkpoint out of the store")
+
+    def salvage(self) -> str:
+        """After ``StoreLost`` for a vanished WAL: copy every commit this connection still sees (its open handle
+        on the deleted log holds them) into the database file and empty the log, so that the file holds them and
+        the next process to open the store finds it consistent. Returns a line saying what was done."""
+        if self._ident is None or self._conn is None or _file_id(self.path) != self._ident[0]:
+            return "the store's file itself is gone: nothing to copy back into it"
+        with self._lock:
+            try:
+                busy, log, done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                return f"copying the lost log's commits back into {self.path} failed ({e})"
+        if busy or done < log:
+            return f"only {done} of {log} pages of the lost log could be copied back into {self.path} (a reader held it)"
+        return f"every commit of the lost log was copied back into {self.path}"
 
     @contextlib.contextmanager
     def _guard(self, what: str):
@@ -360,13 +411,48 @@ class Store:
 
     def write_many(self, records) -> None:
         """Store several records (each as ``write`` takes it) in one transaction: all of them, or, should the
-        process die or a record be refused, none."""
+        process die or a record be refused, none. An array too big for a row goes to a file beside the store
+        (``beside``)."""
         self._writable()
-        rows = []
+        rows, externals = self._rows(records)
+        try:
+            self._insert(rows)
+        except BaseException:
+            for ext in externals:
+                ext.abandon()
+            raise
+        for ext in externals:
+            ext.commit()
+
+    def keep(self, records) -> str | None:
+        """Store records as ``write_many`` does, whatever the database does meanwhile: see ``beside.keep``
+        (retried, then spilled to a file the next writer imports). None when stored, else why not and where
+        the records went."""
+        self._writable()
+        return keep(self, records)
+
+    def _rows(self, records):
+        rows, externals = [], []
         for record in records:
-            row = encode(record)
+            ext = None
+            try:
+                ext = ExternalArrays(self.path, str(record.get("job_id")))
+            except StoreError:  # an id that is no plain name: its arrays stay in its row
+                pass
+            try:
+                row = encode(record, ext)
+            except OSError:  # the arrays' disk is full: into the row, then (should that fail too) into a spill
+                if ext is not None:
+                    ext.abandon()
+                ext = None
+                row = encode(record)
             row["created"] = time.time()
             rows.append(row)
+            if ext is not None:
+                externals.append(ext)
+        return rows, externals
+
+    def _insert(self, rows) -> None:
         if not rows:
             return
         what = f"writing job {rows[0]['job_id']}" if len(rows) == 1 else f"writing {len(rows)} jobs"
@@ -376,6 +462,15 @@ class Store:
                 conn.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(names)}) VALUES "
                              f"({', '.join('?' * len(names))})", [row[k] for k in names])
                 conn.execute("DELETE FROM live WHERE job_id = ?", (row["job_id"],))  # the final record wins
+
+    def _insert_spilled(self, row: dict, source) -> None:
+        """Insert one spilled row (``beside.import_spilled``) unless this store holds a newer row of its job."""
+        row = {k: row.get(k) for k in _ROW_NAMES}
+        with self._guard(f"importing the spilled result {source}") as conn, self._write_transaction(conn):
+            old = conn.execute("SELECT status, created FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone()
+            if old is None or (old[0] == "failed" and row["status"] != "failed") or old[1] < row["created"]:
+                conn.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_ROW_NAMES)}) VALUES "
+                             f"({', '.join('?' * len(_ROW_NAMES))})", [row[k] for k in _ROW_NAMES])
 
     def write_live(self, partials) -> None:
         """Store the partial records of running jobs, in one transaction: ``partials`` is a list of
@@ -398,67 +493,6 @@ class Store:
     def _writable(self):
         if self.readonly:
             raise StoreError(f"store {self.path} was opened read-only")
-
-    # --- claims: which driver runs which job ---
-    def claim(self, job_id: str, driver: "Driver", since: float | None = None,
-              stale_after: float = DEFAULT_STALE_AFTER) -> tuple[str, dict | None]:
-        """Try to make ``driver`` the one that runs ``job_id``, in one transaction. Returns ``(outcome, owner)``:
-
-        - ``("stored", None)``: a record of the job was written at or after ``since`` (another driver ran it
-          while this one was going; pass the time the driver started);
-        - ``("busy", owner)``: a live driver holds it (``owner`` is its claim: driver, host, pid, started,
-          heartbeat); skip it for now;
-        - ``("claimed", None)``: it is ``driver``'s now; ``("taken_over", owner)``: it was, until now, claimed by
-          a driver that is dead (on this host its pid is gone) or silent for more than ``stale_after`` seconds.
-        """
-        self._writable()
-        now = time.time()
-        with self._guard(f"claiming job {job_id}") as conn, self._write_transaction(conn):
-            if since is not None and conn.execute("SELECT 1 FROM jobs WHERE job_id = ? AND created >= ?",
-                                                  (job_id, since)).fetchone():
-                return "stored", None
-            row = conn.execute(f"SELECT {CLAIM_COLS} FROM claims WHERE job_id = ?", (job_id,)).fetchone()
-            owner = claim_dict(row) if row is not None else None
-            if owner is not None and owner["driver"] != driver.id and claim_live(owner, now, stale_after):
-                return "busy", owner
-            conn.execute("INSERT OR REPLACE INTO claims (job_id, driver, host, pid, started, claimed, heartbeat) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (job_id, driver.id, driver.host, driver.pid, driver.started, now, now))
-        if owner is not None and owner["driver"] != driver.id:
-            return "taken_over", owner
-        return "claimed", None
-
-    def heartbeat(self, driver: "Driver") -> int:
-        """Mark every claim of ``driver`` alive now; returns how many it holds."""
-        self._writable()
-        with self._guard("refreshing claims") as conn:
-            return conn.execute("UPDATE claims SET heartbeat = ? WHERE driver = ?",
-                                (time.time(), driver.id)).rowcount
-
-    def release(self, driver: "Driver", job_ids=None) -> None:
-        """Drop ``driver``'s claims on ``job_ids`` (all of them if None): the jobs are finished or abandoned."""
-        self._writable()
-        with self._guard("releasing claims") as conn:
-            if job_ids is None:
-                conn.execute("DELETE FROM claims WHERE driver = ?", (driver.id,))
-            else:
-                conn.executemany("DELETE FROM claims WHERE job_id = ? AND driver = ?",
-                                 [(str(j), driver.id) for j in job_ids])
-
-    def claims(self) -> list[dict]:
-        """Every claim, live or not: job_id, driver, host, pid, started, claimed, heartbeat. Empty for a
-        schema-1 store opened read-only."""
-        with self._guard("reading claims") as conn:
-            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'claims'").fetchone():
-                return []
-            rows = conn.execute(f"SELECT {CLAIM_COLS} FROM claims ORDER BY claimed").fetchall()
-        return [claim_dict(row) for row in rows]
-
-    def live_claims(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[dict]:
-        """The claims of drivers that are alive (see ``claim``): job_id, driver, host, pid, started, claimed,
-        heartbeat. Empty for a schema-1 store opened read-only."""
-        now = time.time()
-        return [c for c in self.claims() if claim_live(c, now, stale_after)]
 
     # --- reading ---
     def statuses(self) -> dict:
@@ -499,7 +533,7 @@ class Store:
         """The record of a row, or None for a damaged row: it is named in a warning and in ``self.damaged``,
         and readers go on without it (a resumed sweep trains the job again and overwrites the row)."""
         try:
-            return decode(row)
+            return decode(row, self.path.parent)
         except Exception as e:  # a damaged blob or layout: SQLite keeps no checksums of its contents
             why = f"{type(e).__name__}: {e}"
             if row[0] not in self.damaged:
@@ -589,6 +623,11 @@ class Store:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._opened is not None:
+                _OPEN_HERE[self._opened] -= 1
+                if not _OPEN_HERE[self._opened]:
+                    del _OPEN_HERE[self._opened]
+                self._opened = None
 
     def __enter__(self):
         return self

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from modelscape.backend import live
+from modelscape.backend.inputs import first_batch, nonfinite
 from modelscape.backend.job import PreparedJob, finish_record, prepare_job, prepare_resolved, run_config_safe, \
     run_resolved_safe, train_prepared
 from modelscape.backend.plan import (  # noqa: F401  (plan_units, fuse_key ...: re-exported, they lived here in 0.3)
@@ -298,7 +299,11 @@ def train_fused(jobs: list) -> list:
 
     while active:
         for r, i in enumerate(active):
-            members[i].X, members[i].y = members[i].job.batch_fn(step)
+            job = members[i].job
+            if step:
+                members[i].X, members[i].y = job.batch_fn(step)
+            else:  # checked as train_loop checks it: a bad batch fails the group, and each job then trains alone
+                job.batch_fn, members[i].X, members[i].y = first_batch(job.batch_fn, job.model)
         due = [r for r, i in enumerate(active) if records[i] is None and members[i].evals.due(step)]
         if due:
             write_back(due)
@@ -341,6 +346,10 @@ def train_fused(jobs: list) -> list:
             m.unread.clear()
             live.set_label(m.label)
             stop = m.tracker.feed(new)
+            if m.tracker.status == "diverged":  # NaN that came with the data is the data's fault: say so
+                note = nonfinite(m.X, m.y, m.job.batch_fn, step - 1)
+                if note:
+                    log.warning("fused trials: job %s diverged with its data: %s", m.label, note)
             try:
                 for fn in m.after_sync:
                     fn(step, m.tracker, m.evals)

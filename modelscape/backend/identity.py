@@ -29,7 +29,8 @@ from modelscape.config import ALIASES, BY_NAME, coerce
 __all__ = ["IDENTITY_VERSION", "NON_RESULT_KEYS", "identity_cache", "array_digest", "code_fingerprint",
            "code_versions", "job_identity", "jsonable", "provenance"]
 
-IDENTITY_VERSION = 2  # bump when the identity recipe changes, so old and new ids never collide (2: code)
+IDENTITY_VERSION = 3  # bump when the identity recipe changes, so old and new ids never collide (2: code; 3: a
+# docstring counts as none, whether a function has one or not)
 
 # Hyperparameters that cannot change a job's numbers: where it runs, how loudly, where results go, whether
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
@@ -224,14 +225,35 @@ def _code_items(obj):
         _fingerprinting.discard(id(obj))
 
 
-def _code_object_items(co, doc=None):
-    consts = [c for k, c in enumerate(co.co_consts) if not (k == 0 and doc is not None and c == doc)]
+# A function's code object keeps its docstring, or None when it has none, as its first constant (Python 3.10 to
+# 3.13; 3.14 keeps it there only when the flag below says there is one). Comprehensions and class bodies have
+# no such slot.
+_CO_HAS_DOCSTRING = 0x4000000
+_NO_DOC_SLOT = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>", "<module>"})
+
+
+def _consts_without_doc(co) -> list:
+    """A code object's constants with its docstring slot read as None: a function with a docstring and the same
+    function without one count the same (a docstring is not code)."""
+    consts = list(co.co_consts)
+    function = co.co_flags & inspect.CO_NEWLOCALS and co.co_name not in _NO_DOC_SLOT
+    if not function or not consts:
+        return consts
+    if sys.version_info >= (3, 14):
+        return [None] + consts[1:] if co.co_flags & _CO_HAS_DOCSTRING else [None] + consts
+    if consts[0] is None or isinstance(consts[0], str):
+        consts[0] = None
+    return consts
+
+
+def _code_object_items(co):
+    consts = _consts_without_doc(co)
     return {"bytecode": co.co_code.hex(), "names": list(co.co_names), "args": [co.co_argcount, co.co_kwonlyargcount],
             "consts": [_code_object_items(c) if inspect.iscode(c) else _canon(c) for c in consts]}
 
 
 def _function_items(fn):
-    out = _code_object_items(fn.__code__, fn.__doc__)
+    out = _code_object_items(fn.__code__)
     out["defaults"] = _canon([fn.__defaults__, fn.__kwdefaults__])
     cells = []
     for cell in fn.__closure__ or ():

@@ -21,6 +21,7 @@ from modelscape.backend.build import (  # noqa: F401  (ctor_kwargs, resolve_name
     BFN_KEYS, call_post_init, consumers, ctor_kwargs, get_base_bfn, get_model_class, optimizer_names, resolve_loss,
     resolve_loss_class, resolve_names, resolve_optimizer)
 from modelscape.backend.checkpointer import job_observers as checkpoint_observers
+from modelscape.backend.inputs import first_batch
 from modelscape.backend.interventions import check_step_hooks, step_hooks_observers
 from modelscape.backend.live import live_observers
 from modelscape.backend.records import failed_record
@@ -29,7 +30,7 @@ from modelscape.backend.trainloop import GRAB_ARGS, train_loop
 from modelscape.config import BY_NAME, ConfigError, axis_target, canonicalize, check_job_config, signature_names
 from modelscape.model import MLP  # the default model; looked up here at call time (the original's tests patch it)
 from modelscape.models import Centered
-from modelscape.utils import derive_seed, ensure_torch, qualname, resolve_device
+from modelscape.utils import check_paths, derive_seed, ensure_torch, qualname, resolve_device
 
 __all__ = ["PreparedJob", "resolve_config", "check_resolved", "check_bfn_config", "prepare_job", "prepare_resolved",
            "job_observers", "train_prepared", "finish_record", "run_config", "run_resolved", "run_config_safe",
@@ -45,8 +46,10 @@ def check_bfn_config(bfn_config: dict) -> None:
 
 def check_resolved(cfg: dict) -> None:
     """The checks a resolved config must pass before its job runs: ``config.check_job_config`` (ranges, scalars
-    where a job needs scalars) and the step hooks' own rules (``interventions.check_step_hooks``)."""
+    where a job needs scalars), EXPT_NAME and JOB_ID as plain names (``utils.check_paths``) and the step hooks'
+    own rules (``interventions.check_step_hooks``)."""
     check_job_config(cfg)
+    check_paths(cfg)
     if cfg.get("step_hooks"):
         check_step_hooks(cfg["step_hooks"], cfg)
 
@@ -114,6 +117,8 @@ class PreparedJob:
     loop_kwargs: dict
     t0: float
     observers: list = field(default_factory=list)  # LoopObservers: live progress, TensorBoard, checkpoints, hooks
+    # (class, constructor kwargs) the model was built with: how a checkpoint describes it to be built again
+    model_spec: tuple | None = None
 
 
 def prepare_job(config: dict, bfn_config: dict, device="cpu", axes: dict | None = None,
@@ -156,20 +161,21 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
 
     if cfg.get("X_te") is not None and cfg.get("y_te") is not None:
         X_te, y_te = ensure_torch(cfg["X_te"], device), ensure_torch(cfg["y_te"], device)
-    else:
-        X_te, y_te = make_bfn(cfg["N_TEST"])(0)
+    else:  # checked as the loop checks its first batch: a bad batch function is named before anything trains
+        _, X_te, y_te = first_batch(make_bfn(cfg["N_TEST"]), device, what="test set")
     n = cfg["N_SAMPLES"]
     if cfg["ONLINE"]:
         X_tr = y_tr = None
         batch_fn = make_bfn(n)
     else:
-        X_tr, y_tr = make_bfn(n)(0)
+        _, X_tr, y_tr = first_batch(make_bfn(n), device, what="training set")
         batch_fn = make_bfn(n, X_tr, y_tr)
 
     loss_fn = resolve_loss(cfg["LOSS"], cfg)
     model_cls = get_model_class(cfg, mlp=MLP)  # MLP read at call time: the original's tests patch it
     torch.manual_seed(init_seed)
-    model = model_cls(**_model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)).to(device)
+    model_kwargs = _model_kwargs(model_cls, cfg, X_te, y_te, loss_fn, y_tr)
+    model = model_cls(**model_kwargs).to(device)
 
     opt_cls = resolve_optimizer(cfg["OPTIMIZER"])
     opt_kwargs = {**ctor_kwargs(opt_cls, cfg, skip=("params", "lr", "momentum", "weight_decay")),
@@ -214,7 +220,7 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
                        grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
                        verbose=cfg["VERBOSE"])
     job = PreparedJob(cfg, axes, device, trial, base_seed, model, net, opt, loss_fn, batch_fn, X_tr, y_tr, X_te,
-                      y_te, loop_kwargs, t0)
+                      y_te, loop_kwargs, t0, model_spec=(model_cls, model_kwargs))
     job.observers = job_observers(job)
     return job
 

@@ -29,7 +29,7 @@ from modelscape.config import AXIS_ALIASES, BY_NAME, TRIAL, ConfigError, axis_ta
     signature_names, with_overrides  # noqa: F401  (AXIS_ALIASES, TRIAL, axis_target: re-exported, as in 0.3)
 from modelscape.results import SweepResults, axis_label
 
-__all__ = ["main", "SweepFailed", "summary", "sweep_meta", "check_names", "run_jobs"]
+__all__ = ["main", "SweepFailed", "summary", "sweep_meta", "check_names", "check_axis_names", "run_jobs"]
 
 
 class SweepFailed(RuntimeError):
@@ -87,6 +87,33 @@ def _materialize(iterators, iterator_names):
     return list(iterator_names), values
 
 
+# Names a sweep's results give to their own fields (``SweepResults.to_xarray``'s variables and coordinates, the
+# columns of ``modelscape export --csv``, ``get``'s own argument): an axis of the same name would be lost in them.
+RESULT_NAMES = frozenset({"status", "steps", "wall_time", "train_loss", "test_loss", "timekeys", "thresholds",
+                          "train_curve", "train_raw", "test_curve", "threshold", "step", "eval_step", "var", "job_id",
+                          "error"})
+# Keys the engine sets or reads for itself, none of which changes a number: an axis over them would be overridden
+# (JOB_ID, RESULTS_DIR ...) or would train identical jobs under several ids.
+ENGINE_KEYS = NON_RESULT_KEYS | {"JOB_ID", "STORE_FILE"}
+
+
+def check_axis_names(names, grabs=()) -> None:
+    """ConfigError for an axis whose name the results or the engine use for something else (``RESULT_NAMES``,
+    ``ENGINE_KEYS``, a grab's ``grab_<name>`` variable and ``timekey_<i>`` columns), before anything runs."""
+    for name in names:
+        why = None
+        if name in RESULT_NAMES:
+            why = f"the results name a field of every job {name!r} (to_xarray, get, export)"
+        elif name in ENGINE_KEYS:
+            why = (f"{name} is the engine's to set, and changes no number: jobs that differ only in it would be the "
+                   "same job trained again")
+        elif name.startswith("timekey_") or any(name == f"grab_{g}" or name.startswith(f"{g}_dim") for g in grabs):
+            why = f"the results name a variable {name!r} already (a grab's values, or a timekey column)"
+        if why:
+            raise ConfigError(f"axis {name!r} cannot be a sweep axis: {why}. Rename it (and the parameter of your "
+                              "batch function, model or grab that takes it)")
+
+
 def main(iterators, iterator_names=None, global_config=None, bfn_config=None, use_mp=None, *,
          executor=None, store=None, resume=None, progress=True):
     """Run every combination of the iterators and return the labelled results (``SweepResults``).
@@ -118,6 +145,7 @@ def main(iterators, iterator_names=None, global_config=None, bfn_config=None, us
     bfn_config = dict(bfn_config or {})
     check_bfn_config(bfn_config)
     names, values = _materialize(iterators, iterator_names)
+    check_axis_names(names, global_config.get("otherreturns") or ())
     base, targets = _resolve_base(names, global_config, bfn_config)
     # Start the workers now: they spawn and import torch (seconds) while this process expands, checks and hashes
     # the jobs. A config that fails the checks above never started one.
@@ -190,9 +218,12 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         labels = [[axis_label(v) for v in vals] for vals in values]
         st.begin_sweep(names, labels, ids, meta=sweep_meta(base, set(targets.values())))
     records = _stored_records(st, ids, base["RETRY_FAILED"]) if resume else {}
+    found = len(records)
     if store_dir is not None:  # checkpoints are not part of a job's identity: a job lacking some runs again
         records = checkpoints.keep_satisfied(records, jobs, ids, store_dir)
     todo = [i for i, job_id in enumerate(ids) if job_id is None or job_id not in records]
+    if progress:
+        print(resume_line(len(jobs), records, len(todo), found - len(records), st, resume), file=sys.stderr)
     context = (base, bfn_config)  # resolved: each job's config is base with its overrides
     if executor == "slurm":  # the whole sweep goes to Slurm array tasks, each running run_jobs on its node
         try:
@@ -200,7 +231,7 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         finally:
             if own_store:
                 st.close()
-        return _result(names, values, ids, records, progress, store_dir)
+        return _result(names, values, ids, records, progress, store_dir, st)
 
     # Planned before the bar is drawn: the plan's notes (jobs that cannot fuse, and why) then sit on lines of
     # their own in a log, instead of on the bar's line with the bar drawn again below them.
@@ -227,17 +258,34 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
         board.close()
         if own_store:
             st.close()
-    return _result(names, values, ids, records, progress, store_dir)
+    return _result(names, values, ids, records, progress, store_dir, st)
 
 
-def _result(names, values, ids, records, progress, store_dir=None) -> SweepResults:
+def resume_line(n_jobs, records, n_todo, lacking, st, resume) -> str:
+    """What a sweep skips and what it trains, before it starts: ``sweep: 15 of 15 jobs already stored in
+    results/x (15 done), 0 to train``, so a resumed sweep never reads as a fresh one."""
+    if st is None:
+        return f"sweep: {n_jobs} jobs to train (store=False: nothing is kept)"
+    counts = {}
+    for r in records.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    how = f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))})" if counts else ""
+    line = f"sweep: {len(records)} of {n_jobs} jobs already stored in {st.path.parent}{how}, {n_todo} to train"
+    if lacking:
+        line += f" ({lacking} stored without the checkpoints asked for)"
+    if not resume:
+        line += " (RESUME=False: every job trains again)"
+    return line
+
+
+def _result(names, values, ids, records, progress, store_dir=None, st=None) -> SweepResults:
     """The sweep's SweepResults in product order (``records`` keyed by job id, or by index without a store);
     ``SweepFailed`` if every job failed."""
     order = ids if ids and ids[0] is not None else list(range(len(ids)))
     result = SweepResults(names, values, [records[k] for k in order if k in records], store_dir=store_dir)
     if progress:
         print(summary(result), file=sys.stderr)
-        disk = checkpoints.disk_line(store_dir) if store_dir is not None else None
+        disk = checkpoints.disk_line(store_dir, st.path.name) if st is not None else None
         if disk:
             print(disk, file=sys.stderr)
     if result.records and all(r["status"] == "failed" for r in result.records):

@@ -81,7 +81,11 @@ def live_observers(job) -> list:
 
 class LiveObserver(LoopObserver):
     """Sends a job's progress to ``sink`` at most every ``every`` seconds, its new curve points every
-    ``CURVE_PERIODS`` reports. When no report is due, ``after_sync`` costs one clock read and a compare."""
+    ``CURVE_PERIODS`` reports. When no report is due, ``after_sync`` costs one clock read and a compare.
+    Optional: should sending fail, the job trains on without it (``LoopObserver``)."""
+
+    optional = True
+    role = "live progress"
 
     def __init__(self, sink, key: str, every: float, t0: float):
         self.sink, self.key, self.every, self.t0 = sink, key, float(every), t0

@@ -1,22 +1,35 @@
 """A job's record <-> one row of a results database: its columns, its layout (JSON) and one npz blob of arrays.
 
 ``encode(record)`` gives the column values of a row of the ``jobs`` (or ``live``) table; ``decode(row)`` the
-record that was written, arrays with their dtypes, read back with ``allow_pickle=False`` (nothing in a row can
-run code). ``SELECT`` is the query whose rows ``decode`` takes.
+record that was written, arrays with their dtypes. ``SELECT`` is the query whose rows ``decode`` takes.
+
+Reading a row trusts nothing in it: arrays are read with ``allow_pickle=False`` (nothing in a row can run code),
+each one's declared size is checked against the bytes that hold it before anything is allocated (a crafted blob
+cannot make a reader allocate more than the row's own size), and a compressed member is refused (``np.savez``
+never compresses). An array too big for a row (``EXTERNAL_BYTES``) is written beside the store, one ``.npy``
+file per array (``encode``'s ``external``), and read back by ``decode`` from the store's directory only.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from modelscape.backend.identity import tensor_to_numpy, is_torch_tensor, jsonable
 from modelscape.results import axis_label
 
-__all__ = ["StoreError", "STATUSES", "RECORD_COLUMNS", "SELECT", "encode", "decode", "dumps"]
+__all__ = ["StoreError", "STATUSES", "RECORD_COLUMNS", "SELECT", "encode", "decode", "dumps", "read_npz", "read_npy",
+           "confined", "EXTERNAL_BYTES"]
+
+# An array of at least this many bytes is written beside the store (one .npy file) instead of into its row:
+# SQLite refuses a blob over 1 GB, and a row of hundreds of MB is slow to write and to read for everyone.
+EXTERNAL_BYTES = 64 * 2**20
 
 
 class StoreError(Exception):
@@ -84,8 +97,12 @@ def _as_array(name, v) -> np.ndarray:
     return arr
 
 
-def encode(record: Mapping):
-    """A record -> (column values, layout JSON, npz blob or None)."""
+def encode(record: Mapping, external=None):
+    """A record -> the column values of its row (``layout`` JSON and the npz blob ``arrays`` among them).
+
+    ``external(key, array) -> str``, if given, writes an array of ``EXTERNAL_BYTES`` or more to a file beside
+    the store and returns that file's path relative to the store's directory, which the layout then names;
+    without it every array goes into the blob."""
     if "job_id" not in record or "status" not in record:
         raise ValueError(f"a record needs 'job_id' and 'status'; it has keys {sorted(record)}")
     cols = {k: None for k in _COLUMNS}
@@ -93,8 +110,12 @@ def encode(record: Mapping):
     arrays = {}
 
     def put_array(a):
-        name = f"a{len(arrays)}"
-        arrays[name] = a
+        name = f"a{len(arrays) + len(layout.get('external', ()))}"
+        if external is not None and a.nbytes >= EXTERNAL_BYTES:
+            layout.setdefault("external", {})[name] = {"file": external(name, a), "shape": list(a.shape),
+                                                      "dtype": a.dtype.str}
+        else:
+            arrays[name] = a
         return name
 
     for key, value in record.items():
@@ -147,17 +168,17 @@ SELECT = ("SELECT job_id, status, axes, config, error, steps, wall_time, device,
            "test_loss, layout, CAST(arrays AS BLOB) FROM jobs")
 
 
-def decode(row) -> dict:
-    """A row of ``SELECT`` -> the record that was written."""
+def decode(row, root=None) -> dict:
+    """A row of ``SELECT`` -> the record that was written. ``root``: the store's directory, where the arrays
+    written beside the store are (a row naming one cannot be read without it)."""
     (job_id, status, axes, config, error, steps, wall_time, device, seed, trial, train_loss, test_loss,
      layout, blob) = row
     layout = json.loads(layout)
     cols = dict(status=status, error=error, steps=steps, wall_time=wall_time, device=device, seed=seed,
                 trial=trial, train_loss=train_loss, test_loss=test_loss)
-    arrays = {}
-    if blob is not None:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+    arrays = read_npz(blob) if blob is not None else {}
+    for name, spec in (layout.get("external") or {}).items():
+        arrays[name] = _read_external(job_id, spec, root)
     none, js = set(layout["none"]), layout["json"]
     out = {}
     for key in layout["keys"]:
@@ -186,3 +207,85 @@ def decode(row) -> dict:
             raise StoreError(f"job {job_id}: stored layout names key {key!r} but holds no value for it")
     return out
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading arrays without trusting them
+# --------------------------------------------------------------------------------------------------------
+
+def read_npz(blob: bytes) -> dict:
+    """The arrays of an ``np.savez`` blob, each checked before it is read: members stored uncompressed (as
+    ``np.savez`` writes them; a compressed one could inflate a small blob into gigabytes), no object arrays,
+    and a declared shape whose bytes the member holds. A reader thus never allocates more than the blob's size.
+    StoreError names what is wrong."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(blob))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise StoreError(f"the arrays blob is not an npz archive: {e}") from None
+    out = {}
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise StoreError(f"array {info.filename!r} is compressed ({info.compress_size} bytes declaring "
+                             f"{info.file_size}); the store writes arrays uncompressed and refuses to inflate one")
+        if info.file_size > len(blob):
+            raise StoreError(f"array {info.filename!r} declares {info.file_size} bytes in a blob of {len(blob)}")
+        name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        with zf.open(info) as f:
+            out[name] = read_npy(f, info.file_size, f"array {name!r}")
+    return out
+
+
+def read_npy(f, size: int, what: str) -> np.ndarray:
+    """One ``.npy`` array from the open file ``f`` holding ``size`` bytes, its header checked against them
+    first (see ``read_npz``)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"npy format version {version} is not one the store writes")
+        header = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreError(f"{what}: bad npy header: {e}") from None
+    if dtype.hasobject:
+        raise StoreError(f"{what} holds Python objects (dtype {dtype}); the store keeps numbers and strings only")
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
+    if nbytes != size - header:
+        raise StoreError(f"{what} declares shape {tuple(shape)} of {dtype} ({nbytes} bytes) but holds "
+                         f"{size - header} bytes")
+    buf = bytearray(nbytes)
+    if f.readinto(memoryview(buf)) != nbytes:
+        raise StoreError(f"{what}: its data ends early")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def confined(root, rel, what: str) -> Path:
+    """``root/rel`` for a path ``rel`` read from a record, refused (StoreError) unless it stays inside ``root``
+    once links are resolved: a record cannot make a reader open a file outside its store."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise StoreError(f"{what}: the path {rel!r} in the record is not a plain path inside the store")
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if path != base and base not in path.parents:
+        raise StoreError(f"{what}: the path {rel!r} in the record leads outside the store ({path})")
+    return path
+
+
+def _read_external(job_id, spec, root) -> np.ndarray:
+    what = f"job {job_id}: array file {spec.get('file')!r}"
+    if root is None:
+        raise StoreError(f"{what} is beside the store, and the reader did not say where the store is")
+    path = confined(root, spec.get("file"), what)
+    try:
+        with open(path, "rb") as f:
+            arr = read_npy(f, os.fstat(f.fileno()).st_size, what)
+    except FileNotFoundError:
+        raise StoreError(f"{what} is missing ({path})") from None
+    if list(arr.shape) != list(spec.get("shape", [])) or arr.dtype.str != spec.get("dtype"):
+        raise StoreError(f"{what} holds {arr.dtype.str}{list(arr.shape)}, the row says "
+                         f"{spec.get('dtype')}{spec.get('shape')}")
+    return arr

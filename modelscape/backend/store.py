@@ -11,15 +11,20 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from modelscape.backend.beside import read_spill, spilled
 from modelscape.backend.claims import DEFAULT_STALE_AFTER, SCHEDULER_HOST, Driver  # noqa: F401  (re-exported)
 from modelscape.backend.db import (  # noqa: F401  (re-exported)
-    DB_NAME, DB_SUFFIXES, SCHEMA_VERSION, STATUSES, Store, StoreError, ordered_counts, resolve_db_path)
+    DB_NAME, DB_SUFFIXES, SCHEMA_VERSION, STATUSES, Store, StoreError, StoreLost, ordered_counts, resolve_db_path)
 from modelscape.backend.identity import (  # noqa: F401  (re-exported: they lived here before 0.4)
     IDENTITY_VERSION, NON_RESULT_KEYS, code_fingerprint, code_versions, identity_cache, job_identity, jsonable,
     provenance)
+from modelscape.backend.rows import decode
 from modelscape.results import SweepResults
 
-__all__ = ["Store", "StoreUnion", "StoreError", "load", "shard_path", "DB_NAME", "DB_SUFFIXES", "SCHEMA_VERSION",
+SELECT_NAMES = ("job_id", "status", "axes", "config", "error", "steps", "wall_time", "device", "seed", "trial",
+                "train_loss", "test_loss", "layout", "arrays")  # the columns of rows.SELECT, in its order
+
+__all__ = ["Store", "StoreUnion", "StoreError", "StoreLost", "load", "shard_path", "DB_NAME", "DB_SUFFIXES", "SCHEMA_VERSION",
            "STATUSES", "SHARD_GLOB", "Driver", "SCHEDULER_HOST", "job_identity", "identity_cache", "jsonable",
            "provenance", "code_fingerprint", "code_versions", "NON_RESULT_KEYS"]
 
@@ -33,7 +38,8 @@ def shard_path(directory, name: str) -> Path:
 
 
 class StoreUnion:
-    """A store directory read as one store: its ``results.db`` and every ``shard-*.db`` beside it.
+    """A store directory read as one store: its ``results.db``, every ``shard-*.db`` beside it, and the rows spilled
+    beside them (``Spilled``) that no writer has imported yet.
 
     Each file has one writer (a driver, a Slurm array task), so nothing writes one SQLite file from several
     machines; readers see the union. A job appears once whichever file holds it: a record with a status other
@@ -51,6 +57,8 @@ class StoreUnion:
                     self.stores.append(Store(f, readonly=True))
                 except StoreError as e:  # e.g. an array task creating its file right now: read the rest
                     warnings.warn(f"shard file {f.name} is skipped: {e}", stacklevel=2)
+        # rows a writer could not write (a full disk): read from their spill files until a writer imports them
+        self.stores += [s for s in (Spilled(st.path) for st in list(self.stores)) if s.rows]
 
     @property
     def damaged(self) -> dict:
@@ -159,6 +167,48 @@ class StoreUnion:
 
     def __repr__(self):
         return f"StoreUnion({str(self.path)!r}, {len(self.stores) - 1} shards)"
+
+
+class Spilled:
+    """The rows spilled beside one database file (``beside.write_spill``), read as a store of their own: a reader
+    sees the results a driver could not write, before the next writer imports them."""
+
+    def __init__(self, db_path):
+        self.path = Path(db_path)
+        self.rows, self.damaged = {}, {}
+        for f in spilled(self.path):
+            try:
+                row = read_spill(f)
+            except (OSError, StoreError):  # a file being written, or garbage: the next writer sets it aside
+                continue
+            old = self.rows.get(row["job_id"])
+            if old is None or old["created"] < row["created"]:
+                self.rows[row["job_id"]] = row
+
+    def statuses(self) -> dict:
+        return {j: (r["status"], r["created"]) for j, r in self.rows.items()}
+
+    def done_ids(self, retry_failed: bool = False) -> set:
+        redo = ("failed", "crashed", "timeout") if retry_failed else ("failed",)
+        return {j for j, r in self.rows.items() if r["status"] not in redo}
+
+    def records(self, job_ids=None) -> list[dict]:
+        out = []
+        for j in (self.rows if job_ids is None else [str(j) for j in job_ids if str(j) in self.rows]):
+            try:
+                out.append(decode(tuple(self.rows[j].get(k) for k in SELECT_NAMES), self.path.parent))
+            except Exception as e:  # as Store._decode: a damaged row is named and skipped
+                self.damaged[j] = f"{type(e).__name__}: {e}"
+        return out
+
+    def live_records(self) -> list:
+        return []
+
+    def live_claims(self, stale_after=None) -> list:
+        return []
+
+    def close(self) -> None:
+        pass
 
 
 def load(path, sweep: int | None = None, running: bool = True) -> SweepResults:

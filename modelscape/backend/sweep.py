@@ -14,12 +14,14 @@ import uuid
 import warnings
 from collections import deque
 
+from modelscape.backend import checkpoints
+from modelscape.backend.beside import spill_records
 from modelscape.backend.board import LiveBoard
 from modelscape.backend.executors import JobSpec
 from modelscape.backend.identity import jsonable
 from modelscape.backend.plan import plan_units
 from modelscape.backend.records import failed_record, split_records
-from modelscape.backend.store import Driver
+from modelscape.backend.store import Driver, StoreError, StoreLost
 
 __all__ = ["run_jobs", "store_location"]
 
@@ -33,6 +35,11 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     config resolved as every job's is (each job's ``config`` is it with the job's ``overrides``). A job that
     another driver on ``st`` stored meanwhile is yielded with that driver's record. Close the generator to
     release this driver's claims early.
+
+    A record the store refuses is kept all the same (``Store.keep``: retried, then spilled beside the store for
+    the next run to import), with a warning naming the database's own error; the sweep goes on. A store whose
+    file is deleted or replaced, or whose write-ahead log vanishes, stops the sweep (``StoreLost``), after the
+    records this run stored have been spilled again (the lost log may have held them).
 
     ``board`` (a ``board.LiveBoard``; default, one without a progress bar) receives the running jobs' progress
     messages and lines of output from the executor, and writes their partial records to ``st``. ``units``: the
@@ -60,7 +67,13 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
 
     # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
     units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo, units)
-    dispatch = _dispatch(executor, spec_of, units, ids, st, since, claim_timeout)
+    root = st.path.parent if st is not None else None
+
+    def accept(i, record) -> bool:  # a record another driver stored: does it hold the checkpoints asked for here?
+        return checkpoints.satisfied(record, jobs[i][2], root)
+
+    dispatch = _dispatch(executor, spec_of, units, ids, st, since, claim_timeout, accept)
+    stored = []  # this run's records in the store: spilled again should the store's file be lost
     try:
         for unit, records, ran_here in dispatch:
             if ran_here:
@@ -72,10 +85,14 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
                     if st is not None:
                         record["code"] = codes[i]
                 if st is not None:  # a group's records land together: a crash never leaves part of a group
-                    records = _store_records(st, records, [jobs[i][2] for i in unit])
+                    records = _store_records(st, records, [jobs[i][2] for i in unit], stored)
             for i, record in zip(unit, records):
                 board.finished_job(i, record)
                 yield i, record
+        if st is not None:
+            st.check_file()  # a log deleted after the last write took that write with it
+    except StoreLost as e:
+        raise StoreLost(f"{e}. The sweep stops here; {st.salvage()}; {_respill(st, stored)}") from None
     finally:
         executor.on_live, executor.on_output = hooks
         dispatch.close()
@@ -87,7 +104,8 @@ def store_location(st) -> dict:
     if st is None:
         return {}
     directory = st.path.resolve().parent
-    return {"RESULTS_DIR": str(directory.parent), "EXPT_NAME": directory.name}
+    # STORE_FILE keys the checkpoint folder: two store files in one folder never share checkpoints/<id>
+    return {"RESULTS_DIR": str(directory.parent), "EXPT_NAME": directory.name, "STORE_FILE": st.path.name}
 
 
 def _window(executor) -> int:
@@ -96,7 +114,7 @@ def _window(executor) -> int:
     return len(getattr(executor, "slots", None) or [None]) + 2
 
 
-def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
+def _dispatch(executor, spec_of, units, ids, st, since, stale_after, accept=None):
     """Run ``units`` (lists of job indices: one job, or a fused group) on ``executor``, about ``_window`` of them
     submitted at a time; yield ``(indices, records, ran_here)`` as each unit finishes (a job another driver ran:
     a unit of its own).
@@ -105,7 +123,9 @@ def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
     out of its unit and looked at again every second, until that driver has stored it (yielded with
     ``ran_here`` False, its record read from the store) or has died (its claim is taken over and the job runs
     here, in one unit with the jobs of its unit that driver held too). A unit's claims are released once the
-    caller has stored its records (on the generator's next step), and all at the end.
+    caller has stored its records (on the generator's next step), and all at the end. ``accept(index, record)``
+    says whether another driver's record of a job will do (it may lack the checkpoints this sweep asks for:
+    then the job runs here too).
     """
     pending, waiting, inflight = deque(units), [], {}
     claims = _Claims(st, stale_after) if st is not None else None
@@ -116,7 +136,8 @@ def _dispatch(executor, spec_of, units, ids, st, since, stale_after):
             while pending and len(inflight) < window:
                 claimed, busy = [], []
                 for i in pending.popleft():
-                    outcome = claims.claim(ids[i], since) if claims is not None else "claimed"
+                    outcome = claims.claim(ids[i], since, lambda r, i=i: accept is None or accept(i, r)) \
+                        if claims is not None else "claimed"
                     if outcome == "busy":
                         busy.append(i)
                     elif outcome == "stored":
@@ -162,6 +183,7 @@ class _Claims:
         self.st, self.stale_after = st, stale_after
         self.driver = Driver.start()
         self.owners = set()  # other drivers already named to the user
+        self.said = set()  # notes already printed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="modelscape-heartbeat", daemon=True)
         self._thread.start()
@@ -173,10 +195,22 @@ class _Claims:
             except Exception:  # busy or closing: the next beat tries again, well within stale_after
                 pass
 
-    def claim(self, job_id, since) -> str:
-        outcome, owner = self.st.claim(job_id, self.driver, since, self.stale_after)
-        if outcome == "stored" and not self.st.records([job_id]):  # its record is damaged: run it again
-            outcome, owner = self.st.claim(job_id, self.driver, None, self.stale_after)
+    def claim(self, job_id, since, accept=lambda record: True) -> str:
+        try:
+            outcome, owner = self.st.claim(job_id, self.driver, since, self.stale_after)
+            if outcome == "stored":
+                found = self.st.records([job_id])
+                if not found or not accept(found[0]):  # damaged, or stored without the checkpoints asked here
+                    if found:
+                        self._say("stored jobs without the checkpoints this sweep asks for (another driver's "
+                                  "CHECKPOINTS differ): they train again here, to keep them")
+                    outcome, owner = self.st.claim(job_id, self.driver, None, self.stale_after)
+        except StoreLost:
+            raise
+        except StoreError as e:  # a full disk, a lock held too long: run the job unclaimed rather than not at all
+            self._say(f"cannot claim jobs in the store ({e.__cause__ or e}): jobs run unclaimed (a second driver "
+                      "on this store may train them too)")
+            return "claimed"
         if owner is not None and owner["driver"] not in self.owners:
             self.owners.add(owner["driver"])
             what = ("is running jobs of this sweep: they are left to it, and taken over if it stops"
@@ -184,50 +218,92 @@ class _Claims:
             print(f"modelscape: another driver ({owner['host']} pid {owner['pid']}) {what}", file=sys.stderr)
         return outcome
 
+    def _say(self, text):
+        if text not in self.said:
+            self.said.add(text)
+            print(f"modelscape: {text}", file=sys.stderr)
+
     def record(self, job_id) -> dict:
         return self.st.records([job_id])[0]
 
-    def release(self, job_ids):
-        self.st.release(self.driver, job_ids)
+    def release(self, job_ids=None):
+        try:
+            self.st.release(self.driver, job_ids)
+        except StoreError as e:  # claims left behind are taken over once this driver has stopped
+            self._say(f"cannot release claims in the store ({e.__cause__ or e})")
 
     def close(self):
         self._stop.set()
         self._thread.join()
         try:
-            self.st.release(self.driver)
+            self.release()
         finally:
             self.driver.stop()
 
 
-def _store_records(st, records, cfgs) -> list:
-    """Write a unit's records in one transaction, so that a crash stores all of them or none. Should the
-    store refuse one (an object-dtype grab, a full disk), each is written alone by ``_store_record``."""
-    if len(records) > 1:
-        for record, cfg in zip(records, cfgs):
-            record["config"] = jsonable(cfg)
-        try:
-            st.write_many(records)
-            return records
-        except Exception:
-            pass
-    return [_store_record(st, record, cfg) for record, cfg in zip(records, cfgs)]
-
-
-def _store_record(st, record, cfg):
-    """Write one record; a record the store refuses (an object-dtype grab, a full disk) becomes a failed
-    job in memory and, where possible, on disk, and the sweep goes on."""
-    record["config"] = jsonable(cfg)
+def _store_records(st, records, cfgs, stored=None) -> list:
+    """Store a unit's records in one transaction (a crash stores all of them or none) with ``Store.keep``: a
+    write the store refuses is retried, then spilled beside it, and the records come back unchanged either way.
+    A record the store cannot encode (an object-dtype grab) becomes a failed job (``_store_record``)."""
+    stored = [] if stored is None else stored
+    for record, cfg in zip(records, cfgs):
+        record["config"] = jsonable(cfg)
     try:
-        st.write(record)
+        _kept(st, records, st.keep(records))
+        stored += records
+        return records
+    except OSError as e:  # neither the store nor a spill file took them: they live on in this run's results
+        _kept(st, records, f"{e}: it is in the results this sweep returns only, and the next run trains it again")
+        return records
+    except (StoreError, ValueError) as e:
+        if isinstance(e, StoreLost):
+            raise
+        if len(records) == 1:
+            return [_refused(st, records[0], e)]
+    return [_store_record(st, record, stored) for record in records]
+
+
+def _store_record(st, record, stored):
+    try:
+        _kept(st, [record], st.keep([record]))
+        stored.append(record)
         return record
-    except Exception as e:
-        failed = failed_record(record["axes"], e, record.get("device", "cpu"), record.get("wall_time", 0.0),
-                               error=f"the result could not be stored: {type(e).__name__}: {e}")
-        failed.pop("oom", None)
-        failed.update(job_id=record["job_id"], config=record["config"])
-        warnings.warn(f"job {record['axes']}: {failed['error']}", stacklevel=3)
-        try:
-            st.write(failed)
-        except Exception:
-            pass  # the store itself is broken: the sweep's results still come back in memory
-        return failed
+    except OSError as e:
+        _kept(st, [record], f"{e}: it is in the results this sweep returns only, and the next run trains it again")
+        return record
+    except StoreLost:
+        raise
+    except (StoreError, ValueError) as e:
+        return _refused(st, record, e)
+
+
+def _kept(st, records, note) -> None:
+    """Warn, once per unit, when the records are not in the store itself (``note``: where they went, and why)."""
+    if note is not None:
+        axes = ", ".join(str(r["axes"]) for r in records)
+        warnings.warn(f"job {axes}: the result {note}", stacklevel=4)
+
+
+def _refused(st, record, e):
+    """A record the store cannot encode becomes a failed job, in memory and (where possible) on disk."""
+    failed = failed_record(record["axes"], e, record.get("device", "cpu"), record.get("wall_time", 0.0),
+                           error=f"the result could not be stored: {type(e).__name__}: {e}")
+    failed.pop("oom", None)
+    failed.update(job_id=record["job_id"], config=record["config"])
+    warnings.warn(f"job {record['axes']}: {failed['error']}", stacklevel=4)
+    try:
+        st.keep([failed])
+    except (StoreError, OSError):
+        pass  # the store itself is broken: the sweep's results still come back in memory
+    return failed
+
+
+def _respill(st, stored) -> str:
+    try:
+        where = spill_records(st.path, stored)
+    except OSError as e:
+        return f"the {len(stored)} results it had stored could not be spilled ({e}): they are lost"
+    if not stored:
+        return "it had stored no result"
+    return (f"the {len(stored)} results it had stored were spilled to {where}: the next run on {st.path} imports "
+            "them")

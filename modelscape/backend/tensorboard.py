@@ -24,6 +24,7 @@ import re
 import socket
 import time
 import uuid
+import warnings
 
 import numpy as np
 
@@ -166,8 +167,11 @@ class TensorBoardObserver(LoopObserver):
     every k-th step past ``MAX_POINTS`` steps; without curves only the EMA is known, sampled at the read-backs
     (every SYNC_EVERY steps) and at the end. Test loss (``test/loss``) and grabs (``grab/<name>``) at the
     evaluation steps, or at the end without curves. The run opens at the first read-back, so a running job
-    shows at once, in the HPARAMS tab too (its metrics come at the end).
+    shows at once, in the HPARAMS tab too (its metrics come at the end). Optional: should writing fail (a full
+    disk), the run stops where it is and the job trains on (``LoopObserver``).
     """
+
+    optional = True
 
     def __init__(self, job):
         require_tensorboard()
@@ -185,6 +189,11 @@ class TensorBoardObserver(LoopObserver):
         self.n_eval = 0  # evaluations written
         self.ema_points: list = []  # without curves: (step, EMA) at read-backs, not yet written
         self.next_point = 0
+        self.role = f"TensorBoard (writing {self.directory})"
+
+    def failed(self, exc):
+        if self.writer is not None:
+            self.writer.close()
 
     # -- the loop's calls ------------------------------------------------------------------------------
 
@@ -289,7 +298,11 @@ def start_sweep(jobs) -> None:
         hparams.append(run_hparams(cfg, axes))
         thresholds += [t for t in cfg["LOSS_CHECKPOINTS"] if t not in thresholds]
     for directory, (hparams, thresholds) in by_dir.items():
-        write_experiment(directory, hparams, thresholds)
+        try:
+            write_experiment(directory, hparams, thresholds)
+        except OSError as e:  # a full disk, say: the jobs' own runs (and results) need no summary
+            warnings.warn(f"TensorBoard: cannot write the experiment's summary in {directory} ({e}); the HPARAMS "
+                          "tab will lack its columns, the runs and the results are kept", RuntimeWarning, stacklevel=2)
 
 
 def write_experiment(directory: str, runs: list, thresholds) -> None:

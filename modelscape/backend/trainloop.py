@@ -7,12 +7,14 @@ loss from names, hence the one import of ``build``).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
 from modelscape.backend.build import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
+from modelscape.backend.inputs import first_batch, first_loss, naming_the_model, nonfinite
 from modelscape.model import centeredmodel
 from modelscape.utils import labels_of, match_shapes, to_numpy
 
@@ -217,9 +219,20 @@ class LoopObserver:
 
     ``fusable`` False keeps the job out of fused groups for another reason (the fused trainer steps a stacked
     optimizer, so ``opt`` at ``at_end`` holds no state of its own).
+
+    ``optional`` True (what reports or saves: TensorBoard, live progress, checkpoints): should one of its calls
+    raise (a full disk, say), the loop warns once, naming ``role`` and the error, calls ``failed(exc)`` and
+    calls the observer no more; the job trains on and keeps its result. False (step hooks, which change what is
+    trained): the error fails the job.
     """
 
     fusable = True
+    optional = False
+    role = "an observer"
+    broken = None  # once an optional observer has failed: why
+
+    def failed(self, exc: BaseException) -> None:
+        """Called once when an ``optional`` observer's call raised ``exc``: let go of what it holds."""
 
     def before_step(self, step: int, model, opt) -> None:
         pass
@@ -236,8 +249,33 @@ class LoopObserver:
 
 
 def observers_wanting(observers, method: str) -> list:
-    """The bound ``method`` of each observer that overrides it."""
-    return [getattr(o, method) for o in observers or () if o.wants(method)]
+    """The bound ``method`` of each observer that overrides it; an ``optional`` observer's guarded, so that its
+    failure costs the job nothing (see ``LoopObserver``)."""
+    return [_Guarded(o, method) if o.optional else getattr(o, method) for o in observers or () if o.wants(method)]
+
+
+class _Guarded:
+    """An optional observer's method: an exception becomes one warning, and the observer is called no more."""
+
+    def __init__(self, observer, method: str):
+        self.observer, self.call = observer, getattr(observer, method)
+
+    def __call__(self, *args) -> None:
+        o = self.observer
+        if o.broken is not None:
+            return
+        try:
+            self.call(*args)
+        except Exception as e:
+            o.broken = f"{type(e).__name__}: {e}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # one per job and observer, never deduplicated across jobs
+                warnings.warn(f"{o.role} failed ({o.broken}); this job trains on without it and keeps its result",
+                              RuntimeWarning, stacklevel=2)
+            try:
+                o.failed(e)
+            except Exception:  # letting go is best effort: the observer is done either way
+                pass
 
 
 def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Optimizer, loss_fn: Callable, *,
@@ -274,13 +312,20 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     while step < max_iter:
         for fn in before:
             fn(step, user_model, opt)
-        X, y = batch_fn(step)
-        if evals.due(step):
-            evals.record(step, X, y)
-        elif step == 0:
-            evals.check(X, y)
-        out = model(X)
-        loss = loss_fn(match_shapes(out, y), y)
+        if step:
+            X, y = batch_fn(step)
+            if evals.due(step):
+                evals.record(step, X, y)
+            out = model(X)
+            loss = loss_fn(match_shapes(out, y), y)
+        else:  # step 0: the batch and the model's output are checked, so bad data is named before training
+            batch_fn, X, y = first_batch(batch_fn, user_model)
+            with naming_the_model(user_model, X):
+                if evals.due(step):
+                    evals.record(step, X, y)
+                else:
+                    evals.check(X, y)
+            out, loss = first_loss(model, user_model, loss_fn, X, y, batch_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -291,6 +336,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
         new = read_losses(pending)
         pending.clear()
         stop = tracker.feed(new)
+        if tracker.status == "diverged":  # NaN that came with the data is the data's fault: say so
+            _warn_data(nonfinite(X, y, batch_fn, step - 1))
         for fn in after:
             fn(step, tracker, evals)
         if stop:
@@ -299,6 +346,11 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     for fn in at_end:
         fn(result, user_model, opt)
     return result
+
+
+def _warn_data(note: str | None) -> None:
+    if note:
+        warnings.warn(f"the job diverged with its data: {note}", stacklevel=3)
 
 
 def read_losses(pending: list) -> np.ndarray:
