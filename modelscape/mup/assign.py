@@ -140,10 +140,20 @@ class _Placer:
         role = "readout" if p.kind == "fixed" else "readin"
         d_in = next(layer.fan_in for layer in self.anat.layers if layer.path == self.anat.readin_path)
         eff = {r: vector_scale(self.param, role, self.anat.width, r, d_in) for r in ("sgd", "adam")}
-        return (("zero",) if p.what == "bias" else None), _split(eff, mult)
+        raw = _split(eff, mult)
+        # its gradient's scale: Adam's rate over the SGD rate of the same convention (fan-in 1); SGD's own
+        # constant carries the data's dimension, which says nothing about the gradient
+        raw["grad"] = raw["adam"] / (vector_scale(self.param, role, self.anat.width, "sgd", 1) / mult ** 2)
+        return (("zero",) if p.what == "bias" else None), raw
 
     def attention(self, mod, base_d_head):
         return None if self.sp else attention_scale(self.param, mod.d_head, base_d_head)
+
+
+def _grad(raw: dict) -> float:
+    """How a parameter's raw gradient entries scale: both rules move it alike, so the gradient is Adam's rate
+    over SGD's."""
+    return raw.get("grad", raw["adam"] / raw["sgd"])
 
 
 def _group_of(layer) -> str:
@@ -178,19 +188,18 @@ def assign(anat: Anatomy, param: str, update_rule: str, knobs: Knobs | None = No
             w = layer.module.weight
             pad = getattr(layer.module, "padding_idx", None) if isinstance(layer.module, EMBEDDINGS) else None
             out.rules.append(Rule(f"{layer.path}.weight" if layer.path else "weight", w, _group_of(layer),
-                                  init, raw[update_rule], raw["adam"] / raw["sgd"], pad))
+                                  init, raw[update_rule], _grad(raw), pad))
         for p in anat.params:
             if p.what == "bias" and p.owner == layer.path:
                 init_b, raw_b = place.vector(p, mult, layer.m_in, layer.role)
                 if layer.path == anat.readout_path and knobs.readout_zero_init:
                     init_b = ("zero",)
-                out.rules.append(Rule(p.name, p.param, "vector", init_b, raw_b[update_rule],
-                                      raw_b["adam"] / raw_b["sgd"]))
+                out.rules.append(Rule(p.name, p.param, "vector", init_b, raw_b[update_rule], _grad(raw_b)))
     for p in anat.params:
         if p.what != "bias":
             init, raw = place.vector(p)
             out.rules.append(Rule(p.name, p.param, "hidden" if p.kind == "hidden" else "vector", init,
-                                  raw[update_rule], raw["adam"] / raw["sgd"]))
+                                  raw[update_rule], _grad(raw)))
     if not place.sp and not place.relative:
         out.reset = [mod for _, mod in anat.norms]
         out.relu = math.sqrt(2.0) if relu_gain else 1.0
