@@ -25,9 +25,10 @@ Within a family the three choices are the same network: the effective weight ``m
 ``sqrt(q) / a`` and SGD moves it with learning rate ``lr * q`` (``lr_factor * mult**2 = q``). ntp and mup
 differ only at the read-out, whose effective init is ``1/sqrt(n)`` times smaller under mup. Adam-like and
 sign-based optimizers get their own factors (``effective_scales``). Vector-like parameters (biases, norm gains
-and biases) are weights on a constant input coordinate: read-ins of fan-in 1 (Tensor Programs V, Table 3), so
-their effective rate is independent of width (Adam) and of the data's dimension; embeddings are read-ins of
-fan-in 1 too. Every ``nn.ReLU`` gets the multiplier sqrt(2) (``relu_gain``).
+and biases) are weights on a constant input coordinate (Tensor Programs V, Table 3): under Adam read-ins of
+fan-in 1, so their effective rate is independent of width and of the data's dimension; under SGD one more input
+coordinate of the read-in, ``a**2 / d_in`` (``vector_scale``). Embeddings are read-ins of fan-in 1. Every
+``nn.ReLU`` gets the multiplier sqrt(2) (``relu_gain``).
 
 **Relative rules** (a base width: ``BASE_WIDTH`` or ``parameterize(base=...)``), Microsoft's ``mup``: at the
 base width the model is sp's to the bit (its own init, no multipliers, the base learning rate), and from there
