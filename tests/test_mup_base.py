@@ -443,3 +443,18 @@ def test_coord_check_with_a_base_width():
     np.testing.assert_array_equal(at_base.sel(width=32).values, sp.sel(width=32).values)
     spread = at_base.sel(step=2).max("width") / at_base.sel(step=2).min("width")
     assert float(spread.max()) < 1.6, spread.to_series()
+
+
+def test_gpt_width_is_its_width_not_the_mlp_blocks():
+    # absolute rules: the attention's and the MLP block's rates do not move when only mlp_mult changes
+    rates = []
+    for mlp_mult in (2, 4):
+        model = GPT(vocab_size=V, seq_len=T, width=64, depth=1, n_heads=2, mlp_mult=mlp_mult)
+        opt = mup.parameterize(model, "mup", torch.optim.SGD, 1.0, example_input=tokens()[0])
+        assert mup.anatomy(model).width == 64
+        block = model.blocks[0]
+        rates.append([group_of(opt, p)["lr"] * mult_of(model, n) ** 2 for n, p in
+                      (("blocks.0.attn.q.weight", block.attn.q.weight), ("blocks.0.ln1.weight", block.ln1.weight),
+                       ("blocks.0.fc1.weight", block.fc1.weight))])
+    assert rates[0] == pytest.approx(rates[1])
+    assert rates[0][0] == pytest.approx(1.0)  # a hidden n x n weight: q = a**2 / fan_in = 64 / 64
