@@ -458,3 +458,13 @@ def test_gpt_width_is_its_width_not_the_mlp_blocks():
                        ("blocks.0.fc1.weight", block.fc1.weight))])
     assert rates[0] == pytest.approx(rates[1])
     assert rates[0][0] == pytest.approx(1.0)  # a hidden n x n weight: q = a**2 / fan_in = 64 / 64
+
+
+def test_mupify_keeps_mupifys_width():
+    from modelscape.model import SimpleTransformer
+    torch.manual_seed(0)
+    model = SimpleTransformer(d_in=8, width=16, depth=1)  # its MLP block is 4 * 16 wide
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    mup.mupify(model, opt, "mup-lr")
+    lr = {n: group_of(opt, p)["lr"] for n, p in model.named_parameters()}
+    assert lr["hidden_layers.0.attn.q.weight"] == pytest.approx(64 / 16)  # q = width / fan_in, width 64

@@ -76,7 +76,8 @@ def mupify(model: nn.Module, optimizer: torch.optim.Optimizer, param: str, verbo
     """mupify's entry point: re-initialise ``model`` and re-group ``optimizer`` in place under ``param``.
 
     ``param`` is one of ntp, mup, mfp, ntp-lr, mup-lr (``parameterize``'s absolute rules: per-layer
-    multipliers and init, ReLU gain sqrt(2), per-layer learning rates). The optimizer's parameter groups are
+    multipliers and init, ReLU gain sqrt(2), per-layer learning rates), with mupify's width: the largest
+    fan-out but the read-out's (``parameterize`` prefers the model's ``width`` attribute). The optimizer's parameter groups are
     replaced by one group per learning-rate factor with learning rate ``base_lr * lr_factor``, ``base_lr``
     being the learning rate it was built with (remembered, so calling mupify again does not compound it); its
     other settings (momentum, weight decay, betas ...) carry over. The rule comes from the optimizer's class
@@ -93,7 +94,10 @@ def mupify(model: nn.Module, optimizer: torch.optim.Optimizer, param: str, verbo
         optimizer._mupify_base = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     base = optimizer._mupify_base
     rule = update_rule if update_rule is not None else update_rule_of(type(optimizer))
-    groups = parameterize(model, param, lambda groups, lr: groups, base["lr"], update_rule=rule)
+    # mupify's width: the largest fan-out but the read-out's, whatever the model's width attribute says
+    anat = anatomy(model)
+    width = max(layer.fan_out for layer in anat.layers if layer.path != anat.readout_path)
+    groups = parameterize(model, param, lambda groups, lr: groups, base["lr"], update_rule=rule, width=width)
     optimizer.param_groups = []
     for group in groups:
         optimizer.add_param_group({**base, **group})
