@@ -13,8 +13,8 @@ there muP scales every layer's init, multipliers and learning rate with width (M
 3. check: the same grid at the widest width (``--full-width``); the gap between the transferred run's final
    test loss and the grid's best, in percent, measures how well the tuned values carried over.
 
-    python examples/example_mutransfer.py                       # ~15 min on 2 CPU cores
-    python examples/example_mutransfer.py --widths 256 --full-width 256 --MAX_ITER 50    # a minute
+    python examples/example_mutransfer.py                       # ~25 min on 2 busy CPU cores
+    python examples/example_mutransfer.py --widths 256 --MAX_ITER 50    # a minute
 
 Flags of its own: ``--base-width``, ``--widths``, ``--full-width``, ``--lrs`` (log2 of the learning rates),
 ``--mults`` (output multipliers), ``--out``. Any hyperparameter flag (``--MAX_ITER``, ``--N_SAMPLES``,
@@ -145,8 +145,8 @@ def figure(tune, full, moved, n, path):
         ax1.plot(full["LR"], full.sel(OUTPUT_MULT=mult), "-s", color=color, ms=3,
                  label=f"width {n['full_width']}, OUTPUT_MULT {mult:g}")
     ax1.axvline(n["tuned"]["LR"], color="gray", lw=0.8)
-    ax1.set(xscale="log", yscale="log", xlabel="LR", ylabel="final test loss",
-            title="the grid at the base and the full width (mup)")
+    ax1.set(yscale="log", xlabel="LR", ylabel="final test loss", title="the grid at the base and the full width (mup)")
+    ax1.set_xscale("log", base=2)
     ax1.legend(fontsize="x-small")
     widths = sorted(n["transferred"]["mup"])
     for p, style in (("mup", "-o"), ("sp", "--x")):
@@ -154,7 +154,7 @@ def figure(tune, full, moved, n, path):
     ax2.axhline(n["full_sweep_best"]["test_loss"], color="k", lw=0.8,
                 label=f"best of the full sweep at width {n['full_width']}")
     ax2.axhline(n["entropy_rate"], color="gray", lw=0.8, ls=":", label="entropy rate of the language")
-    ax2.set(xscale="log", xlabel="width", ylabel="final test loss",
+    ax2.set(xlabel="width", ylabel="final test loss",
             title=f"transfer: gap {n['gap_percent']:+.1f}% (mup), {n['sp_gap_percent']:+.1f}% (sp)")
     ax2.set_xscale("log", base=2)
     ax2.legend(fontsize="x-small")
