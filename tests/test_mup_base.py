@@ -371,6 +371,19 @@ def test_attn_mult_reaches_the_gpt_from_the_config():
     assert attn.attn_mult == 0.25 and attn.attn_scale == pytest.approx(8 ** -0.5 * 8 / 16)
 
 
+def test_multipliers_sweep_from_the_command_line_and_bad_values_name_their_key():
+    from modelscape.backend.cli import parse_args
+    args = parse_args(["--OUTPUT_MULT", "0.5", "2", "--HIDDEN_LR_MULT", "3", "--BASE_WIDTH", "64"])
+    assert args.OUTPUT_MULT == [0.5, 2.0] and args.HIDDEN_LR_MULT == [3.0] and args.BASE_WIDTH == 64
+    bfn = dict(base_bfn=markov_bfn, vocab_size=V, seq_len=T)
+    cfg = dict(MODEL="GPT", WIDTH=32, DEPTH=1, n_heads=4, OPTIMIZER="Adam", LR=0.01, LOSS="cross_entropy",
+               N_SAMPLES=8, N_TEST=16, MAX_ITER=2, LOSS_CHECKPOINTS=[1e-9])
+    with pytest.raises(ConfigError, match="OUTPUT_MULT is a list .* make it a sweep axis"):
+        run_config({**cfg, "OUTPUT_MULT": [0.5, 2.0]}, bfn, quiet=True)
+    with pytest.raises(ConfigError, match="BASE_WIDTH=30: building .*GPT at the base width failed .*divisible"):
+        prepare_job({**cfg, "BASE_WIDTH": 30}, bfn, quiet=True)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Adam's eps, Lion, update rules
 # ------------------------------------------------------------------------------------------------------

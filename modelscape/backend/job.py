@@ -327,7 +327,11 @@ def _mup_options(cfg, param, model_cls, model_kwargs) -> dict:
             raise ConfigError(f"BASE_WIDTH={base_width} but model {qualname(model_cls)} takes no width argument, so "
                               "modelscape cannot build it at the base width; call modelscape.mup.parameterize with "
                               "base= in a post_init_fn instead")
-        shapes, d_heads = mup.build_shapes(lambda: factory(base_width))
+        try:
+            shapes, d_heads = mup.build_shapes(lambda: factory(base_width))
+        except Exception as e:  # the user's constructor, at a width the user chose: say which key led there
+            raise ConfigError(f"BASE_WIDTH={base_width}: building {qualname(model_cls)} at the base width failed "
+                              f"({type(e).__name__}: {e}); choose a BASE_WIDTH the model can be built at") from e
         out["base"] = mup.Shapes(shapes, None, d_heads)
     if factory is not None and (base_width is None or base_width == width or param == "sp"):
         built = mup.build_shapes(lambda: factory(2 * width), fallback_cpu=False)
