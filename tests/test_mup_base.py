@@ -481,3 +481,14 @@ def test_mupify_keeps_mupifys_width():
     mup.mupify(model, opt, "mup-lr")
     lr = {n: group_of(opt, p)["lr"] for n, p in model.named_parameters()}
     assert lr["hidden_layers.0.attn.q.weight"] == pytest.approx(64 / 16)  # q = width / fan_in, width 64
+
+
+def test_a_rule_composes_another_factor_per_parameter():
+    # what a second dimension that grows (depth) uses: factors multiply into the width rule's numbers
+    p = nn.Parameter(torch.ones(3))
+    rule = mup.Rule("w", p, "hidden", None, lr=0.5, grad=0.25)
+    assert rule.times(lr=0.5, grad=2.0).lr == 0.25 and rule.grad == 0.5 and rule.init is None
+    assert rule.times(init=3.0).init == ("scale", 3.0)
+    assert rule.times(init=2.0).init == ("scale", 6.0)
+    assert mup.Rule("w", p, "hidden", ("normal", 0.1), 1.0).times(init=0.5).init == ("normal", 0.05)
+    assert mup.Rule("w", p, "hidden", ("zero",), 1.0).times(init=0.5).init == ("zero",)

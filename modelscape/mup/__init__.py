@@ -51,7 +51,7 @@ numbers on an anatomy, tunable multipliers), ``apply`` (parameterize, rescale, m
 ``coord`` (the coordinate check and its figure); this module is their face. The README derives every rule.
 """
 from modelscape.mup.apply import mupify, parameterize, rescale, scale_output
-from modelscape.mup.assign import LR_GROUPS, Knobs, assign
+from modelscape.mup.assign import LR_GROUPS, Assignment, Knobs, Rule, assign
 from modelscape.mup.coord import coord_check, plot_coord_check
 from modelscape.mup.layers import Anatomy, Layer, anatomy
 from modelscape.mup.optim import Lion
@@ -63,7 +63,7 @@ from modelscape.mup.shapes import Shapes, base_shapes, build_shapes
 __all__ = ["gamma_lr", "rescale", "mupify", "parameterize", "anatomy", "Anatomy", "Layer", "layer_scales",
            "effective_scales", "vector_scale", "relative_scales", "relative_mult", "attention_scale",
            "update_rule_of", "coord_check", "plot_coord_check", "base_shapes", "build_shapes", "Shapes", "Knobs",
-           "assign", "LR_GROUPS", "Lion"]
+           "assign", "Assignment", "Rule", "LR_GROUPS", "Lion"]
 
 # Models pickled by 0.3 (checkpoint skeletons) name the hook by this path.
 _scale_output = scale_output

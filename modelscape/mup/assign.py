@@ -1,6 +1,10 @@
 """What each parameter and module of a model gets under a parameterization: the numbers of ``rules`` placed on its
 ``anatomy`` (forward multipliers, init, learning-rate factors, and how its gradient scales, which Adam's eps may
 follow), with the user's tunable multipliers (``Knobs``) on top. ``apply`` carries the assignment out.
+
+Everything here is a product of factors per parameter (``Rule``: learning rate, gradient scale, init) and per
+module (``Assignment.mults``), so a second dimension that grows besides width (depth) adds its factors with
+``Rule.times`` and by multiplying ``mults``, and the user's per-group multipliers stay on top of both.
 """
 from __future__ import annotations
 
@@ -67,6 +71,19 @@ class Rule:
     lr: float
     grad: float = 1.0
     padding_idx: int | None = None  # an embedding's padding row, kept at 0 by a fresh draw
+
+    def times(self, lr: float = 1.0, grad: float = 1.0, init: float = 1.0) -> "Rule":
+        """Compose one more factor into this rule, in place: its learning-rate factor times ``lr``, its gradient
+        scale (Adam's eps) times ``grad``, its init times ``init`` (a fresh draw's std, a scaling of the model's
+        own, or nothing for a zero init). Width is one dimension that grows; another (depth: residual-branch
+        rules) composes here as one more factor per parameter, without touching the width rules."""
+        self.lr *= float(lr)
+        self.grad *= float(grad)
+        if init != 1 and self.init is None:
+            self.init = ("scale", float(init))
+        elif init != 1 and self.init[0] in ("normal", "scale"):
+            self.init = (self.init[0], self.init[1] * float(init))
+        return self
 
 
 @dataclass
