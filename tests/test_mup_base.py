@@ -492,3 +492,29 @@ def test_a_rule_composes_another_factor_per_parameter():
     assert rule.times(init=2.0).init == ("scale", 6.0)
     assert mup.Rule("w", p, "hidden", ("normal", 0.1), 1.0).times(init=0.5).init == ("normal", 0.05)
     assert mup.Rule("w", p, "hidden", ("zero",), 1.0).times(init=0.5).init == ("zero",)
+
+
+class NumpyMasked(nn.Module):
+    """Draws a fixed mask from numpy's and Python's global RNGs in its constructor."""
+
+    def __init__(self, width):
+        import random
+        super().__init__()
+        self.width = width
+        self.mask = torch.tensor(np.random.rand(width) > 0.5)
+        self.tag = random.random()  # a constructor that draws from Python's RNG too
+        self.input_layer, self.output_layer = nn.Linear(4, width), nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.output_layer(torch.relu(self.input_layer(x)) * self.mask)
+
+
+def test_building_base_and_probe_models_leaves_every_global_rng_as_it_was():
+    import random
+    np.random.seed(0)
+    random.seed(0)
+    state = torch.random.get_rng_state()
+    mup.build_shapes(lambda: NumpyMasked(64))
+    mup.build_shapes(lambda: NumpyMasked(64), fallback_cpu=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert np.random.rand() == np.random.RandomState(0).rand() and random.random() == random.Random(0).random()

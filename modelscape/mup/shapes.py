@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,9 +59,10 @@ def _d_heads(model) -> dict:
 
 def build_shapes(factory: Callable[[], nn.Module], fallback_cpu: bool = True):
     """``(shapes, d_heads)`` of ``factory()``, built on the meta device (no memory, no random numbers), or on
-    the CPU if the model cannot be built there (``fallback_cpu``; torch's RNG is restored after). None if it
-    cannot be built at all without the CPU fallback."""
-    state = torch.random.get_rng_state()
+    the CPU if the model cannot be built there (``fallback_cpu``). torch's, numpy's and Python's global RNGs are
+    restored after, so a constructor that draws from them leaves the job's random numbers as they were. None if
+    it cannot be built at all without the CPU fallback."""
+    state, np_state, py_state = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     try:
         try:
             with torch.device("meta"):
@@ -70,6 +73,8 @@ def build_shapes(factory: Callable[[], nn.Module], fallback_cpu: bool = True):
             model = factory()
     finally:
         torch.random.set_rng_state(state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
     return shapes_of(model), _d_heads(model)
 
 
