@@ -100,8 +100,33 @@ SCHEMA: tuple[HP, ...] = (
     HP("MODEL_FILE", str, None, "Python file holding the model class (with MODEL_NAME).", group="model"),
     HP("MODEL_NAME", str, None, "Name of the model class inside MODEL_FILE.", group="model"),
     HP("CENTER", bool, True, "Train f(x) - f0(x), with f0 a frozen copy of the initial model.", group="model"),
-    HP("RELU_GAIN", bool, True, "Under muP-family parameterizations, multiply ReLU outputs by sqrt(2).",
-       group="model"),
+    HP("RELU_GAIN", bool, True, "Under muP-family parameterizations without BASE_WIDTH, multiply ReLU outputs by "
+       "sqrt(2) (mupify's).", group="model"),
+    HP("BASE_WIDTH", int, None, "muTransfer: the WIDTH at which the parameterization equals sp to the bit (the "
+       "model's own init, no multipliers, the base LR); wider models scale from there by the rule, so values tuned "
+       "at BASE_WIDTH carry over. None: mupify's absolute rules (see the README).", group="mup", range="[1, inf)"),
+    HP("OUTPUT_MULT", float, 1.0, "Tunable multiplier of the read-out's output (on top of the parameterization's; "
+       "LRs unchanged).", sweepable=True, group="mup", range="(0, inf)"),
+    HP("ATTN_MULT", float, 1.0, "Tunable multiplier of the attention logits (on top of the parameterization's "
+       "1/sqrt(d_head) or muP's 1/d_head); passed to a model whose constructor takes attn_mult.", sweepable=True,
+       group="mup", range="(0, inf)"),
+    HP("EMB_MULT", float, 1.0, "Tunable multiplier of the embeddings' and the input layer's output.", sweepable=True,
+       group="mup", range="(0, inf)"),
+    HP("EMB_LR_MULT", float, 1.0, "LR multiplier of the read-in weights (embeddings, input layer).", sweepable=True,
+       group="mup", range="[0, inf)"),
+    HP("HIDDEN_LR_MULT", float, 1.0, "LR multiplier of the hidden weights.", sweepable=True, group="mup",
+       range="[0, inf)"),
+    HP("READOUT_LR_MULT", float, 1.0, "LR multiplier of the read-out weights (and bottlenecks').", sweepable=True,
+       group="mup", range="[0, inf)"),
+    HP("VECTOR_LR_MULT", float, 1.0, "LR multiplier of the vector-like parameters (biases, norm gains and biases).",
+       sweepable=True, group="mup", range="[0, inf)"),
+    HP("READOUT_ZERO_INIT", bool, False, "Start the read-out's weight and bias at 0.", group="mup"),
+    HP("QUERY_ZERO_INIT", bool, False, "Start the attention queries (SelfAttention.q) at 0.", group="mup"),
+    HP("EPS_SCALING", bool, False, "Scale each parameter group's Adam eps with its gradient (by width, from "
+       "BASE_WIDTH or width 1, and by 1/GAMMA), so eps stays negligible in wide or rich models.", group="mup"),
+    HP("UPDATE_RULE", str, "auto", "muP's learning-rate rule: auto = from OPTIMIZER (an optimizer with no known "
+       "rule is an error); sgd (mupify applied it to every optimizer) or adam (entrywise-normalised or sign-based "
+       "steps) declare it.", choices=("auto", "sgd", "adam"), group="mup"),
     HP("OPTIMIZER", str, "SGD", "Optimizer: SGD, Adam, AdamW (any torch.optim name), or a class.",
        group="optimizer"),
     HP("MOMENTUM", float, 0.0, "SGD momentum.", group="optimizer", range="[0, inf)"),
@@ -442,7 +467,7 @@ def check_job_config(cfg: dict) -> None:
         for v in cfg[hp.name] if isinstance(cfg[hp.name], list) else [cfg[hp.name]]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_range(hp, v):
                 raise ConfigError(f"bad value for {hp.name}: {v!r} (must be in {hp.range})")
-    for name in ("N_SAMPLES", "LR", "DEPTH", "WIDTH", "GAMMA"):
+    for name in (hp.name for hp in SCHEMA if hp.sweepable):
         if isinstance(cfg.get(name), list):
             raise ConfigError(f"{name} is a list ({cfg[name]!r}) in a single job's config; make it a sweep axis "
                               f"(iterators=[...{cfg[name]!r}...], iterator_names=[...'{name}'...])")

@@ -80,9 +80,12 @@ class CNN(nn.Module):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention from Linear layers (``causal``: each position sees itself and the past).
-    ``attn_mult`` multiplies q.k: 1/sqrt(d_head) by default; muP sets it to 1/d_head (``modelscape.mup``)."""
 
-    def __init__(self, width, n_heads=1, bias=True, causal=False):
+    The logits ``q.k`` are multiplied by ``attn_mult * attn_scale``: ``attn_scale`` is the parameterization's
+    (1/sqrt(d_head) as built; ``modelscape.mup`` sets 1/d_head under muP), ``attn_mult`` the user's tunable
+    multiplier (config ATTN_MULT), which parameterize never touches."""
+
+    def __init__(self, width, n_heads=1, bias=True, causal=False, attn_mult=1.0):
         super().__init__()
         if width % n_heads:
             raise ValueError(f"width {width} is not divisible by n_heads {n_heads}")
@@ -91,21 +94,27 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(width, width, bias)
         self.v = nn.Linear(width, width, bias)
         self.proj = nn.Linear(width, width, bias)
-        self.attn_mult = 1.0 / math.sqrt(self.d_head)
+        self.attn_scale = 1.0 / math.sqrt(self.d_head)
+        self.attn_mult = float(attn_mult)
+
+    def __setstate__(self, state):
+        # pickled by 0.3, whose attn_mult was the whole scale: keep its numbers
+        state.setdefault("attn_scale", 1.0)
+        super().__setstate__(state)
 
     def forward(self, x):
         b, t, _ = x.shape
         q, k, v = (m(x).view(b, t, self.n_heads, self.d_head).transpose(1, 2) for m in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.attn_mult)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.attn_mult * self.attn_scale)
         return self.proj(h.transpose(1, 2).reshape(b, t, -1))
 
 
 class TransformerBlock(nn.Module):
     """Residual attention then MLP, without LayerNorm (``GPTBlock`` is the pre-LayerNorm block)."""
 
-    def __init__(self, width, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
+    def __init__(self, width, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None, attn_mult=1.0):
         super().__init__()
-        self.attn = SelfAttention(width, n_heads, bias)
+        self.attn = SelfAttention(width, n_heads, bias, attn_mult=attn_mult)
         self.fc1 = nn.Linear(width, mlp_mult * width, bias)
         self.fc2 = nn.Linear(mlp_mult * width, width, bias)
         self.nonlin = make_nonlinearity(nonlinearity)
@@ -118,13 +127,14 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """A small transformer on (N, T, d_in) sequences: embed, ``depth`` blocks, mean-pool over T, read out."""
 
-    def __init__(self, d_in=8, width=32, depth=2, d_out=1, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None):
+    def __init__(self, d_in=8, width=32, depth=2, d_out=1, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None,
+                 attn_mult=1.0):
         super().__init__()
         if depth < 1:
             raise ValueError(f"Transformer depth must be >= 1, got {depth}")
         self.width, self.depth, self.d_out = width, depth, d_out
         self.input_layer = nn.Linear(d_in, width, bias)
-        self.blocks = nn.ModuleList([TransformerBlock(width, n_heads, mlp_mult, bias, nonlinearity)
+        self.blocks = nn.ModuleList([TransformerBlock(width, n_heads, mlp_mult, bias, nonlinearity, attn_mult)
                                      for _ in range(depth)])
         self.output_layer = nn.Linear(width, d_out, bias)
 
@@ -141,10 +151,10 @@ class Transformer(nn.Module):
 class GPTBlock(nn.Module):
     """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + fc2(nonlin(fc1(ln2(x))))``."""
 
-    def __init__(self, width, n_heads=4, mlp_mult=4, bias=True, nonlinearity="gelu"):
+    def __init__(self, width, n_heads=4, mlp_mult=4, bias=True, nonlinearity="gelu", attn_mult=1.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(width, bias=bias)
-        self.attn = SelfAttention(width, n_heads, bias, causal=True)
+        self.attn = SelfAttention(width, n_heads, bias, causal=True, attn_mult=attn_mult)
         self.ln2 = nn.LayerNorm(width, bias=bias)
         self.fc1 = nn.Linear(width, mlp_mult * width, bias)
         self.fc2 = nn.Linear(mlp_mult * width, width, bias)
@@ -163,20 +173,25 @@ class GPT(nn.Module):
     ``mlp_mult * width``, a final LayerNorm, and the read-out (``output_layer``). ``vocab_size`` and
     ``seq_len`` (the longest sequence it takes) come from the config keys of those names, which
     ``modelscape.data.markov_bfn`` reads too, so model and data agree. With ``LOSS='cross_entropy'`` the
-    trainloop puts the classes where ``nn.CrossEntropyLoss`` wants them.
+    trainloop puts the classes where ``nn.CrossEntropyLoss`` wants them. ``tie_weights``: the read-out shares
+    the token embedding's weight (muP gives the read-out its own multiplier). ``attn_mult``: the attention
+    logits' tunable multiplier (config ATTN_MULT).
     """
 
     def __init__(self, vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, width=64, depth=2, n_heads=4, mlp_mult=4,
-                 bias=True, nonlinearity="gelu"):
+                 bias=True, nonlinearity="gelu", attn_mult=1.0, tie_weights=False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"GPT depth must be >= 1, got {depth}")
         self.vocab_size, self.seq_len, self.width, self.depth = vocab_size, seq_len, width, depth
         self.input_layer = nn.Embedding(vocab_size, width)  # token embedding: the read-in
         self.pos_emb = nn.Embedding(seq_len, width)
-        self.blocks = nn.ModuleList([GPTBlock(width, n_heads, mlp_mult, bias, nonlinearity) for _ in range(depth)])
+        self.blocks = nn.ModuleList([GPTBlock(width, n_heads, mlp_mult, bias, nonlinearity, attn_mult)
+                                     for _ in range(depth)])
         self.ln_f = nn.LayerNorm(width, bias=bias)
         self.output_layer = nn.Linear(width, vocab_size, bias)
+        if tie_weights:
+            self.output_layer.weight = self.input_layer.weight
 
     def forward(self, x):
         if x.ndim != 2 or x.dtype.is_floating_point:

@@ -138,6 +138,22 @@ def test_lr_transfer_example(tmp_path):
     assert res.records[0]["config"]["PARAMETERIZATION"] == "ntp"
 
 
+def test_mutransfer_example(tmp_path):
+    out = tmp_path / "mutransfer"
+    stdout = run_example("example_mutransfer.py", out, "--base-width", 16, "--widths", 32, "--lrs", -7, -5,
+                         "--mults", 1, 2, "--MAX_ITER", 6, "--N_TEST", 16, "--N_SAMPLES", 4)
+    numbers = json.loads((out / "mutransfer.json").read_text())
+    assert numbers["tuned"]["LR"] in (2 ** -7, 2 ** -5) and numbers["full_width"] == 32
+    # at the base width mup is sp, and the transferred run is one point of the full sweep at 32
+    assert numbers["transferred"]["mup"]["16"] == numbers["transferred"]["sp"]["16"]
+    tuned = f"{numbers['tuned']['LR']:g},{numbers['tuned']['OUTPUT_MULT']:g}"
+    assert numbers["transferred"]["mup"]["32"] == numbers["full_grid"][tuned]
+    assert numbers["gap_percent"] >= 0 and "gap of the transferred run" in stdout
+    res = modelscape.load(out)
+    assert {r["config"]["BASE_WIDTH"] for r in res.records} == {16}
+    check_png(out / "mutransfer.png")
+
+
 def load_example(name):
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / name)
@@ -158,7 +174,7 @@ def test_every_example_lists_out_in_its_help(name, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", ["example_synthetic_run.py", "example_digits_run.py", "example_lr_transfer.py",
-                                  "example_perturb_init.py"])
+                                  "example_perturb_init.py", "example_mutransfer.py"])
 def test_examples_store_under_out_or_results_dir_and_expt_name(name):
     parse = load_example(name).parse  # each returns the output folder first
     assert parse([])[0] == os.path.join("results", name[:-3])

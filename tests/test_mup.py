@@ -49,13 +49,14 @@ def expected(param, role, fan_in, width, rule):
 
 
 def expected_bias_lr(param, role, width, rule, mult, d_in=D_IN):
-    """A bias learns like one read-in weight (Tensor Programs V): effective SGD rate a**2 / d_in (1 / d_in at
-    the read-out), effective Adam rate a / (sqrt(width) * d_in) (1 / d_in at the read-out), seen through its
-    layer's multiplier."""
+    """A bias is a weight on a constant input coordinate (Tensor Programs V), seen through its layer's
+    multiplier. Adam: a read-in of fan-in 1 (read-out of fan-in 1 at the read-out), effective rate
+    a / sqrt(width) (1 at the read-out), independent of the data's dimension. SGD: one more input coordinate
+    of the read-in, effective rate a**2 / d_in (1 / d_in at the read-out)."""
     a = math.sqrt(width) if param in ("mup", "mfp", "mup-lr") else 1.0
     if rule == "sgd":
         return (a * a if role != "readout" else 1.0) / d_in / mult ** 2
-    return (a / math.sqrt(width) if role != "readout" else 1.0) / d_in / mult
+    return (a / math.sqrt(width) if role != "readout" else 1.0) / mult
 
 
 def group_lr(opt, p):
@@ -104,6 +105,8 @@ def test_adam_factors_concrete_numbers():
     model = mlp(256)
     opt = mup.parameterize(model, "mup", torch.optim.AdamW, 1.0)
     assert [group_lr(opt, l.weight) for l in layers_of(model)] == pytest.approx([1 / 64, 1 / 256, 1 / 16])
+    # Adam biases: effective rate 1 (a read-in of fan-in 1), raw 1 / mult: 1/4, 1, 16
+    assert [group_lr(opt, l.bias) for l in layers_of(model)] == pytest.approx([1 / 4, 1, 16])
     # SGD: mup has no lr factor on weights; a bias learns like a read-in weight: effective rate 256 / 16 = 16
     # (1 / 16 at the read-out), raw rate effective / mult**2 (read-in multiplier 4, read-out 1/16)
     model = mlp(256)
@@ -151,12 +154,17 @@ def test_conv_and_transformer_layers():
 
     torch.manual_seed(0)
     tf = Transformer(d_in=8, width=32, depth=1, d_out=1, n_heads=2)
-    assert mup.anatomy(tf).width == 64  # the MLP block's fan-out (mlp_mult=2) is the largest
+    # the model's width attribute, not the MLP block's fan-out (mlp_mult * width), which would move the
+    # absolute rules when mlp_mult changes
+    assert mup.anatomy(tf).width == 32
+    assert mup.anatomy(tf, width=48).width == 48
+    assert mup.anatomy(CNN(in_channels=3, width=8)).width == 8
     attn = tf.blocks[0].attn
+    attn.attn_mult = 0.5  # the user's multiplier: never overwritten
     mup.parameterize(tf, "mup", torch.optim.Adam, 1e-2)
-    assert attn.attn_mult == pytest.approx(1 / 16)  # muP: 1/d_head
+    assert attn.attn_scale == pytest.approx(1 / 16) and attn.attn_mult == 0.5  # muP: 1/d_head
     mup.parameterize(tf, "ntp", torch.optim.Adam, 1e-2)
-    assert attn.attn_mult == pytest.approx(1 / 4)  # 1/sqrt(d_head)
+    assert attn.attn_scale == pytest.approx(1 / 4) and attn.attn_mult == 0.5  # 1/sqrt(d_head)
     assert torch.isfinite(tf(torch.randn(3, 5, 8))).all()
 
 

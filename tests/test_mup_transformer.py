@@ -72,7 +72,7 @@ def test_bias_layernorm_and_embedding_updates_are_width_independent(opt_cls, lr)
     watched = ["input_layer.weight", "pos_emb.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias",
                "blocks.0.attn.v.bias", "blocks.0.attn.proj.bias", "blocks.0.fc1.bias", "blocks.0.fc2.bias",
                "ln_f.weight", "ln_f.bias", "output_layer.bias"]
-    bfn = language()
+    bfn = language(16)
     changes = []
     for width in (64, 256, 1024):
         model = gpt(width, depth=1)
@@ -96,54 +96,53 @@ def test_bias_layernorm_and_embedding_updates_are_width_independent(opt_cls, lr)
 # the same rules as Microsoft's mup
 # ------------------------------------------------------------------------------------------------------
 
-def _effective(model, opt, rule):
-    """Per parameter: (effective init RMS, effective learning rate) as the function sees them."""
+def _effective(model, opt, rule, readout_mult=None):
+    """Per parameter: (effective tensor, effective learning rate) as the function sees them; a parameter behind
+    a multiplier ``m`` is ``m * p``, learning at ``m * lr`` (Adam) or ``m**2 * lr`` (SGD)."""
     out = {}
     for name, p in model.named_parameters():
-        m = mult_of(model, name)
+        m = mult_of(model, name) if readout_mult is None else (readout_mult if name == "output_layer.weight" else 1.0)
         lr = group_of(opt, p)["lr"]
-        out[name] = (m * rms(p), lr * (m if rule == "adam" else m * m))
+        out[name] = (m * p.detach(), lr * (m if rule == "adam" else m * m))
     return out
 
 
+@pytest.mark.parametrize("param", ["mup", "mfp", "mup-lr"])
 @pytest.mark.parametrize("rule", ["adam", "sgd"])
-def test_effective_rates_and_init_match_microsoft_mup(rule):
+def test_effective_init_and_rates_equal_microsoft_mup_with_a_base_width(rule, param):
+    # Absolute values, not ratios: the same sp draw, parameterized by us with a base width and by Microsoft's
+    # set_base_shapes (which rescales the read-out and the biases) + MuReadout + MuAdam / MuSGD, gives every
+    # parameter of the GPT the same effective tensor and learning rate, at and above the base width.
     import mup as ms  # the test extra, pinned in requirements.txt
-    widths = (128, 512)
-    ours, theirs = [], []
     X = language()(0)[0]
-    for width in widths:
-        model = gpt(width)
-        opt = mup.parameterize(model, "mup", torch.optim.Adam if rule == "adam" else torch.optim.SGD, 1.0,
-                               example_input=X)
-        ours.append(_effective(model, opt, rule))
-        assert model.blocks[0].attn.attn_mult == pytest.approx(1 / model.blocks[0].attn.d_head)
+    opt_cls, ms_opt_cls = (torch.optim.Adam, ms.MuAdam) if rule == "adam" else (torch.optim.SGD, ms.MuSGD)
 
-        def ms_gpt(w):
-            net = gpt(w)
-            net.output_layer = ms.MuReadout(w, V)
-            for block in net.blocks:
-                block.attn.attn_mult = 1.0 / block.attn.d_head  # muP's attention scale, by hand under ms
-            return net
+    def ms_gpt(w):
+        net = GPT(vocab_size=V, seq_len=T, width=w, depth=2, n_heads=2, mlp_mult=2)
+        net.output_layer = ms.MuReadout(w, V)
+        return net
 
-        net = ms.set_base_shapes(ms_gpt(width), ms_gpt(64))
-        ms_opt = (ms.MuAdam if rule == "adam" else ms.MuSGD)(net.parameters(), lr=1.0)
-        eff = {}
-        for name, p in net.named_parameters():
-            m = 1.0 / net.output_layer.width_mult() if name == "output_layer.weight" else 1.0
-            lr = group_of(ms_opt, p)["lr"]
-            eff[name] = (m * rms(p), lr * (m if rule == "adam" else m * m))
-        theirs.append(eff)
-    assert ours[0].keys() == theirs[0].keys()
-    for name in ours[0]:
-        lr_ours, lr_theirs = ours[1][name][1] / ours[0][name][1], theirs[1][name][1] / theirs[0][name][1]
-        assert lr_ours == pytest.approx(lr_theirs, rel=0.1), (name, "effective lr ratio")
-        if ours[0][name][0] == 0:
-            # biases start at 0 here, at every width; mup keeps PyTorch's bias init, made width-independent
-            assert ours[1][name][0] == 0
-            continue
-        init_ours, init_theirs = ours[1][name][0] / ours[0][name][0], theirs[1][name][0] / theirs[0][name][0]
-        assert init_ours == pytest.approx(init_theirs, rel=0.1), (name, "effective init ratio")
+    for width in (64, 256):
+        ours = gpt(width)
+        state = {k: v.clone() for k, v in ours.state_dict().items()}
+        with torch.device("meta"):
+            base = gpt(64)
+        opt = mup.parameterize(ours, param, opt_cls, 0.3, base=base, example_input=X)
+        theirs = ms_gpt(width)
+        theirs.load_state_dict(state)
+        ms.set_base_shapes(theirs, ms_gpt(64))
+        ms_opt = ms_opt_cls(theirs.parameters(), lr=0.3)
+        a = _effective(ours, opt, rule)
+        b = _effective(theirs, ms_opt, rule, readout_mult=1.0 / theirs.output_layer.width_mult())
+        assert a.keys() == b.keys() and len(a) == 38
+        for name in a:
+            torch.testing.assert_close(a[name][0], b[name][0], rtol=1e-6, atol=0, msg=f"{name}: effective init")
+            assert a[name][1] == pytest.approx(b[name][1], rel=1e-12), (name, "effective lr")
+        # the attention logits: sp's 1/sqrt(d_head) at the base width, 1/d_head from there (d_head 32 -> 128)
+        attn = ours.blocks[0].attn
+        assert attn.attn_scale == pytest.approx(32 ** -0.5 * 32 / attn.d_head)
+        if width == 256:
+            assert b["output_layer.weight"][1] == pytest.approx(0.3 / 4)  # the read-out learns 4x slower
 
 
 # ------------------------------------------------------------------------------------------------------

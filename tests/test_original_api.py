@@ -502,18 +502,19 @@ class PlainMomentum(torch.optim.Optimizer):
                     p.add_(p.grad, alpha=-group["lr"])
 
 
-def test_default_muP_uses_sgd_rules_for_an_unknown_optimizer_and_explicit_muP_refuses_it():
+def test_unknown_optimizer_is_an_error_unless_its_rule_is_declared():
     def lrs(opt, **kw):  # [groups, learning rate of each group's weight matrices (NaN: none)]
         weights = [[g["lr"] for p in g["params"] if p.ndim >= 2] for g in opt.param_groups]
         return np.array([len(opt.param_groups)] + [w[0] if w else np.nan for w in weights])
-    with pytest.warns(UserWarning, match="PlainMomentum.*SGD"):
-        *_, got = run_job(0, (8, 0), small(OPTIMIZER_CLASS=PlainMomentum, momentum=0.5, otherreturns={"lr": lrs}),
-                          dict(base_bfn=gauss_bfn), ["ntrain", "trial"])
-    # parameterized (sp would leave one group) with muP's SGD rule: factor 1 for every weight matrix
-    assert got[0] > 1 and not np.isnan(got[1:]).all()
+    # a wrong rule mis-scales every layer: no guessing, under the default muP as under an explicit one
+    for extra in ({}, {"PARAMETERIZATION": "mup"}):
+        with pytest.raises(ConfigError, match="PlainMomentum.*UPDATE_RULE='sgd'"):
+            run_one(small(OPTIMIZER_CLASS=PlainMomentum, **extra))
+    # the original's (mupify's) behaviour, declared: SGD's rule, factor 1 for every weight matrix under mup
+    *_, got = run_job(0, (8, 0), small(OPTIMIZER_CLASS=PlainMomentum, momentum=0.5, UPDATE_RULE="sgd",
+                                       otherreturns={"lr": lrs}), dict(base_bfn=gauss_bfn), ["ntrain", "trial"])
+    assert got[0] > 1 and not np.isnan(got[1:]).all()  # parameterized (sp would leave one group)
     np.testing.assert_allclose(got[1:][~np.isnan(got[1:])], 0.05)
-    with pytest.raises(ValueError, match="PlainMomentum"):
-        run_one(small(OPTIMIZER_CLASS=PlainMomentum, PARAMETERIZATION="mup"))
 
 
 def test_worker_runs_queued_jobs_until_none_and_reports_errors():

@@ -17,6 +17,7 @@ from torch import nn
 from modelscape.config import BY_NAME, SILENT_ALIASES, ConfigError, canonicalize, signature_names
 from modelscape.model import MLP
 from modelscape.models import BUILTIN_MODELS
+from modelscape.mup.optim import Lion
 from modelscape.utils import load_from_file
 
 __all__ = ["BFN_KEYS", "get_base_bfn", "get_model_class", "resolve_optimizer", "resolve_loss_class", "resolve_loss",
@@ -59,13 +60,17 @@ def get_model_class(cfg: dict, mlp=MLP):
 
 
 def resolve_optimizer(spec):
-    """'SGD', 'adam', 'AdamW' ... (any torch.optim name, any case) or an optimizer class -> class."""
+    """'SGD', 'adam', 'AdamW' ... (any torch.optim name, any case), 'Lion' (``modelscape.mup.Lion``; torch has
+    none) or an optimizer class -> class."""
     if not isinstance(spec, str):
         return spec
     for name in dir(torch.optim):
         if name.lower() == spec.lower() and isinstance(getattr(torch.optim, name), type):
             return getattr(torch.optim, name)
-    raise ValueError(f"OPTIMIZER={spec!r} is not in torch.optim; pass the class itself for another optimizer")
+    if spec.lower() == "lion":
+        return Lion
+    raise ValueError(f"OPTIMIZER={spec!r} is not in torch.optim (nor Lion); pass the class itself for another "
+                     "optimizer")
 
 
 def resolve_loss_class(spec):
@@ -97,8 +102,8 @@ def resolve_loss(spec, cfg: dict | None = None):
 
 def optimizer_names() -> list[str]:
     """The optimizer classes of torch.optim, by name."""
-    return sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
-                  and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer")
+    return sorted([n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"] + ["Lion"])
 
 
 def resolve_names(cfg: dict) -> None:

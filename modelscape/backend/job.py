@@ -190,12 +190,13 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
     param = cfg["PARAMETERIZATION"]
     if param == "auto":  # a hook parameterizes the model itself (the original's mupify hooks do)
         param = "sp" if hook is not None else "mup"
-    rule = _default_update_rule(cfg, param, opt_cls)
+    rule = _update_rule(cfg, param, opt_cls)
     # A slice of data the model trains or is tested on: the forward pass that checks the read-in / read-out
     # must not draw from the batch function's generator.
     example = (X_tr if X_tr is not None else X_te)[:8]
     opt = mup.parameterize(model, param, opt_cls, mup.gamma_lr(cfg["LR"], gamma, rule or opt_cls),
-                           relu_gain=cfg["RELU_GAIN"], update_rule=rule, example_input=example, **opt_kwargs)
+                           relu_gain=cfg["RELU_GAIN"], update_rule=rule, example_input=example,
+                           **_mup_options(cfg, param, model_cls, model_kwargs), **opt_kwargs)
     hook_rescales = False
     if hook is not None:
         model, opt, hook_rescales = _post_init(cfg, model, opt)
@@ -282,20 +283,66 @@ def run_resolved_safe(cfg: dict, bfn_config: dict, device="cpu", axes: dict | No
         return failed_record(axes, e, device, time.perf_counter() - t0)
 
 
-def _default_update_rule(cfg, param, opt_cls):
-    """None (parameterize reads the rule from the optimizer class), except under the default
-    PARAMETERIZATION=auto with an optimizer it does not know: then SGD's rule, as mupify applies to every
-    optimizer, with a warning. An explicit PARAMETERIZATION with such an optimizer stays an error."""
-    if cfg["PARAMETERIZATION"] != "auto" or param == "sp":
+def _update_rule(cfg, param, opt_cls):
+    """UPDATE_RULE if declared, else None (parameterize reads the rule from the optimizer class). An optimizer
+    with no known rule is a ConfigError naming it (a wrong rule mis-scales every layer): mupify applied SGD's
+    rule to every optimizer, and UPDATE_RULE='sgd' does so again."""
+    if cfg["UPDATE_RULE"] != "auto":
+        return cfg["UPDATE_RULE"]
+    if param == "sp":
         return None
     try:
         mup.update_rule_of(opt_cls)
+    except ValueError as e:
+        raise ConfigError(f"OPTIMIZER={qualname(opt_cls)} with PARAMETERIZATION={cfg['PARAMETERIZATION']!r}: {e} "
+                          "In a config: UPDATE_RULE='sgd' (as mupify) or 'adam'.") from None
+    return None
+
+
+MUP_KEYS = ("BASE_WIDTH", "OUTPUT_MULT", "ATTN_MULT", "EMB_MULT", "EMB_LR_MULT", "HIDDEN_LR_MULT", "READOUT_LR_MULT",
+            "VECTOR_LR_MULT", "READOUT_ZERO_INIT", "QUERY_ZERO_INIT", "EPS_SCALING")
+
+
+def _width_factory(model_cls, model_kwargs):
+    """``width -> model`` for a model class whose constructor takes ``width`` (or WIDTH), else None."""
+    key = next((k for k in ("width", "WIDTH") if k in model_kwargs), None)
+    if key is None:
         return None
-    except ValueError:
-        warnings.warn(f"optimizer {qualname(opt_cls)} is neither SGD nor Adam-like: muP (the default "
-                      "parameterization) uses SGD's learning-rate rule for it, as mupify does; set "
-                      "PARAMETERIZATION explicitly to choose", stacklevel=3)
-        return "sgd"
+    return lambda w: model_cls(**{**model_kwargs, key: w})
+
+
+def _mup_options(cfg, param, model_cls, model_kwargs) -> dict:
+    """``parameterize``'s keyword arguments from the config's muP keys: the base model at BASE_WIDTH (built on
+    the meta device), a probe at twice the width so muP knows which dimensions grow, and the multipliers."""
+    if cfg["ATTN_MULT"] != 1 and "attn_mult" not in signature_names(model_cls):
+        raise ConfigError(f"ATTN_MULT={cfg['ATTN_MULT']} but model {qualname(model_cls)} takes no attn_mult; the "
+                          "built-in Transformer and GPT do (a model of your own passes it to its attention modules)")
+    out = dict(output_mult=cfg["OUTPUT_MULT"], emb_mult=cfg["EMB_MULT"],
+               lr_mults={"embedding": cfg["EMB_LR_MULT"], "hidden": cfg["HIDDEN_LR_MULT"],
+                         "readout": cfg["READOUT_LR_MULT"], "vector": cfg["VECTOR_LR_MULT"]},
+               readout_zero_init=cfg["READOUT_ZERO_INIT"], query_zero_init=cfg["QUERY_ZERO_INIT"],
+               eps_scaling=cfg["EPS_SCALING"], gamma=cfg["GAMMA"])
+    knobs_default = all(cfg[k] == BY_NAME[k].default for k in MUP_KEYS if k != "BASE_WIDTH")
+    if param == "sp" and knobs_default:
+        return out
+    factory = _width_factory(model_cls, model_kwargs)
+    base_width, width = cfg["BASE_WIDTH"], model_kwargs.get("width", model_kwargs.get("WIDTH"))
+    if base_width is not None and param != "sp":
+        if factory is None:
+            raise ConfigError(f"BASE_WIDTH={base_width} but model {qualname(model_cls)} takes no width argument, so "
+                              "modelscape cannot build it at the base width; call modelscape.mup.parameterize with "
+                              "base= in a post_init_fn instead")
+        try:
+            shapes, d_heads = mup.build_shapes(lambda: factory(base_width))
+        except Exception as e:  # the user's constructor, at a width the user chose: say which key led there
+            raise ConfigError(f"BASE_WIDTH={base_width}: building {qualname(model_cls)} at the base width failed "
+                              f"({type(e).__name__}: {e}); choose a BASE_WIDTH the model can be built at") from e
+        out["base"] = mup.Shapes(shapes, None, d_heads)
+    if factory is not None and (base_width is None or base_width == width or param == "sp"):
+        built = mup.build_shapes(lambda: factory(2 * width), fallback_cpu=False)
+        if built is not None:
+            out["probe"] = built[0]
+    return out
 
 
 def _post_init(cfg, model, opt):

@@ -28,7 +28,11 @@ log = logging.getLogger("modelscape.backend.fused")  # the notes keep the logger
 # in these (and the trial) may be fused. Everything else must be equal.
 NUMERIC_KEYS = frozenset({"trial", "SEED", "LR", "GAMMA", "PARAMETERIZATION", "MOMENTUM", "WEIGHT_DECAY",
                           "LOSS_CHECKPOINTS", "EMA_SMOOTHER", "MAX_ITER", "RELATIVE_THRESHOLDS", "RELU_GAIN",
-                          "VERBOSE"})
+                          "VERBOSE",
+                          # muP's: multipliers, per-group learning rates and eps, inits, which StackedMLP and
+                          # StackedOptimizer read from each member's modules and param groups (test_fused checks)
+                          "BASE_WIDTH", "OUTPUT_MULT", "EMB_MULT", "EMB_LR_MULT", "HIDDEN_LR_MULT",
+                          "READOUT_LR_MULT", "VECTOR_LR_MULT", "READOUT_ZERO_INIT", "EPS_SCALING"})
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity, nn.Sigmoid)
 # The MLPs whose forward StackedMLP reproduces: ours, and the original's (the default MODEL), a subclass that
 # only adds an init option and a method.

@@ -11,6 +11,7 @@ from torch import nn
 
 from modelscape.mup.apply import parameterize
 from modelscape.mup.rules import EMBEDDINGS, NORMS, WEIGHT_LAYERS
+from modelscape.mup.shapes import Shapes, build_shapes
 from modelscape.utils import match_shapes
 
 __all__ = ["coord_check", "plot_coord_check"]
@@ -44,7 +45,7 @@ def _record(model: nn.Module, names: list, X) -> tuple:
 def coord_check(model_fn: Callable[[int], nn.Module], widths: Sequence[int], batch_fn: Callable, steps: int = 5,
                 param: str = "mup", optimizer=torch.optim.SGD, lr: float | None = None,
                 loss_fn: Callable | None = None, seed: int = 0, measure: str = "rms", relu_gain: bool = True,
-                device=None, **opt_kwargs):
+                device=None, base_width: int | None = None, **opt_kwargs):
     """Train ``model_fn(width)`` for ``steps`` steps at each width and record the size of every layer's output.
 
     Each model is built after ``torch.manual_seed(seed)``, parameterized with ``param`` and ``optimizer`` (lr
@@ -54,6 +55,9 @@ def coord_check(model_fn: Callable[[int], nn.Module], widths: Sequence[int], bat
     ``0..steps``; for each Linear/Conv/Embedding/norm layer it records, over batch and features, ``measure``:
     ``'rms'``, the RMS of the layer's output (multiplier included), or ``'delta'``, the RMS of its change
     from the initial model on the same batch (zero at step 0; more sensitive, since init dominates 'rms').
+
+    ``base_width``: parameterize relative to ``model_fn(base_width)`` (muTransfer's rules; built on the meta
+    device), else the absolute rules; either way ``model_fn(2 * width)`` tells which dimensions grow.
 
     Returns an ``xarray.DataArray`` named ``measure`` with dims ``(width, step, layer)`` (layer = module path)
     and attrs param, optimizer, lr, measure. Under muP the curves are flat in width; under sp they grow.
@@ -77,8 +81,13 @@ def coord_check(model_fn: Callable[[int], nn.Module], widths: Sequence[int], bat
         model = model_fn(width)
         if device is not None:
             model = model.to(device)
+        shapes = {} if param == "sp" else {"probe": build_shapes(lambda: model_fn(2 * width), fallback_cpu=False)}
+        shapes = {k: v[0] for k, v in shapes.items() if v is not None}
+        if base_width is not None and param != "sp":
+            base, d_heads = build_shapes(lambda: model_fn(base_width))
+            shapes["base"] = Shapes(base, None, d_heads)
         opt = parameterize(model, param, optimizer, lr, relu_gain=relu_gain, example_input=batches[0][0],
-                           **opt_kwargs)
+                           **shapes, **opt_kwargs)
         paths = [p for p, _ in _recorded_layers(model)]
         if names is None:
             names = paths
