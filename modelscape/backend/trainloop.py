@@ -124,6 +124,33 @@ class LossTracker:
             self.status = "done"
         return self.status != "not_reached"
 
+    def feed_one(self, v: float) -> bool:
+        """``feed`` of one step's loss, a Python float: the same arithmetic without numpy's per-call costs, for
+        the loss read back every step (SYNC_EVERY=1, the CPU's default)."""
+        step = self.seen
+        self.seen += 1
+        if self.raw is not None:
+            self.raw.append(v)
+        if step == 0:
+            if self.relative:
+                self.thresholds = self.thresholds * v
+            self._next = self.thresholds.max()
+        if self.ema is None:
+            self.ema = v
+        if not math.isfinite(v):
+            self.status = "diverged"
+            return True
+        s = self.smoother
+        ema = self.ema = s * self.ema + (1.0 - s) * v
+        if ema < self._next:
+            self.crossed[np.isnan(self.crossed) & (ema < self.thresholds)] = step
+            self._next = np.max(self.thresholds[np.isnan(self.crossed)], initial=-np.inf)
+            if not np.isnan(self.crossed).any():
+                self.status = "done"
+        if self.verbose:
+            print(f"step {step}: loss {v:.6g}, ema {ema:.6g}")
+        return self.status != "not_reached"
+
 
 class Evaluations:
     """Test losses and grabs of one job: along training (``record`` at the steps ``due`` says) and at the end.
@@ -259,13 +286,14 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     user_model = model if grab_model is None else grab_model
     before, after, at_end = (observers_wanting(observers, m) for m in ("before_step", "after_sync", "at_end"))
     pending: list[torch.Tensor] = []
+    every = eval_every if evals.curves and eval_every > 0 else 0  # evals.due, without a call per step
     X = y = None
     step = 0
     while step < max_iter:
         for fn in before:
             fn(step, user_model, opt)
         X, y = batch_fn(step)
-        if evals.due(step):
+        if every and step % every == 0:
             evals.record(step, X, y)
         elif step == 0:
             evals.check(X, y)
@@ -274,13 +302,16 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        pending.append(loss.detach())
         step += 1
-        if len(pending) < sync_every and step < max_iter:
-            continue
-        new = read_losses(pending)
-        pending.clear()
-        stop = tracker.feed(new)
+        if sync_every == 1:  # the loss of every step, one device read each: no list, no stacking, no numpy
+            stop = tracker.feed_one(loss.item())
+        else:
+            pending.append(loss.detach())
+            if len(pending) < sync_every and step < max_iter:
+                continue
+            new = read_losses(pending)
+            pending.clear()
+            stop = tracker.feed(new)
         for fn in after:
             fn(step, tracker, evals)
         if stop:
