@@ -120,6 +120,11 @@ SCHEMA: tuple[HP, ...] = (
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
        range="[0, inf)"),
+    HP("CUDA_GRAPHS", str, "auto", "On a CUDA device, record each job's training step as a CUDA graph after 3 eager "
+       "steps and replay it (one launch per step instead of hundreds: small models stop waiting on Python); off: "
+       "every step eager. A job that cannot be recorded (step hooks, checkpoints at steps, a batch that changes "
+       "shape, an op that syncs with the CPU) steps eagerly, saying why in the log.", choices=("auto", "off"),
+       group="execution"),
     HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), inprocess "
        "(for debugging; unprotected from a job that crashes or hangs), ray (pip install modelscape[ray]) or "
        "slurm (pip install modelscape[slurm]).", choices=("auto", "inprocess", "pool", "ray", "slurm"),

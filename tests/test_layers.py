@@ -27,7 +27,8 @@ LAYERS = [
         "modelscape/backend/identity.py", "modelscape/backend/checkpoints.py"]),
     ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
                     "modelscape/backend/store.py"]),
-    ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/trainloop.py"]),
+    ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/graphs.py",
+                                            "modelscape/backend/trainloop.py"]),
     ("L4 around a job: its observers, what fuses", [
         "modelscape/backend/interventions.py", "modelscape/backend/checkpointer.py",
         "modelscape/backend/tensorboard.py", "modelscape/backend/live.py", "modelscape/backend/plan.py"]),

@@ -6,6 +6,7 @@ loss from names, hence the one import of ``build``).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from modelscape.backend.build import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
+from modelscape.backend.graphs import GraphStep, why_not_graphed
 from modelscape.model import centeredmodel
 from modelscape.utils import match_shapes, to_numpy
 
@@ -39,6 +41,8 @@ def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float 
             first[j] = hit[0]
     return ema, first
 
+
+log = logging.getLogger(__name__)
 
 # What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
 _STORABLE_KINDS = "biufcU"
@@ -261,7 +265,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
                 max_iter: int, thresholds, relative: bool = False, ema_smoother: float = 0.9,
                 X_te=None, y_te=None, only_thresholds: bool = True, eval_every: int = 100,
                 sync_every: int = 1, grabs: dict | None = None, grab_kwargs: dict | None = None,
-                grab_model: torch.nn.Module | None = None, verbose: bool = False, observers=()) -> dict:
+                grab_model: torch.nn.Module | None = None, verbose: bool = False, observers=(),
+                cuda_graphs: str = "off", label: str = "") -> dict:
     """Train ``model`` with ``batch_fn(step) -> (X, y)`` until the EMA train loss is below every threshold.
 
     Step ``i`` computes the loss of the model after ``i`` updates on batch ``i``, then updates. ``timekeys[j]``
@@ -278,6 +283,9 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     test_curve; grabs: ``{name: value}`` at the end, or stacked over ``eval_steps`` along the curve.
 
     ``observers`` (``LoopObserver``) are called before each step, after each loss read-back and at the end.
+
+    ``cuda_graphs`` (CUDA_GRAPHS): ``"auto"`` records the step as a CUDA graph on a CUDA device where it can
+    (``graphs.GraphStep``; why not is logged once), ``"off"`` never. ``label`` names the job in that log line.
     """
     sync_every = max(1, int(sync_every))
     tracker = LossTracker(thresholds, relative, ema_smoother, keep_raw=not only_thresholds, verbose=verbose)
@@ -287,6 +295,13 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     before, after, at_end = (observers_wanting(observers, m) for m in ("before_step", "after_sync", "at_end"))
     pending: list[torch.Tensor] = []
     every = eval_every if evals.curves and eval_every > 0 else 0  # evals.due, without a call per step
+    graph = None
+    if cuda_graphs != "off":
+        why = why_not_graphed(cuda_graphs, model, before, max_iter)
+        if why is None:
+            graph = GraphStep(model, loss_fn, opt, label)
+        elif any(p.is_cuda for p in model.parameters()):
+            log.info("CUDA graphs: job %s steps eagerly: %s", label, why)
     X = y = None
     step = 0
     while step < max_iter:
@@ -297,11 +312,16 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
             evals.record(step, X, y)
         elif step == 0:
             evals.check(X, y)
-        out = model(X)
-        loss = loss_fn(match_shapes(out, y), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if graph is not None:
+            loss = graph.step(step, X, y)
+            if loss is None:  # logged: from here this job steps eagerly
+                graph = None
+        if graph is None:
+            out = model(X)
+            loss = loss_fn(match_shapes(out, y), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         step += 1
         if sync_every == 1:  # the loss of every step, one device read each: no list, no stacking, no numpy
             stop = tracker.feed_one(loss.item())
