@@ -151,7 +151,9 @@ SCHEMA: tuple[HP, ...] = (
        "RESULTS_DIR/EXPT_NAME/slurm).", group="cluster"),
     HP("DETACH", bool, False, "EXECUTOR=slurm: return once the array is submitted (follow it with "
        "`modelscape ls`) instead of waiting for it.", group="cluster"),
-    HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
+    HP("WORKERS_PER_DEVICE", int, 0, "Worker processes per GPU (or in all, without CUDA). 0 = auto: per GPU as many as "
+       "its free memory (2 GiB each) and the CPU cores allow, at most 8 (small models leave a GPU idle one at a "
+       "time); without CUDA, one per core.",
        group="execution", range="[0, inf)"),
     HP("THREADS", int, 0, "Torch threads per job; 0 = the idle cores (cores less the load average) divided "
        "among the jobs that run at once (1 each when a pool fills the cores).", group="execution",
