@@ -145,6 +145,11 @@ SCHEMA: tuple[HP, ...] = (
     HP("SYNC_EVERY", int, 0, "Read losses back from the device every N steps (0 = 1 on CPU, 16 on CUDA). "
        "Timekeys stay exact; a job may run up to N-1 steps past its last threshold.", group="training",
        range="[0, inf)"),
+    HP("CUDA_GRAPHS", str, "auto", "On a CUDA device, record each job's training step as a CUDA graph after 3 eager "
+       "steps and replay it (one launch per step instead of hundreds: small models stop waiting on Python); off: "
+       "every step eager. A job that cannot be recorded (step hooks, checkpoints at steps, a batch that changes "
+       "shape, an op that syncs with the CPU) steps eagerly, saying why in the log.", choices=("auto", "off"),
+       group="execution"),
     HP("EXECUTOR", str, "auto", "Where jobs run: auto (= pool: each job in a worker process), inprocess "
        "(for debugging; unprotected from a job that crashes or hangs), ray (the extra ray: pip install -e '.[ray]') "
        "or slurm (the extra slurm: pip install -e '.[slurm]').", choices=("auto", "inprocess", "pool", "ray", "slurm"),
@@ -171,7 +176,9 @@ SCHEMA: tuple[HP, ...] = (
        "RESULTS_DIR/EXPT_NAME/slurm).", group="cluster"),
     HP("DETACH", bool, False, "EXECUTOR=slurm: return once the array is submitted (follow it with "
        "`modelscape ls`) instead of waiting for it.", group="cluster"),
-    HP("WORKERS_PER_DEVICE", int, 1, "Worker processes per GPU (or total CPU workers without CUDA; 0 = cores).",
+    HP("WORKERS_PER_DEVICE", int, 0, "Worker processes per GPU (or in all, without CUDA). 0 = auto: per GPU as many as "
+       "its free memory (2 GiB each) and the CPU cores allow, at most 8 (small models leave a GPU idle one at a "
+       "time); without CUDA, one per core.",
        group="execution", range="[0, inf)"),
     HP("THREADS", int, 0, "Torch threads per job; 0 = the idle cores (cores less the load average) divided "
        "among the jobs that run at once (1 each when a pool fills the cores).", group="execution",

@@ -161,7 +161,7 @@ DRIVER = textwrap.dedent('''
 
     log, store, where = sys.argv[1], sys.argv[2], sys.argv[3]
     g = vars(base_args())
-    g.update(PARAMETERIZATION="sp", MAX_ITER=5, N_TEST=32, N_SAMPLES=16, EVAL_EVERY=0)
+    g.update(PARAMETERIZATION="sp", MAX_ITER=5, N_TEST=32, N_SAMPLES=16, EVAL_EVERY=0, WORKERS_PER_DEVICE=1)
     sweep = lambda: main([[16, 24, 32, 40, 48, 56]], ["WIDTH"], g, dict(base_bfn=sleepy_bfn, log=log),
                          store=store, progress=True)
     if where == "thread":  # a sweep started from another thread (a GUI, a notebook's background job)
@@ -377,3 +377,20 @@ def test_a_fused_group_of_n_jobs_gets_n_times_job_timeout():
     group.started -= 1.0  # now 3.5 s: past 3 x 1 s
     pool._enforce_timeout(finished)
     assert group_killed == [True] and "fused group of 3 jobs" in finished[1].result()["error"]
+
+
+def test_the_default_pool_fills_the_cores_or_sizes_itself_by_gpu_memory(monkeypatch):
+    from modelscape.backend import executors
+    from modelscape.config import defaults
+    assert defaults()["WORKERS_PER_DEVICE"] == 0
+    monkeypatch.setattr(executors, "cpu_cores", lambda: 6)
+    assert executors.slots([0], 0) == ["cpu"] * 6 and executors.slots([0], 2) == ["cpu"] * 2
+    # on CUDA: the least free memory (2 GiB a worker) and the cores shared by the GPUs decide, at most 8
+    monkeypatch.setattr(executors, "cuda_devices", lambda devices: list(devices))
+    free = {0: 40 * 2 ** 30, 1: 5 * 2 ** 30}
+    monkeypatch.setattr(executors.torch.cuda, "mem_get_info", lambda d: (free[d], 80 * 2 ** 30))
+    assert executors.slots([0], 0) == ["cuda:0"] * 6  # 6 cores for one GPU
+    assert executors.slots([0, 1], 0) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]  # 5 GiB free: 2 each
+    monkeypatch.setattr(executors, "cpu_cores", lambda: 64)
+    assert executors.slots([0], 0) == ["cuda:0"] * 8
+    assert executors.slots([0], 3) == ["cuda:0"] * 3

@@ -29,6 +29,7 @@ LAYERS = [
     ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/beside.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
                     "modelscape/backend/store.py"]),
     ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/inputs.py",
+                                            "modelscape/backend/graphs.py",
                                             "modelscape/backend/trainloop.py"]),
     ("L4 around a job: its observers, what fuses", [
         "modelscape/backend/interventions.py", "modelscape/backend/checkpointer.py",

@@ -41,7 +41,7 @@ NON_RESULT_KEYS = frozenset({"VERBOSE", "DEVICES", "EXECUTOR", "WORKERS_PER_DEVI
                              "SLURM_MEM", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_EXTRA", "SLURM_SHARDS",
                              "SLURM_ARRAY_PARALLELISM", "SLURM_LOG_DIR", "DETACH", "FUSE", "FUSE_MAX", "JOB_ID",
                              "TENSORBOARD", "CHECKPOINTS", "CHECKPOINT_OPTIMIZER",
-                             "LIVE_EVERY"})
+                             "LIVE_EVERY", "CUDA_GRAPHS"})
 
 
 

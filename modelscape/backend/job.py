@@ -23,6 +23,7 @@ from modelscape.backend.build import (  # noqa: F401  (ctor_kwargs, resolve_name
 from modelscape.backend.checkpointer import job_observers as checkpoint_observers
 from modelscape.backend.inputs import first_batch
 from modelscape.backend.interventions import check_step_hooks, step_hooks_observers
+from modelscape.backend import live
 from modelscape.backend.live import live_observers
 from modelscape.backend.records import failed_record
 from modelscape.backend.tensorboard import tensorboard_observers
@@ -219,7 +220,7 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
                        relative=cfg["RELATIVE_THRESHOLDS"], ema_smoother=cfg["EMA_SMOOTHER"], X_te=X_te, y_te=y_te,
                        only_thresholds=cfg["ONLYTHRESHOLDS"], eval_every=cfg["EVAL_EVERY"], sync_every=sync,
                        grabs=cfg.get("otherreturns"), grab_kwargs=grab_kwargs, grab_model=model,
-                       verbose=cfg["VERBOSE"])
+                       verbose=cfg["VERBOSE"], cuda_graphs=cfg["CUDA_GRAPHS"], label=live.axes_label(axes))
     job = PreparedJob(cfg, axes, device, trial, base_seed, model, net, opt, loss_fn, batch_fn, X_tr, y_tr, X_te,
                       y_te, loop_kwargs, t0, model_spec=(model_cls, model_kwargs))
     job.observers = job_observers(job)

@@ -6,6 +6,7 @@ loss from names, hence the one import of ``build``).
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Callable
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from modelscape.backend.build import call_post_init, ctor_kwargs, resolve_loss_class, resolve_optimizer
+from modelscape.backend.graphs import GraphStep, why_not_graphed
 from modelscape.backend.inputs import first_batch, first_loss, naming_the_model, nonfinite
 from modelscape.model import centeredmodel
 from modelscape.utils import labels_of, match_shapes, to_numpy
@@ -41,6 +43,8 @@ def ema_thresholds(losses: np.ndarray, thresholds, smoother: float, ema0: float 
             first[j] = hit[0]
     return ema, first
 
+
+log = logging.getLogger(__name__)
 
 # What the store keeps of a grab: numbers (bool, int, float, complex) and strings, alone or in arrays.
 _STORABLE_KINDS = "biufcU"
@@ -130,6 +134,33 @@ class LossTracker:
         self.ema = ema
         if self.status != "diverged" and not np.isnan(self.crossed).any():
             self.status = "done"
+        return self.status != "not_reached"
+
+    def feed_one(self, v: float) -> bool:
+        """``feed`` of one step's loss, a Python float: the same arithmetic without numpy's per-call costs, for
+        the loss read back every step (SYNC_EVERY=1, the CPU's default)."""
+        step = self.seen
+        self.seen += 1
+        if self.raw is not None:
+            self.raw.append(v)
+        if step == 0:
+            if self.relative:
+                self.thresholds = self.thresholds * v
+            self._next = self.thresholds.max()
+        if self.ema is None:
+            self.ema = v
+        if not math.isfinite(v):
+            self.status = "diverged"
+            return True
+        s = self.smoother
+        ema = self.ema = s * self.ema + (1.0 - s) * v
+        if ema < self._next:
+            self.crossed[np.isnan(self.crossed) & (ema < self.thresholds)] = step
+            self._next = np.max(self.thresholds[np.isnan(self.crossed)], initial=-np.inf)
+            if not np.isnan(self.crossed).any():
+                self.status = "done"
+        if self.verbose:
+            print(f"step {step}: loss {v:.6g}, ema {ema:.6g}")
         return self.status != "not_reached"
 
 
@@ -282,7 +313,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
                 max_iter: int, thresholds, relative: bool = False, ema_smoother: float = 0.9,
                 X_te=None, y_te=None, only_thresholds: bool = True, eval_every: int = 100,
                 sync_every: int = 1, grabs: dict | None = None, grab_kwargs: dict | None = None,
-                grab_model: torch.nn.Module | None = None, verbose: bool = False, observers=()) -> dict:
+                grab_model: torch.nn.Module | None = None, verbose: bool = False, observers=(),
+                cuda_graphs: str = "off", label: str = "") -> dict:
     """Train ``model`` with ``batch_fn(step) -> (X, y)`` until the EMA train loss is below every threshold.
 
     Step ``i`` computes the loss of the model after ``i`` updates on batch ``i``, then updates. ``timekeys[j]``
@@ -299,6 +331,9 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     test_curve; grabs: ``{name: value}`` at the end, or stacked over ``eval_steps`` along the curve.
 
     ``observers`` (``LoopObserver``) are called before each step, after each loss read-back and at the end.
+
+    ``cuda_graphs`` (CUDA_GRAPHS): ``"auto"`` records the step as a CUDA graph on a CUDA device where it can
+    (``graphs.GraphStep``; why not is logged once), ``"off"`` never. ``label`` names the job in that log line.
     """
     sync_every = max(1, int(sync_every))
     tracker = LossTracker(thresholds, relative, ema_smoother, keep_raw=not only_thresholds, verbose=verbose)
@@ -307,6 +342,14 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
     user_model = model if grab_model is None else grab_model
     before, after, at_end = (observers_wanting(observers, m) for m in ("before_step", "after_sync", "at_end"))
     pending: list[torch.Tensor] = []
+    every = eval_every if evals.curves and eval_every > 0 else 0  # evals.due, without a call per step
+    graph = None
+    if cuda_graphs != "off":
+        why = why_not_graphed(cuda_graphs, model, before, max_iter)
+        if why is None:
+            graph = GraphStep(model, loss_fn, opt, label)
+        elif any(p.is_cuda for p in model.parameters()):
+            log.info("CUDA graphs: job %s steps eagerly: %s", label, why)
     X = y = None
     step = 0
     while step < max_iter:
@@ -314,28 +357,39 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable, opt: torch.optim.Opti
             fn(step, user_model, opt)
         if step:
             X, y = batch_fn(step)
-            if evals.due(step):
+            if every and step % every == 0:
                 evals.record(step, X, y)
-            out = model(X)
-            loss = loss_fn(match_shapes(out, y), y)
+            if graph is not None:
+                loss = graph.step(step, X, y)
+                if loss is None:  # logged: from here this job steps eagerly
+                    graph = None
+            if graph is None:
+                out = model(X)
+                loss = loss_fn(match_shapes(out, y), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         else:  # step 0: the batch and the model's output are checked, so bad data is named before training
             batch_fn, X, y = first_batch(batch_fn, user_model)
             with naming_the_model(user_model, X):
-                if evals.due(step):
+                if every:
                     evals.record(step, X, y)
                 else:
                     evals.check(X, y)
             out, loss = first_loss(model, user_model, loss_fn, X, y, batch_fn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        pending.append(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         step += 1
-        if len(pending) < sync_every and step < max_iter:
-            continue
-        new = read_losses(pending)
-        pending.clear()
-        stop = tracker.feed(new)
+        if sync_every == 1:  # the loss of every step, one device read each: no list, no stacking, no numpy
+            stop = tracker.feed_one(loss.item())
+        else:
+            pending.append(loss.detach())
+            if len(pending) < sync_every and step < max_iter:
+                continue
+            new = read_losses(pending)
+            pending.clear()
+            stop = tracker.feed(new)
         if tracker.status == "diverged":  # NaN that came with the data is the data's fault: say so
             _warn_data(nonfinite(X, y, batch_fn, step - 1))
         for fn in after:

@@ -27,12 +27,26 @@ def cuda_devices(devices) -> list[int]:
     return [int(d) for d in devices]
 
 
+MAX_WORKERS_PER_GPU = 8
+WORKER_GPU_BYTES = 2 * 2 ** 30  # a CUDA context and a small model's working set, per worker
+
+
+def workers_per_gpu(gpus: list) -> int:
+    """WORKERS_PER_DEVICE=0 (auto) on CUDA: one job per GPU leaves it mostly idle when the model is small (its
+    step is kernel launches), so run as many workers per GPU as the least free GPU memory (``WORKER_GPU_BYTES``
+    each) and this machine's cores (one each, shared among the GPUs) allow, at most ``MAX_WORKERS_PER_GPU``."""
+    cores = max(1, cpu_cores() // max(1, len(gpus)))
+    free = min(torch.cuda.mem_get_info(d)[0] for d in gpus)
+    return max(1, min(MAX_WORKERS_PER_GPU, cores, int(free // WORKER_GPU_BYTES)))
+
+
 def slots(devices, workers_per_device) -> list[str]:
     """One device string per worker slot: each GPU id repeated WORKERS_PER_DEVICE times, or CPU slots
-    (WORKERS_PER_DEVICE of them; 0 means one per core)."""
+    (WORKERS_PER_DEVICE of them). 0 (auto): ``workers_per_gpu`` per GPU, or one per core without CUDA."""
     gpus = cuda_devices(devices)
     if gpus:
-        return [f"cuda:{d}" for d in gpus for _ in range(max(1, workers_per_device))]
+        per = workers_per_device if workers_per_device > 0 else workers_per_gpu(gpus)
+        return [f"cuda:{d}" for d in gpus for _ in range(per)]
     n = workers_per_device if workers_per_device > 0 else cpu_cores()
     return ["cpu"] * n
 
