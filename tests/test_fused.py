@@ -120,10 +120,10 @@ def test_unfusable_jobs_run_one_by_one_with_a_note(caplog):
         assert f["train_loss"] == ref["train_loss"] and f["test_loss"] == ref["test_loss"]  # the same code ran
 
 
-def test_fuse_key_ignores_numbers_only():
+def test_fuse_key_ignores_numbers_and_the_width_only():
     k = lambda **kw: fuse_key(canonicalize(base(**kw)))  # noqa: E731
-    assert k(LR=0.1, GAMMA=2.0, PARAMETERIZATION="sp", SEED=3) == k(LR=0.2)
-    assert k(WIDTH=64) != k() and k(N_SAMPLES=32) != k() and k(CENTER=False) != k()
+    assert k(LR=0.1, GAMMA=2.0, PARAMETERIZATION="sp", SEED=3, WIDTH=64) == k(LR=0.2)
+    assert k(DEPTH=3) != k() and k(N_SAMPLES=32) != k() and k(CENTER=False) != k()
 
 
 def test_fuse_cap_bounds_groups_on_cpu_and_by_free_gpu_memory(monkeypatch):

@@ -31,7 +31,8 @@ LAYERS = [
     ("L4 around a job: its observers, what fuses", [
         "modelscape/backend/interventions.py", "modelscape/backend/checkpointer.py",
         "modelscape/backend/tensorboard.py", "modelscape/backend/live.py", "modelscape/backend/plan.py"]),
-    ("L5 a job, a fused group", ["modelscape/backend/job.py", "modelscape/backend/fused.py"]),
+    ("L5 a job, a fused group", ["modelscape/backend/job.py", "modelscape/backend/stacked.py",
+                                 "modelscape/backend/fused.py"]),
     ("L6 a unit of work", ["modelscape/backend/runner.py"]),
     ("L7 executors", ["modelscape/backend/executors/base.py", "modelscape/backend/executors/inprocess.py",
                       "modelscape/backend/executors/pool.py", "modelscape/backend/executors/ray_executor.py",
