@@ -25,8 +25,8 @@ LAYERS = [
         "modelscape/data/data.py", "modelscape/data/monomial.py", "modelscape/data/ntk_coeffs.py",
         "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py",
         "modelscape/backend/identity.py", "modelscape/backend/checkpoints.py"]),
-    ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/claims.py", "modelscape/backend/db.py",
-                    "modelscape/backend/store.py"]),
+    ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/claims.py", "modelscape/backend/units.py",
+                    "modelscape/backend/db.py", "modelscape/backend/store.py"]),
     ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/trainloop.py"]),
     ("L4 around a job: its observers, what fuses", [
         "modelscape/backend/interventions.py", "modelscape/backend/checkpointer.py",

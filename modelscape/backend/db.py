@@ -49,6 +49,7 @@ from pathlib import Path
 from modelscape.backend.claims import CLAIM_COLS, DEFAULT_STALE_AFTER, Driver, claim_dict, claim_live
 from modelscape.backend.identity import canonical_json, jsonable
 from modelscape.backend.rows import RECORD_COLUMNS, SELECT, STATUSES, StoreError, decode, dumps, encode
+from modelscape.backend.units import UNIT_INSERT, UNIT_SELECT, UNITS_SQL, unit_rows, whole_units
 from modelscape.results import SweepResults, axis_label
 
 SCHEMA_VERSION = 2  # 2: the claims table
@@ -161,6 +162,7 @@ class Store:
                 self._enable_wal(timeout)
                 self._conn.execute("PRAGMA synchronous = NORMAL")
                 self._conn.execute(_LIVE_SQL)
+                self._conn.execute(UNITS_SQL)
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(f"{self.path} is not a usable results store: {e}") from None
@@ -523,6 +525,20 @@ class Store:
                 rec.update(max_iter=row[-3], started=row[-2], updated=row[-1])
                 out.append(rec)
         return out
+
+    def record_units(self, units) -> None:
+        """Record a sweep's planned units of work (lists of job ids, each trained as one fused group), replacing
+        the units their jobs were in before (``backend.units``)."""
+        self._writable()
+        with self._guard("recording units of work") as conn, self._write_transaction(conn):
+            conn.executemany(UNIT_INSERT, unit_rows(units))
+
+    def units(self, job_ids) -> list[list[str]]:
+        """The recorded units of work (``record_units``) holding any of ``job_ids``, whole."""
+        with self._snapshot("reading units of work") as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'units'").fetchone():
+                return []  # no writer of this version has opened the store
+            return whole_units(conn.execute(UNIT_SELECT).fetchall(), job_ids)
 
     def sweeps(self) -> list[dict]:
         """The recorded sweeps, oldest first: id, created, last_run, runs, axis_names, axis_values (labels),
