@@ -235,6 +235,7 @@ def train_fused(jobs: list) -> list:
     max_iter = np.array([m.max_iter for m in members])
     verbose = np.array([m.tracker.verbose for m in members], dtype=bool)
     next_stop = max_iter.min()  # the first MAX_ITER among the members in the stack
+    watched = [(r, i) for r, i in enumerate(active) if members[i].after_sync]  # rows with after_sync observers
     failed = False  # some member has a record (failed) and must leave at the next read-back
     pending: list[torch.Tensor] = []
     step = 0
@@ -286,9 +287,9 @@ def train_fused(jobs: list) -> list:
             for r in np.flatnonzero(fed):
                 losses.feed(r)
         looked.clear()
-        for r, i in enumerate(active):
+        for r, i in watched:
             m = members[i]
-            if m.after_sync and records[i] is None:
+            if records[i] is None:
                 live.set_label(m.label)
                 try:
                     for fn in m.after_sync:
@@ -329,6 +330,7 @@ def train_fused(jobs: list) -> list:
                 f0 = None
             losses.select(active)
             next_stop = max_iter[active].min()
+            watched = [(r, i) for r, i in enumerate(active) if members[i].after_sync]
     return records
 
 
