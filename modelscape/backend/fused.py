@@ -129,7 +129,7 @@ class _Losses:
     a loss that is not finite (diverged). ``rows[r]`` is the member of row ``r``."""
 
     def __init__(self, members: list, rows: list):
-        self.members, self.blocks, self.base, self._all = members, [], 0, None
+        self.members, self.blocks, self.base, self._all, self.held = members, [], 0, None, 0
         self.primed = False  # every tracker fed once: relative thresholds are known
         self.select(rows)
 
@@ -158,6 +158,7 @@ class _Losses:
         """Keep ``block`` (the losses of the steps since the last read-back, one column per row); returns which
         rows may have to stop."""
         self.blocks.append(block)
+        self.held += len(block)  # steps of losses held back
         self._all = None
         if not self.primed:
             return np.ones(len(self.rows), dtype=bool)
@@ -169,10 +170,6 @@ class _Losses:
             flag |= ema < self.limit
         self.ema = ema
         return flag
-
-    def held(self) -> int:
-        """Steps of losses held back."""
-        return sum(len(b) for b in self.blocks)
 
     def feed(self, r: int) -> None:
         """Feed row ``r``'s tracker every loss it has not seen."""
@@ -190,8 +187,8 @@ class _Losses:
     def feed_all(self) -> None:
         for r in range(len(self.rows)):
             self.feed(r)
-        self.base += self.held()
-        self.blocks, self._all, self.primed = [], None, True
+        self.base += self.held
+        self.blocks, self._all, self.primed, self.held = [], None, True, 0
 
 
 class _LazyTracker:
@@ -232,10 +229,11 @@ def train_fused(jobs: list) -> list:
     for i, m in enumerate(members):
         if m.after_sync:
             m.view = _LazyTracker(losses, i, looked)
-    max_iter = np.array([m.max_iter for m in members])
+    max_iter = np.array([m.max_iter for m in members])  # per row of the stack, as `verbose`
     verbose = np.array([m.tracker.verbose for m in members], dtype=bool)
     next_stop = max_iter.min()  # the first MAX_ITER among the members in the stack
     watched = [(r, i) for r, i in enumerate(active) if members[i].after_sync]  # rows with after_sync observers
+    batch_fns = [m.job.batch_fn for m in members]
     failed = False  # some member has a record (failed) and must leave at the next read-back
     pending: list[torch.Tensor] = []
     step = 0
@@ -247,7 +245,7 @@ def train_fused(jobs: list) -> list:
         failed = True
 
     while active:
-        batches = [members[i].job.batch_fn(step) for i in active]
+        batches = [fn(step) for fn in batch_fns]
         due = evals.due(step)
         if due or step == 0:  # as train_loop: record, or at step 0 check the grabs
             rows = [r for r, i in enumerate(active) if records[i] is None]
@@ -276,11 +274,11 @@ def train_fused(jobs: list) -> list:
         # Every member's losses are read every `sync` steps and at its MAX_ITER, as train_loop does.
         if step % sync and step < next_stop:
             continue
-        at_max = step >= max_iter[active]
+        at_max = step >= max_iter
         flag = losses.add(read_losses(pending).reshape(len(pending), -1))  # (steps, rows)
         pending.clear()
-        fed = flag | at_max | verbose[active]  # verbose trackers print each step's loss: fed at each read-back
-        if not losses.primed or losses.held() >= FEED_EVERY:
+        fed = flag | at_max | verbose  # verbose trackers print each step's loss: fed at each read-back
+        if not losses.primed or losses.held >= FEED_EVERY:
             losses.feed_all()
             fed[:] = True
         else:
@@ -329,8 +327,10 @@ def train_fused(jobs: list) -> list:
                 baseline = stack.take(keep, baseline, width)
                 f0 = None
             losses.select(active)
-            next_stop = max_iter[active].min()
+            max_iter, verbose = max_iter[keep], verbose[keep]
+            next_stop = max_iter.min()
             watched = [(r, i) for r, i in enumerate(active) if members[i].after_sync]
+            batch_fns = [members[i].job.batch_fn for i in active]
     return records
 
 
