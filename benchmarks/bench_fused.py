@@ -12,14 +12,21 @@ Measured, each through ``run_job_iterator`` (no store) unless said otherwise:
 - pool: FUSE=off, worker processes (CPU: 2 workers x 1 thread and 1 worker x 2 threads; the best is kept);
   started and warmed up before the clock starts;
 - fused, in-process: FUSE=auto (one stacked model for the whole sweep), ``--threads`` threads;
-- fused, pool: FUSE=auto with FUSE_MAX = jobs / workers, so each of 2 workers trains half of the sweep;
+- fused, pool: FUSE=auto, the pool cutting the group so each of 2 workers trains half of the sweep;
 - fused by hand: the ideal a user could write, every job in one batched-matmul loop (no thresholds, records).
 
-One-by-one runs are the slow ones: ``--sample N`` times only the first N jobs of the sweep for them (each job
-costs the same, so jobs/minute is unchanged) to keep the benchmark short on a shared machine. Every mode runs
-``--repeats`` times, interleaved; the best time is kept and all are printed, with the load average.
+``--widths 32 64 128 256`` measures a widths sweep instead: those widths x 4 learning rates x 2 trials (CPU; on
+CUDA 8 learning rates), fused in width buckets (widths within 2x share a group, padded to its widest) against one
+by one, against fusing each width alone (one sweep per width, no padding: what padding costs), and against the
+batched-matmul loop by hand run per width.
 
-    python benchmarks/bench_fused.py [--repeats 2] [--sample 8] [--threads 2] [--device cuda]
+One-by-one runs are the slow ones: ``--sample N`` times only N jobs of the sweep for them (as many of each width;
+each job of a width costs the same, so jobs/minute is unchanged) to keep the benchmark short on a shared machine.
+Every mode runs ``--repeats`` times, interleaved; the best time is kept and all are printed, with the load
+average. On a shared machine wall time follows the load; the CPU time of the in-process modes (this process's,
+all threads) is printed beside it, and their ratios in CPU time are the steadier measure.
+
+    python benchmarks/bench_fused.py [--repeats 2] [--sample 8] [--threads 2] [--device cuda] [--widths ...]
 """
 from __future__ import annotations
 
@@ -50,6 +57,13 @@ def sweep(n_jobs):
     return [lrs, list(range(min(8, n_jobs)))], ["LR", "trial"]
 
 
+def widths_sweep(args, n_lrs=None, n_trials=2):
+    """(iterators, names): widths x learning rates x trials."""
+    n_lrs = n_lrs or (8 if args.device == "cuda" else 4)
+    return [list(args.widths), [0.005 * 1.5 ** k for k in range(n_lrs)], list(range(n_trials))], \
+        ["WIDTH", "LR", "trial"]
+
+
 def config(args, **kw):
     g = vars(base_args())
     g.update(PARAMETERIZATION=args.param, WIDTH=args.width, DEPTH=DEPTH, MAX_ITER=args.steps, N_SAMPLES=BSZ,
@@ -60,21 +74,28 @@ def config(args, **kw):
     return g
 
 
-def time_sweep(args, executor, n_jobs, **kw):
-    iterators, names = sweep(n_jobs)
-    t = time.perf_counter()
+def time_sweep(args, executor, n_jobs, sweep_def=None, **kw):
+    """(wall seconds, jobs, CPU seconds of this process) of a sweep: ``sweep(n_jobs)``, or ``sweep_def``."""
+    iterators, names = sweep_def or sweep(n_jobs)
+    t, c = time.perf_counter(), time.process_time()
     res = run_job_iterator(iterators, names, config(args, **kw), dict(base_bfn=powerlaw_bfn, dim=DIM),
                            executor=executor, store=False, progress=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - c
     counts = res.status_counts()
     assert counts == {"not_reached": len(res.records)}, counts
-    return elapsed, len(res.records)
+    return elapsed, len(res.records), cpu
 
 
-def plain_job(args, lr, trial, device):
+def summed(results):
+    """Several timed runs as one: their times and jobs added."""
+    return tuple(sum(x) for x in zip(*results))
+
+
+def plain_job(args, lr, trial, device, width=None):
     """What a user would write by hand for one configuration."""
+    width = width or args.width
     gen = torch.Generator(device=device).manual_seed(1000 + trial)
     torch.manual_seed(2000 + trial)
     lambdas, w = (t.to(device) for t in powerlaw_target(DIM))
@@ -85,10 +106,10 @@ def plain_job(args, lr, trial, device):
         return X, (X @ w).unsqueeze(1)
 
     X_te, y_te = batch(N_TEST)
-    layers = [nn.Linear(DIM, args.width), nn.ReLU()]
+    layers = [nn.Linear(DIM, width), nn.ReLU()]
     for _ in range(DEPTH - 1):
-        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(args.width, 1)).to(device)
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 1)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.MSELoss()
     losses = []
@@ -103,13 +124,14 @@ def plain_job(args, lr, trial, device):
         return float(loss_fn(model(X_te), y_te))
 
 
-def plain_fused(args, lrs, trials, device):
+def plain_fused(args, lrs, trials, device, width=None):
     """What a user would write by hand to train every job at once with batched matmuls (the fused ideal)."""
+    width = width or args.width
     jobs = [(lr, trial) for lr in lrs for trial in trials]
     gens = [torch.Generator(device=device).manual_seed(1000 + t) for _, t in jobs]
     lambdas, w = (t.to(device) for t in powerlaw_target(DIM))
     scale = lambdas.sqrt()
-    G, dims = len(jobs), [DIM] + [args.width] * DEPTH + [1]
+    G, dims = len(jobs), [DIM] + [width] * DEPTH + [1]
     Ws = [(torch.randn(G, a, b, device=device) / a ** 0.5).requires_grad_() for a, b in zip(dims, dims[1:])]
     bs = [torch.zeros(G, 1, b, device=device, requires_grad=True) for b in dims[1:]]
     lr = torch.tensor([lr for lr, _ in jobs], device=device).view(G, 1, 1)
@@ -130,24 +152,44 @@ def plain_fused(args, lrs, trials, device):
     return G
 
 
-def time_plain_fused(args, n_jobs):
-    (lrs, trials), _ = sweep(n_jobs)
-    t = time.perf_counter()
-    n = plain_fused(args, lrs, trials, args.device)
+def _timed(args, fn):
+    t, c = time.perf_counter(), time.process_time()
+    n = fn()
     if args.device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t, n
+    return time.perf_counter() - t, n, time.process_time() - c
+
+
+def time_plain_fused(args, n_jobs):
+    (lrs, trials), _ = sweep(n_jobs)
+    return _timed(args, lambda: plain_fused(args, lrs, trials, args.device))
 
 
 def time_plain(args, n_jobs):
     (lrs, trials), _ = sweep(n_jobs)
-    t = time.perf_counter()
-    for lr in lrs:
-        for trial in trials:
-            plain_job(args, lr, trial, args.device)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, len(lrs) * len(trials)
+
+    def run():
+        for lr in lrs:
+            for trial in trials:
+                plain_job(args, lr, trial, args.device)
+        return len(lrs) * len(trials)
+    return _timed(args, run)
+
+
+def time_plain_widths(args, iterators, fused):
+    """The plain loop (``fused`` False) or the batched-matmul loop by hand (one per width) over a widths sweep."""
+    widths, lrs, trials = iterators
+
+    def run():
+        for w in widths:
+            if fused:
+                plain_fused(args, lrs, trials, args.device, w)
+            else:
+                for lr in lrs:
+                    for trial in trials:
+                        plain_job(args, lr, trial, args.device, w)
+        return len(widths) * len(lrs) * len(trials)
+    return _timed(args, run)
 
 
 def start_pool(args, workers, threads):
@@ -161,11 +203,54 @@ def start_pool(args, workers, threads):
     return pool
 
 
+def report(args, runs, title, plain_key, one_key):
+    rate = {k: max(r[1] / r[0] for r in v) * 60 for k, v in runs.items()}
+    cpu_rate = {k: max(r[1] / r[2] for r in v) * 60 for k, v in runs.items() if all(len(r) > 2 for r in v)}
+    print(title)
+    plain, one = rate[plain_key], rate[one_key]
+    pool_best = max((v for k, v in rate.items() if k.startswith("one by one, pool")), default=float("nan"))
+    print(f"{'':32s} {'jobs/min':>9s} {'vs plain':>9s} {'vs 1-by-1':>10s} {'vs best pool':>13s} "
+          f"{'vs plain, CPU time':>19s}   all runs (wall s / jobs / CPU s)")
+    for k, r in rate.items():
+        detail = " ".join("/".join(f"{x:.1f}" if isinstance(x, float) else str(x) for x in run) for run in runs[k])
+        cpu = f"{cpu_rate[k] / cpu_rate[plain_key]:18.2f}x" if k in cpu_rate and plain_key in cpu_rate else " " * 19
+        print(f"{k:32s} {r:9.1f} {r / plain:8.2f}x {r / one:9.2f}x {r / pool_best:12.2f}x {cpu}   {detail}")
+    load = os.getloadavg()
+    print(f"load average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+
+
+def main_widths(args):
+    """The widths sweep: fused in width buckets against one by one, per-width fusing and the loops by hand."""
+    full, names = widths_sweep(args)
+    n = len(full[0]) * len(full[1]) * len(full[2])
+    per_width = max(1, (args.sample or n) // len(full[0]))
+    sample = [full[0], full[1][:per_width], full[2][:1]] if per_width < len(full[1]) * len(full[2]) else full
+    n_sample = len(sample[0]) * len(sample[1]) * len(sample[2])
+    runs: dict[str, list] = {}
+
+    def add(name, result):
+        runs.setdefault(name, []).append(result)
+
+    for _ in range(args.repeats):
+        add("plain loop (by hand)", time_plain_widths(args, sample, fused=False))
+        add("one by one, in-process", time_sweep(args, "inprocess", 0, (sample, names), FUSE="off"))
+        add("fused widths, in-process", time_sweep(args, "inprocess", 0, (full, names), FUSE="auto"))
+        add("fused each width alone", summed([time_sweep(args, "inprocess", 0, ([[w]] + full[1:], names), FUSE="auto")
+                                             for w in full[0]]))
+        add("fused by hand, per width", time_plain_widths(args, full, fused=True))
+    report(args, runs, f"{n} jobs: widths {full[0]} x {len(full[1])} LRs x {len(full[2])} trials, MLP d_in {DIM}, "
+           f"depth {DEPTH}, {args.param}; {args.steps} SGD steps of {BSZ} samples; device {args.device}; torch "
+           f"{torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU cores; one-by-one modes timed on "
+           f"{n_sample} jobs (every width); best of {args.repeats}", "plain loop (by hand)", "one by one, in-process")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--jobs", type=int, default=None, help="default 32 on CPU, 64 on CUDA")
     ap.add_argument("--width", type=int, default=None, help="default 128 on CPU, 256 on CUDA")
+    ap.add_argument("--widths", type=int, nargs="+", default=None, help="a widths sweep of these widths instead")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--param", default="sp")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in this process")
@@ -183,6 +268,8 @@ def main():
     time_sweep(args, "inprocess", 8, MAX_ITER=5, FUSE="off")  # warm-up: lazy imports, CUDA context
     time_sweep(args, "inprocess", 8, MAX_ITER=5, FUSE="auto")
     plain_job(args, 0.01, 0, args.device)
+    if args.widths:
+        return main_widths(args)
 
     runs: dict[str, list] = {}
 
@@ -199,27 +286,18 @@ def main():
         pool = start_pool(args, workers, threads)
         try:
             for _ in range(args.repeats):
-                add(f"one by one, pool {workers}x{threads} thr", time_sweep(args, pool, sample, FUSE="off"))
-                if workers > 1:
-                    add(f"fused, pool {workers}x{threads} thr",
-                        time_sweep(args, pool, n, FUSE="auto", FUSE_MAX=-(-n // workers)))
+                add(f"one by one, pool {workers}x{threads} thr", time_sweep(args, pool, sample, FUSE="off")[:2])
+                if workers > 1:  # the pool cuts the fused group so that each worker has its share
+                    add(f"fused, pool {workers}x{threads} thr", time_sweep(args, pool, n, FUSE="auto")[:2])
         finally:
             pool.shutdown()
-
-    rate = {k: max(jobs / t for t, jobs in v) * 60 for k, v in runs.items()}
-    print(f"{n} jobs: MLP d_in {DIM}, width {args.width}, depth {DEPTH}, {args.param}; {args.steps} SGD steps of "
-          f"{BSZ} samples; device {args.device}; torch {torch.__version__}, {args.threads} thread(s) in this "
-          f"process, {os.cpu_count()} CPU cores; one-by-one modes timed on {sample} jobs; best of {args.repeats}")
-    plain = rate["plain loop (by hand)"]
-    one = rate["one by one, in-process"]
-    pool_best = max((v for k, v in rate.items() if k.startswith("one by one, pool")), default=float("nan"))
-    print(f"{'':28s} {'jobs/min':>9s} {'vs plain':>9s} {'vs 1-by-1':>10s} {'vs best pool':>13s}   all runs (s, jobs)")
-    for k, r in rate.items():
-        detail = " ".join(f"{t:.1f}/{j}" for t, j in runs[k])
-        print(f"{k:28s} {r:9.1f} {r / plain:8.2f}x {r / one:9.2f}x {r / pool_best:12.2f}x   {detail}")
-    load = os.getloadavg()
-    print(f"load average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    report(args, runs, f"{n} jobs: MLP d_in {DIM}, width {args.width}, depth {DEPTH}, {args.param}; {args.steps} SGD "
+           f"steps of {BSZ} samples; device {args.device}; torch {torch.__version__}, {args.threads} thread(s) in "
+           f"this process, {os.cpu_count()} CPU cores; one-by-one modes timed on {sample} jobs; best of "
+           f"{args.repeats}", "plain loop (by hand)", "one by one, in-process")
+    fused, by_hand = runs["fused, in-process"], runs["fused by hand (bmm loop)"]
+    print(f"fused in-process / bmm loop by hand: {max(j / t for t, j, _ in fused) / max(j / t for t, j, _ in by_hand):.3f}x "
+          f"wall, {max(j / c for _, j, c in fused) / max(j / c for _, j, c in by_hand):.3f}x CPU time")
 
 
 if __name__ == "__main__":

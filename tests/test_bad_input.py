@@ -2,7 +2,6 @@
 result fields or engine keys, path names (EXPT_NAME, JOB_ID), batch and model outputs checked at step 0."""
 import numpy as np
 import pytest
-import torch
 
 from modelscape.backend.identity import code_fingerprint
 

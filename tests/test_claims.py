@@ -23,7 +23,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 SWEEP = [[8, 12, 16, 20, 24], [0.05, 0.1], [0, 1, 2, 3]]  # WIDTH x LR x trial: 40 jobs
-SMALL = dict(BASE, MAX_ITER=5, N_TEST=16, N_SAMPLES=8, DETERMINISTIC=False)  # no seconds-long torch import
+# FUSE_MAX=6: the widths of a sweep share width buckets; in groups of at most 6 a driver stores its jobs a few at a
+# time, so that one killed part-way leaves some stored and some claimed
+SMALL = dict(BASE, MAX_ITER=5, N_TEST=16, N_SAMPLES=8, DETERMINISTIC=False, FUSE_MAX=6)  # no seconds-long torch import
 DRIVER_SCRIPT = """
 import json, sys
 import torch

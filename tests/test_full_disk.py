@@ -6,7 +6,6 @@ SQLite's own "database or disk is full" is raised by a patched insert, and the s
 (MODELSCAPE_TEST_NO_MOUNT=1 tries that path as root).
 """
 import io
-import json
 import os
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 import modelscape
-from modelscape.backend import beside, db, rows
+from modelscape.backend import beside, rows
 from modelscape.backend.job import run_config
 from modelscape.backend.job_iterator import main
 from modelscape.backend.store import Store, StoreError, StoreLost, StoreUnion

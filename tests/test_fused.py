@@ -120,10 +120,10 @@ def test_unfusable_jobs_run_one_by_one_with_a_note(caplog):
         assert f["train_loss"] == ref["train_loss"] and f["test_loss"] == ref["test_loss"]  # the same code ran
 
 
-def test_fuse_key_ignores_numbers_only():
+def test_fuse_key_ignores_numbers_and_the_width_only():
     k = lambda **kw: fuse_key(canonicalize(base(**kw)))  # noqa: E731
-    assert k(LR=0.1, GAMMA=2.0, PARAMETERIZATION="sp", SEED=3) == k(LR=0.2)
-    assert k(WIDTH=64) != k() and k(N_SAMPLES=32) != k() and k(CENTER=False) != k()
+    assert k(LR=0.1, GAMMA=2.0, PARAMETERIZATION="sp", SEED=3, WIDTH=64) == k(LR=0.2)
+    assert k(DEPTH=3) != k() and k(N_SAMPLES=32) != k() and k(CENTER=False) != k()
 
 
 def test_fuse_cap_bounds_groups_on_cpu_and_by_free_gpu_memory(monkeypatch):
@@ -184,3 +184,99 @@ def test_a_resumed_sweep_keeps_each_whole_missing_group_and_regroups_only_the_re
     assert len(caplog.records) == 1 and "1 job(s)" in caplog.records[0].getMessage()  # counts the jobs to run
     # A plan made before (a Slurm shard's) is kept the same way.
     assert plan_units(jobs, todo=[0, 1, 9], units=[[0, 1, 2], [9]]) == [[0, 1], [9]]
+
+
+# --- widths: members padded to the widest of their bucket ----------------------------------------------------
+
+def weight_norms(model, **kwargs):
+    """A grab that reads the member's own (unpadded) model: its weights' norms."""
+    return torch.stack([model.input_layer.weight.norm(), model.output_layer.weight.norm()])
+
+
+# (WIDTH, LR, trial, PARAMETERIZATION, extra): the only width-32 member leaves first (at its MAX_ITER of 9), so the stack narrows to 24 while the others train on; momentum and weight decay on one member,
+# one stopped by its own MAX_ITER of 17.
+WIDTH_MEMBERS = [(16, 0.05, 0, "mup", {}), (24, 0.1, 1, "mup", dict(MOMENTUM=0.9, WEIGHT_DECAY=1e-3)),
+                 (32, 0.5, 2, "mup", dict(MAX_ITER=9)), (20, 0.02, 1, "ntp", dict(MAX_ITER=17)),
+                 (24, 0.1, 0, "sp", {})]
+ADAM_WIDTH_MEMBERS = [(16, 0.01, 0, "mup", {}), (24, 0.03, 1, "mup", dict(WEIGHT_DECAY=0.1)),
+                      (32, 0.05, 2, "sp", dict(MAX_ITER=9)), (20, 0.005, 1, "ntp", dict(MAX_ITER=17)),
+                      (24, 0.1, 0, "mup", {})]
+
+
+@pytest.mark.parametrize("optimizer,online,center,nonlinearity", [
+    ("SGD", True, True, "relu"), ("SGD", False, False, "sigmoid"), ("SGD", True, False, "tanh"),
+    ("Adam", True, False, "sigmoid"), ("AdamW", False, True, "relu")])
+def test_fused_widths_equal_one_by_one(optimizer, online, center, nonlinearity, monkeypatch):
+    from modelscape.backend.stacked import StackedMLP
+    widths_seen = []
+    select = StackedMLP.select
+    monkeypatch.setattr(StackedMLP, "select", lambda self, keep: widths_seen.append(select(self, keep)) or
+                        widths_seen[-1])
+    members = WIDTH_MEMBERS if optimizer == "SGD" else ADAM_WIDTH_MEMBERS
+    jobs = [(base(WIDTH=w, LR=lr, PARAMETERIZATION=p, OPTIMIZER=optimizer, ONLINE=online, CENTER=center,
+                  nonlinearity=nonlinearity, SYNC_EVERY=1 if online else 4, otherreturns={"norms": weight_norms},
+                  **extra), {"trial": t, "WIDTH": w})
+            for w, lr, t, p, extra in members]
+    ref = [run_config(c, BFN, axes=a, quiet=True) for c, a in jobs]
+    prepared = [prepare_job(c, BFN, axes=a, quiet=True) for c, a in jobs]
+    assert all(why_not_fusable(j) is None for j in prepared)
+    got = train_fused(prepared)
+    assert ref[2]["steps"] <= 9 and ref[3]["steps"] == 17  # the group is what it claims
+    assert len({r["steps"] for r in ref}) >= 3
+    assert widths_seen and widths_seen[0] == 24  # the widest left first: the stack narrowed
+    for (c, a), r, f in zip(jobs, ref, got):
+        assert (f["status"], f["steps"]) == (r["status"], r["steps"]), a
+        assert_same_record(r, f, str(a))
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam", "AdamW"])
+def test_padding_stays_exactly_zero_whatever_the_nonlinearity(optimizer):
+    """Sigmoid(0) = 0.5: without the mask a padded unit would be 0.5 and its outgoing weights would learn."""
+    from modelscape.backend.stacked import StackedMLP, StackedOptimizer
+    extra = dict(MOMENTUM=0.9) if optimizer == "SGD" else {}
+    jobs = [prepare_job(base(WIDTH=w, OPTIMIZER=optimizer, LR=0.1, WEIGHT_DECAY=0.01, nonlinearity="sigmoid",
+                             **extra), BFN, axes={"trial": 0}, quiet=True) for w in (8, 13, 16)]
+    stack = StackedMLP([j.model for j in jobs])
+    opt = StackedOptimizer(jobs, stack)
+    X = torch.randn(3, 32, 8)
+    for _ in range(5):
+        loss = stack.forward(stack.params, X).pow(2).mean((1, 2)).sum()
+        opt.step(stack.params, torch.autograd.grad(loss, stack.params))
+    for name, p in zip(stack.names, stack.params):
+        for row, w in enumerate((8, 13, 16)):
+            padding = p[row].detach().clone()
+            padding[tuple(slice(0, w) if d in [x - 1 for x in stack.width_dims[stack.names.index(name)]]
+                          else slice(None) for d in range(padding.ndim))] = 0
+            assert padding.abs().max() == 0, (optimizer, name, w)
+        assert p.detach().abs().sum() > 0
+    # and each member's own part moved: its write-back is its model's shape
+    stack.write_back(0, jobs[0].model)
+    assert jobs[0].model.hidden_layers[0].weight.shape == (8, 8)
+
+
+def test_width_buckets_keep_widths_within_2x_of_the_smallest():
+    from modelscape.backend.plan import width_buckets
+    widths = [512, 256, 2048, 1024, 300, 256, 4096, 64]
+    buckets = width_buckets(widths)
+    assert [[widths[k] for k in b] for b in buckets] == [[64], [256, 256, 300, 512], [1024, 2048], [4096]]
+    assert buckets[1] == [1, 5, 4, 0]  # by width, then position
+    assert width_buckets([]) == [] and width_buckets([7]) == [[0]]
+
+
+def test_run_group_fuses_each_width_bucket_padded_to_its_widest(monkeypatch):
+    import modelscape.backend.fused as fused
+    groups = []
+    train = fused.train_fused
+    monkeypatch.setattr(fused, "train_fused", lambda js: groups.append([j.model.width for j in js]) or train(js))
+    jobs = [(base(WIDTH=w, MAX_ITER=5, ONLYTHRESHOLDS=True, otherreturns={}), {"trial": t, "WIDTH": w})
+            for w, t in [(40, 0), (16, 0), (32, 1), (16, 1), (64, 0), (128, 0), (96, 1)]]
+    got = run_group(jobs, BFN)
+    assert groups == [[16, 16, 32], [40, 64], [96, 128]]
+    for (c, a), f in zip(jobs, got):
+        assert f["axes"] == a and f["status"] in ("done", "not_reached")
+
+
+def test_member_bytes_counts_the_padded_member():
+    small = prepare_job(base(WIDTH=16), BFN, quiet=True)
+    wide = prepare_job(base(WIDTH=32), BFN, quiet=True)
+    assert member_bytes(small, 32) == member_bytes(wide) > member_bytes(small)

@@ -64,7 +64,9 @@ def threads_grab(**kw):
 
 def config(**kw):
     g = vars(base_args())  # the defaults: EXECUTOR auto, one worker slot on a CPU machine
-    g.update(PARAMETERIZATION="sp", MAX_ITER=10, N_TEST=32, N_SAMPLES=16, EVAL_EVERY=0,
+    # FUSE=off: these jobs differ only in WIDTH, and would train as one fused group, which a job that kills its
+    # worker takes down whole (README); here each job must be a unit of its own
+    g.update(PARAMETERIZATION="sp", MAX_ITER=10, N_TEST=32, N_SAMPLES=16, EVAL_EVERY=0, FUSE="off",
              otherreturns={"threads": threads_grab})
     g.update(kw)
     return g
@@ -161,7 +163,7 @@ DRIVER = textwrap.dedent('''
 
     log, store, where = sys.argv[1], sys.argv[2], sys.argv[3]
     g = vars(base_args())
-    g.update(PARAMETERIZATION="sp", MAX_ITER=5, N_TEST=32, N_SAMPLES=16, EVAL_EVERY=0, WORKERS_PER_DEVICE=1)
+    g.update(PARAMETERIZATION="sp", MAX_ITER=5, N_TEST=32, N_SAMPLES=16, EVAL_EVERY=0, WORKERS_PER_DEVICE=1, FUSE="off")  # a job a unit
     sweep = lambda: main([[16, 24, 32, 40, 48, 56]], ["WIDTH"], g, dict(base_bfn=sleepy_bfn, log=log),
                          store=store, progress=True)
     if where == "thread":  # a sweep started from another thread (a GUI, a notebook's background job)

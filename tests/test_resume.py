@@ -69,7 +69,9 @@ def crash_sweep():
     """The 12-job sweep the subprocess runs: curves and grabs along them, so records are large-ish."""
     # THREADS=1: by default a job's threads follow the idle cores, and two runs compared bit for bit must not
     # differ in how their sums are split across threads because the machine was busier during one of them.
-    cfg = dict(BASE, MAX_ITER=200, ONLYTHRESHOLDS=False, EVAL_EVERY=50, THREADS=1,
+    # FUSE_MAX=6: widths 16 and 32 share a width bucket, and a group of 12 would store the whole sweep at once; in
+    # groups of 6 (near widths together: one width each) the kill lands between them.
+    cfg = dict(BASE, MAX_ITER=200, ONLYTHRESHOLDS=False, EVAL_EVERY=50, THREADS=1, FUSE_MAX=6,
                otherreturns={"norms": grab_norms, "out_mean": grab_out_mean})
     return [[16, 32], [0.05, 0.1, 0.2], [0, 1]], ["WIDTH", "LR", "trial"], cfg, BFN
 

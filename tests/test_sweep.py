@@ -252,7 +252,8 @@ def faulty(pool, tmp_path_factory):
     """A pool sweep where the grab raises for WIDTH 24 and the batch function kills its worker for WIDTH 32."""
     log = tmp_path_factory.mktemp("faulty") / "log"
     ns = notebook()
-    g = config(otherreturns={"nb": ns["nb_grab"]}, logfile=str(log), raise_width=24)
+    # FUSE=off: one job per unit (as fused, 16, 24 and 32 would be one group, which the crash takes down whole)
+    g = config(otherreturns={"nb": ns["nb_grab"]}, logfile=str(log), raise_width=24, FUSE="off")
     res = main([[16, 24, 32, 48]], ["WIDTH"], g, dict(base_bfn=ns["nb_bfn"], crash_width=32), executor=pool,
                store=False, progress=False)
     return res, read_log(log)

@@ -12,7 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-__all__ = ["Driver", "DEFAULT_STALE_AFTER", "SCHEDULER_HOST", "CLAIM_COLS", "claim_dict", "claim_live", "ClaimsTable"]
+__all__ = ["Driver", "DEFAULT_STALE_AFTER", "SCHEDULER_HOST", "CLAIM_COLS", "CLAIMS_SQL", "claim_dict", "claim_live",
+           "ClaimsTable"]
 
 DEFAULT_STALE_AFTER = 30.0  # seconds without a heartbeat after which a driver's claims may be taken over
 CLAIM_COLS = "job_id, driver, host, pid, started, claimed, heartbeat"
@@ -138,3 +139,18 @@ class ClaimsTable:
         heartbeat. Empty for a schema-1 store opened read-only."""
         now = time.time()
         return [c for c in self.claims() if claim_live(c, now, stale_after)]
+
+
+# The claims table (schema 2).
+CLAIMS_SQL = """
+CREATE TABLE claims (
+    job_id    TEXT PRIMARY KEY,
+    driver    TEXT NOT NULL,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    started   REAL NOT NULL,
+    claimed   REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+CREATE INDEX claims_driver ON claims(driver);
+"""

@@ -42,18 +42,17 @@ import json
 import math
 import os
 import sqlite3
-import sys
 import threading
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 from modelscape.backend.beside import (  # noqa: F401  (DB_NAME, DB_SUFFIXES, resolve_db_path: re-exported)
     DB_NAME, DB_SUFFIXES, ExternalArrays, import_spilled, keep, resolve_db_path)
-from modelscape.backend.claims import ClaimsTable, Driver  # noqa: F401  (Driver: the type claims name)
+from modelscape.backend.claims import CLAIMS_SQL, ClaimsTable, Driver  # noqa: F401  (Driver: the type claims name)
 from modelscape.backend.identity import canonical_json, jsonable
-from modelscape.backend.rows import RECORD_COLUMNS, SELECT, STATUSES, StoreError, decode, dumps, encode
+from modelscape.backend.rows import LIVE_SQL, RECORD_COLUMNS, SELECT, STATUSES, StoreError, decode, dumps, encode
+from modelscape.backend.units import UNIT_INSERT, UNIT_SELECT, UNITS_SQL, unit_rows, whole_units
 from modelscape.results import SweepResults, axis_label
 
 SCHEMA_VERSION = 2  # 2: the claims table
@@ -82,26 +81,6 @@ CREATE TABLE sweep_jobs (
     PRIMARY KEY (sweep_id, position)
 );
 CREATE INDEX sweep_jobs_job ON sweep_jobs(job_id);
-"""
-_CLAIMS_SQL = """
-CREATE TABLE claims (
-    job_id    TEXT PRIMARY KEY,
-    driver    TEXT NOT NULL,
-    host      TEXT NOT NULL,
-    pid       INTEGER NOT NULL,
-    started   REAL NOT NULL,
-    claimed   REAL NOT NULL,
-    heartbeat REAL NOT NULL
-);
-CREATE INDEX claims_driver ON claims(driver);
-"""
-# The partial records of running jobs (``write_live``), one row per job, dropped when its record is written.
-# Added to any store a writer opens (older readers ignore it), so it needs no new schema version.
-_LIVE_SQL = f"""
-CREATE TABLE IF NOT EXISTS live ({RECORD_COLUMNS},
-    max_iter   INTEGER,
-    started    REAL
-)
 """
 _OUR_TABLES = {"jobs", "sweeps", "sweep_jobs"}  # every schema version has these
 _ROW_NAMES = ("job_id", "status", "axes", "config", "error", "steps", "wall_time", "device", "seed", "trial",
@@ -167,9 +146,10 @@ class Store(ClaimsTable):
             if not readonly:
                 self._enable_wal(timeout)
                 self._conn.execute("PRAGMA synchronous = NORMAL")
-                self._conn.execute(_LIVE_SQL)
+                self._conn.execute(LIVE_SQL)
                 self._ident = [_file_id(self.path), _file_id(self._wal)]
                 import_spilled(self)
+                self._conn.execute(UNITS_SQL)
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(f"{self.path} is not a usable results store: {e}") from None
@@ -280,7 +260,7 @@ class Store(ClaimsTable):
         with self._write_transaction(conn):
             # another process may have created it between our check and the lock
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                _run_script(conn, _SCHEMA_SQL + _CLAIMS_SQL)
+                _run_script(conn, _SCHEMA_SQL + CLAIMS_SQL)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -289,7 +269,7 @@ class Store(ClaimsTable):
         conn = self._conn
         with self._write_transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] < 2:  # not done by another process meanwhile
-                _run_script(conn, _CLAIMS_SQL)
+                _run_script(conn, CLAIMS_SQL)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -557,6 +537,20 @@ class Store(ClaimsTable):
                 rec.update(max_iter=row[-3], started=row[-2], updated=row[-1])
                 out.append(rec)
         return out
+
+    def record_units(self, units) -> None:
+        """Record a sweep's planned units of work (lists of job ids, each trained as one fused group), replacing
+        the units their jobs were in before (``backend.units``)."""
+        self._writable()
+        with self._guard("recording units of work") as conn, self._write_transaction(conn):
+            conn.executemany(UNIT_INSERT, unit_rows(units))
+
+    def units(self, job_ids) -> list[list[str]]:
+        """The recorded units of work (``record_units``) holding any of ``job_ids``, whole."""
+        with self._snapshot("reading units of work") as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'units'").fetchone():
+                return []  # no writer of this version has opened the store
+            return whole_units(conn.execute(UNIT_SELECT).fetchall(), job_ids)
 
     def sweeps(self) -> list[dict]:
         """The recorded sweeps, oldest first: id, created, last_run, runs, axis_names, axis_values (labels),

@@ -1,21 +1,30 @@
-"""Fused trials: jobs of the same shapes trained together as one stacked model.
+"""Fused trials: jobs of the same shapes (but the width) trained together as one stacked model.
 
-A sweep's jobs are often small (an MLP of width 128) and numerous (learning rates x gamma x trials). One such
-job cannot keep a device busy: most of a step is Python and kernel-launch overhead. Jobs that share every
-shape (model class, width, depth, batch size, data shapes) and differ only in numbers (trial seed, LR, GAMMA,
-PARAMETERIZATION, momentum, thresholds ...) are trained here as one model whose parameters are stacked along a
-leading "member" axis: one batched matmul per layer serves every member.
+A sweep's jobs are often small (an MLP of width 128) and numerous (widths x learning rates x gamma x trials). One
+such job cannot keep a device busy: most of a step is Python and kernel-launch overhead. Jobs that share every
+shape but the hidden width (model class, depth, batch size, data shapes) and differ only in numbers (trial seed,
+LR, GAMMA, PARAMETERIZATION, momentum, thresholds ...) and in WIDTH are trained here as one model whose
+parameters are stacked along a leading "member" axis (``stacked.StackedMLP``): one batched matmul per layer
+serves every member, each padded with zeros to the group's largest width and masked (``plan`` keeps a group's
+widths within 2x of each other, which bounds the arithmetic the padding costs).
 
 Each member is prepared exactly as ``run_config`` prepares a job (``prepare_job``: seeds, its own data
 generator and batch function, model, ``mup.parameterize``, GAMMA), so it sees the same batches and starts from
 the same weights. From the prepared jobs the fused trainer takes the stacked weights, each layer's output
-multiplier (muP and GAMMA), and each parameter's learning rate, momentum, weight decay and Adam constants as
-per-member tensors. Every member keeps its own ``LossTracker`` (EMA, thresholds, status) and ``Evaluations``
-(test loss, grabs, the record), the same objects ``train_loop`` uses; test losses and grabs are computed on the
-member's own (unstacked) model after its current weights are copied into it. A member that is done, diverged
-or at its MAX_ITER leaves the stack at once (the stack is compacted), so it stops changing and its NaNs never
-reach another member; its record is then identical in keys to ``run_config``'s and equal in values up to
-float32 rounding (batched and single matmuls round differently).
+multiplier (muP and GAMMA, from the member's own width), and each parameter's learning rate, momentum, weight
+decay and Adam constants as per-member tensors. Every member keeps its own ``LossTracker`` (EMA, thresholds,
+status) and ``Evaluations`` (test loss, grabs, the record), the same objects ``train_loop`` uses; test losses
+and grabs are computed on the member's own (unstacked, unpadded) model after its current weights are copied into
+it. A member that is done, diverged or at its MAX_ITER leaves the stack at once (the stack is compacted, and
+narrowed to the widest member left), so it stops changing and its NaNs never reach another member; its record is
+then identical in keys to ``run_config``'s and equal in values up to float32 rounding (batched, padded and single
+matmuls round differently).
+
+A step costs a fixed number of tensor operations whatever the number of members; what it does per member is the
+member's own batch function. The losses read back are fed to the members' trackers in batches: a running copy of
+every member's EMA, kept as one array, says at each read-back which members may have reached their last
+threshold or diverged, and only those are fed then (the others every 256 steps, when a member leaves, or when an
+observer looks at their tracker), so a member stops at the very step it would alone.
 
 What fuses (``plan``, where every rule about it is written): the built-in ``MLP`` with an elementwise
 nonlinearity, SGD (momentum, weight decay) or Adam/AdamW without amsgrad, MSE or cross-entropy loss, no
@@ -37,16 +46,18 @@ from modelscape.backend.inputs import first_batch, nonfinite
 from modelscape.backend.job import PreparedJob, finish_record, prepare_job, prepare_resolved, run_config_safe, \
     run_resolved_safe, train_prepared
 from modelscape.backend.plan import (  # noqa: F401  (plan_units, fuse_key ...: re-exported, they lived here in 0.3)
-    ELEMENTWISE, FUSABLE_MODELS, NUMERIC_KEYS, fuse_key, optimizer_kind, plan_units, stack_key, why_not_fusable)
+    ELEMENTWISE, FUSABLE_MODELS, NUMERIC_KEYS, fuse_key, optimizer_kind, plan_units, stack_key, why_not_fusable,
+    width_buckets)
 from modelscape.backend.records import failed_record
+from modelscape.backend.stacked import StackedMLP, StackedOptimizer, padded_numel
 from modelscape.backend.trainloop import Evaluations, LossTracker, match_shapes, observers_wanting, read_losses
-from modelscape.models import MLP
 
 __all__ = ["run_group", "train_fused", "StackedMLP", "StackedOptimizer", "fuse_cap", "member_bytes"]
 
 log = logging.getLogger(__name__)
 
 CPU_FUSE_MAX = 64  # beyond this a CPU's caches, not launch overhead, set the pace
+FEED_EVERY = 256  # steps of losses a member's tracker may lag behind, at most
 
 
 def fuse_cap(fuse_max: int, device, member_bytes: int = 0) -> int:
@@ -60,170 +71,14 @@ def fuse_cap(fuse_max: int, device, member_bytes: int = 0) -> int:
     return max(1, min(cap, int(free // 2 // max(int(member_bytes), 1))))
 
 
-def member_bytes(job: PreparedJob) -> int:
-    """Device memory one member of a fused group needs, roughly: its weights six times (stacked, gradient,
-    two optimizer states, centering baseline, its own model) and three activations per layer and sample."""
-    n_params = sum(p.numel() for p in job.model.parameters())
-    width, depth, batch = job.model.width, job.model.depth, job.cfg["N_SAMPLES"]
-    return 4 * (6 * n_params + 3 * batch * width * (depth + 1))
-
-
-def _layers(model: MLP) -> list:
-    return [("input_layer", model.input_layer)] + \
-        [(f"hidden_layers.{i}", m) for i, m in enumerate(model.hidden_layers)] + [("output_layer", model.output_layer)]
-
-
-def _scale(module: nn.Module) -> float:
-    """The factor ``mup``'s forward hook applies to this module's output (1 without it)."""
-    return float(getattr(module, "_mup_mult", 1.0)) / float(getattr(module, "_mup_gamma", 1.0))
-
-
-# --------------------------------------------------------------------------------------------------------
-# The stacked model and optimizer
-# --------------------------------------------------------------------------------------------------------
-
-def _column(values, like: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Per-member numbers as a tensor of shape (G, 1, ..., 1) that broadcasts against a stacked parameter."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape((-1,) + (1,) * ndim)
-
-
-class StackedMLP:
-    """The members' MLPs as stacked weights: ``forward(params, X)`` maps (G, B, ...) inputs to (G, B, d_out).
-
-    ``params`` follow the model's ``named_parameters`` order, weights transposed to (G, in, out).
-
-    Each layer's output is multiplied by that member's muP/GAMMA factor and the nonlinearity's by its own,
-    exactly as ``mup``'s forward hook does on each member's model.
-    """
-
-    def __init__(self, models: list):
-        first = models[0]
-        self.names = [n for n, _ in first.named_parameters()]
-        self.act = first.nonlin
-        self.layer_params = []  # per layer: (index of weight, index of bias or None) into params
-        self.layer_scales = []
-        index = {n: i for i, n in enumerate(self.names)}
-        for path, layer in _layers(first):
-            self.layer_params.append((index[f"{path}.weight"], index.get(f"{path}.bias")))
-            scales = [_scale(dict(_layers(m))[path]) for m in models]
-            self.layer_scales.append(scales)
-        self.act_scales = [_scale(m.nonlin) for m in models]
-        per_model = [dict(m.named_parameters()) for m in models]
-        # Weights are kept transposed, (G, in, out), so that neither the forward matmul nor the weight gradient
-        # (and the optimizer's arithmetic on it) works on a strided view.
-        self.transposed = [n.endswith(".weight") for n in self.names]
-        self.params = [torch.stack([pm[n].detach().t() if t else pm[n].detach() for pm in per_model])
-                       .contiguous().requires_grad_() for n, t in zip(self.names, self.transposed)]
-        self._set_scales(self.layer_scales, self.act_scales)
-
-    def _set_scales(self, layer_scales, act_scales):
-        self.layer_scales, self.act_scales = layer_scales, act_scales
-        like = self.params[0]
-        self._layer_t = [None if all(s == 1.0 for s in sc) else _column(sc, like, 2) for sc in layer_scales]
-        self._act_t = None if all(s == 1.0 for s in act_scales) else _column(act_scales, like, 2)
-
-    def forward(self, params: list, X: torch.Tensor) -> torch.Tensor:
-        h = X.reshape(X.shape[0], X.shape[1], -1)  # MLP.forward flattens each sample
-        last = len(self.layer_params) - 1
-        for i, ((w, b), scale) in enumerate(zip(self.layer_params, self._layer_t)):
-            wt = params[w]
-            h = torch.bmm(h, wt) if b is None else torch.baddbmm(params[b].unsqueeze(1), h, wt)
-            if scale is not None:
-                h = h * scale
-            if i < last:
-                h = self.act.forward(h)  # .forward: its muP hook is applied here, per member
-                if self._act_t is not None:
-                    h = h * self._act_t
-        return h
-
-    def select(self, keep: list) -> None:
-        """Keep only the members at rows ``keep`` (in that order)."""
-        idx = torch.tensor(keep, device=self.params[0].device)
-        self.params = [p.detach().index_select(0, idx).requires_grad_() for p in self.params]
-        self._set_scales([[sc[k] for k in keep] for sc in self.layer_scales], [self.act_scales[k] for k in keep])
-
-    def write_back(self, row: int, model: nn.Module) -> None:
-        """Copy member ``row``'s current weights into its own model."""
-        with torch.no_grad():
-            for stacked, t, p in zip(self.params, self.transposed, model.parameters()):
-                p.copy_(stacked[row].t() if t else stacked[row])
-
-
-class StackedOptimizer:
-    """SGD (momentum, weight decay) or Adam/AdamW on stacked parameters, with each member's own per-parameter
-    learning rate and constants taken from its optimizer's param groups; the update is torch's, per member."""
-
-    def __init__(self, jobs: list, stack: StackedMLP):
-        self.kind = optimizer_kind(jobs[0].opt)
-        self.decoupled = type(jobs[0].opt) is torch.optim.AdamW or \
-            bool(jobs[0].opt.param_groups[0].get("decoupled_weight_decay"))
-        keys = ("lr", "momentum", "weight_decay") if self.kind == "sgd" else ("lr", "beta1", "beta2", "eps",
-                                                                            "weight_decay")
-        # self.hyper[key][param index] = list over members
-        self.hyper = {k: [[] for _ in stack.names] for k in keys}
-        for job in jobs:
-            group_of = {id(p): g for g in job.opt.param_groups for p in g["params"]}
-            for i, p in enumerate(job.model.parameters()):
-                g = group_of[id(p)]
-                values = dict(g, beta1=g.get("betas", (0, 0))[0], beta2=g.get("betas", (0, 0))[1])
-                for k in keys:
-                    self.hyper[k][i].append(float(values[k]))
-        self.state = [dict() for _ in stack.names]
-        self.steps = 0
-        self._tensors(stack.params)
-
-    def _tensors(self, params):
-        self.t = {k: [_column(v, p, p.ndim - 1) for v, p in zip(vals, params)] for k, vals in self.hyper.items()}
-        self.t["neg_lr"] = [-lr for lr in self.t["lr"]]
-        self.uses = {k: any(x != 0 for vals in self.hyper[k] for x in vals) for k in self.hyper}
-
-    @torch.no_grad()
-    def step(self, params: list, grads: list) -> None:
-        self.steps += 1
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if self.kind == "sgd":
-                self._sgd(i, p, g)
-            else:
-                self._adam(i, p, g)
-
-    def _sgd(self, i, p, g):
-        t, state = self.t, self.state[i]
-        if self.uses["weight_decay"]:
-            g = g + t["weight_decay"][i] * p
-        if self.uses["momentum"]:
-            buf = state.get("buf")
-            if buf is None:
-                buf = state["buf"] = g.clone()
-            else:
-                buf.mul_(t["momentum"][i]).add_(g)
-            g = buf
-        p.addcmul_(t["neg_lr"][i], g)
-
-    def _adam(self, i, p, g):
-        t, state = self.t, self.state[i]
-        lr, wd = t["lr"][i], t["weight_decay"][i]
-        if self.uses["weight_decay"]:
-            if self.decoupled:
-                p.mul_(1 - lr * wd)
-            else:
-                g = g + wd * p
-        if "m" not in state:
-            state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
-        m, v = state["m"], state["v"]
-        b1, b2 = t["beta1"][i], t["beta2"][i]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g * (1 - b2))
-        b1d, b2d = b1.double(), b2.double()  # bias corrections in double, as torch computes them in Python
-        step_size = (lr.double() / (1 - b1d ** self.steps)).to(p.dtype)
-        bc2_sqrt = (1 - b2d ** self.steps).sqrt().to(p.dtype)
-        denom = (v.sqrt() / bc2_sqrt).add_(t["eps"][i])
-        p.sub_(step_size * m / denom)
-
-    def select(self, keep: list, params: list) -> None:
-        idx = torch.tensor(keep, device=params[0].device)
-        self.hyper = {k: [[vals[j] for j in keep] for vals in per_param] for k, per_param in self.hyper.items()}
-        self.state = [{k: s.index_select(0, idx) for k, s in st.items()} for st in self.state]
-        self._tensors(params)
+def member_bytes(job: PreparedJob, width: int | None = None) -> int:
+    """Device memory one member of a fused group needs, roughly, padded to ``width`` (default: its own): its
+    weights six times (stacked, gradient, two optimizer states, centering baseline, its own model) and three
+    activations per layer and sample."""
+    model = job.model
+    width = int(model.width if width is None else width)
+    n_params = padded_numel(model, width)
+    return 4 * (6 * n_params + 3 * job.cfg["N_SAMPLES"] * width * (model.depth + 1))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -240,11 +95,10 @@ class _Member:
                                  eval_every=lk["eval_every"], grabs=lk["grabs"], grab_model=lk["grab_model"],
                                  opt=job.opt, grab_kwargs=lk["grab_kwargs"])
         self.max_iter = int(lk["max_iter"])
-        self.unread: list[np.ndarray] = []  # losses read back from the device, not yet fed to the tracker
         self.after_sync = observers_wanting(job.observers, "after_sync")
         self.at_end = observers_wanting(job.observers, "at_end")
         self.label = live.axes_label(job.axes)  # prefixes what this member's tracker and grabs print
-        self.X = self.y = None
+        self.view = None  # what its after_sync observers get as its tracker (_LazyTracker)
 
 
 def _per_member_loss(loss_fn, out: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -269,6 +123,90 @@ class _StackCache:
         return self.out
 
 
+class _Losses:
+    """The train losses read back from the device and not yet fed to the members' trackers, one (steps, rows)
+    block per read-back, and a running copy of each member's EMA (as ``LossTracker.feed`` computes it) that says
+    which members may have to stop: an EMA below the member's lowest threshold (every threshold crossed: done) or
+    a loss that is not finite (diverged). ``rows[r]`` is the member of row ``r``."""
+
+    def __init__(self, members: list, rows: list):
+        self.members, self.blocks, self.base, self._all, self.held = members, [], 0, None, 0
+        self.primed = False  # every tracker fed once: relative thresholds are known
+        self.select(rows)
+
+    def select(self, rows: list) -> None:
+        """The stack now holds ``rows``; every tracker must be fed up to date (``feed_all``) before."""
+        assert not self.blocks
+        self.rows = list(rows)
+        trackers = [self.members[i].tracker for i in rows]
+        self.smooth = np.array([t.smoother for t in trackers], dtype=np.float64)
+        self.rest = np.array([1.0 - t.smoother for t in trackers], dtype=np.float64)
+        self.ema = np.zeros(len(rows))
+        self.limit = np.full(len(rows), np.inf)
+        for r in range(len(rows)):
+            self._copy(r)
+
+    def _copy(self, r: int) -> None:
+        t = self.members[self.rows[r]].tracker
+        if t.ema is not None:
+            self.ema[r] = t.ema
+        if t.seen and len(t.thresholds):
+            lowest = float(t.thresholds.min())
+            # a hair above it: the copy computes what the tracker does, and errs on the side of feeding
+            self.limit[r] = lowest + 1e-6 * abs(lowest)
+
+    def add(self, block: np.ndarray) -> np.ndarray:
+        """Keep ``block`` (the losses of the steps since the last read-back, one column per row); returns which
+        rows may have to stop."""
+        self.blocks.append(block)
+        self.held += len(block)  # steps of losses held back
+        self._all = None
+        if not self.primed:
+            return np.ones(len(self.rows), dtype=bool)
+        flag = np.zeros(len(self.rows), dtype=bool)
+        ema = self.ema
+        for v in block:
+            flag |= ~np.isfinite(v)
+            ema = self.smooth * ema + self.rest * v
+            flag |= ema < self.limit
+        self.ema = ema
+        return flag
+
+    def feed(self, r: int) -> None:
+        """Feed row ``r``'s tracker every loss it has not seen."""
+        m = self.members[self.rows[r]]
+        if not self.blocks:
+            return
+        if self._all is None:
+            self._all = self.blocks[0] if len(self.blocks) == 1 else np.concatenate(self.blocks)
+        new = self._all[m.tracker.seen - self.base:, r]
+        if len(new):
+            live.set_label(m.label)
+            m.tracker.feed(np.ascontiguousarray(new))
+            self._copy(r)
+
+    def feed_all(self) -> None:
+        for r in range(len(self.rows)):
+            self.feed(r)
+        self.base += self.held
+        self.blocks, self._all, self.primed, self.held = [], None, True, 0
+
+
+class _LazyTracker:
+    """A member's ``LossTracker`` as its ``after_sync`` observers see it: fed every loss read back so far the
+    moment they look at it. Most look only now and then (live progress, once per LIVE_EVERY seconds)."""
+
+    def __init__(self, losses: _Losses, member: int, looked: set):
+        self._losses, self._member, self._looked = losses, member, looked
+
+    def __getattr__(self, name):
+        losses = self._losses
+        r = losses.rows.index(self._member)
+        losses.feed(r)
+        self._looked.add(r)
+        return getattr(losses.members[self._member].tracker, name)
+
+
 def train_fused(jobs: list) -> list:
     """Train prepared jobs (all passing ``why_not_fusable``, with equal ``stack_key``) as one stacked model.
 
@@ -281,108 +219,131 @@ def train_fused(jobs: list) -> list:
     stack = StackedMLP([j.model for j in jobs])
     opt = StackedOptimizer(jobs, stack)
     first = jobs[0]
-    loss_fn, sync = first.loss_fn, int(first.loop_kwargs["sync_every"])
+    loss_fn, sync = first.loss_fn, max(1, int(first.loop_kwargs["sync_every"]))
+    evals = members[0].evals  # when a step is evaluated is the same for every member (stack_key)
     baseline = [p.detach().clone() for p in stack.params] if first.cfg["CENTER"] else None
     stack_X, stack_Y = _StackCache(), _StackCache()
     f0 = None  # (stacked inputs, baseline output on them): offline, the inputs are the same stack every step
     active = list(range(len(jobs)))  # member index of each row of the stack
+    losses = _Losses(members, active)
+    looked: set = set()  # rows whose tracker an observer looked at (and so fed) at this read-back
+    for i, m in enumerate(members):
+        if m.after_sync:
+            m.view = _LazyTracker(losses, i, looked)
+    max_iter = np.array([m.max_iter for m in members])  # per row of the stack, as `verbose`
+    verbose = np.array([m.tracker.verbose for m in members], dtype=bool)
+    next_stop = max_iter.min()  # the first MAX_ITER among the members in the stack
+    watched = [(r, i) for r, i in enumerate(active) if members[i].after_sync]  # rows with after_sync observers
+    batch_fns = [m.job.batch_fn for m in members]
+    failed = False  # some member has a record (failed) and must leave at the next read-back
     pending: list[torch.Tensor] = []
     step = 0
 
-    def write_back(rows):
-        for r in rows:
-            stack.write_back(r, members[active[r]].job.model)
-
     def fail(i, exc):
+        nonlocal failed
         job = jobs[i]
         records[i] = failed_record(job.axes, exc, job.device, time.perf_counter() - job.t0)
+        failed = True
 
     while active:
-        for r, i in enumerate(active):
-            job = members[i].job
-            if step:
-                members[i].X, members[i].y = job.batch_fn(step)
-            else:  # checked as train_loop checks it: a bad batch fails the group, and each job then trains alone
-                job.batch_fn, members[i].X, members[i].y = first_batch(job.batch_fn, job.model)
-        due = [r for r, i in enumerate(active) if records[i] is None and members[i].evals.due(step)]
-        if due:
-            write_back(due)
-        for r in (due if step else range(len(active))):  # as train_loop: record, or at step 0 check the grabs
-            m = members[active[r]]
-            live.set_label(m.label)
-            try:
-                if r in due:
-                    m.evals.record(step, m.X, m.y)
-                else:
-                    m.evals.check(m.X, m.y)
-            except Exception as e:
-                fail(active[r], e)
-        X = stack_X([members[i].X for i in active])
-        Y = stack_Y([members[i].y for i in active])
+        if step:
+            batches = [fn(step) for fn in batch_fns]
+        else:  # checked as train_loop checks it: a bad batch fails the group, and each job then trains alone
+            batches = []
+            for i in active:
+                job = members[i].job
+                job.batch_fn, X0, y0 = first_batch(job.batch_fn, job.model)
+                batches.append((X0, y0))
+            batch_fns = [members[i].job.batch_fn for i in active]
+        due = evals.due(step)
+        if due or step == 0:  # as train_loop: record, or at step 0 check the grabs
+            rows = [r for r, i in enumerate(active) if records[i] is None]
+            for r in rows if due else ():
+                stack.write_back(r, members[active[r]].job.model)
+            for r in rows:
+                m = members[active[r]]
+                live.set_label(m.label)
+                try:
+                    m.evals.record(step, *batches[r]) if due else m.evals.check(*batches[r])
+                except Exception as e:
+                    fail(active[r], e)
+        X = stack_X([b[0] for b in batches])
+        Y = stack_Y([b[1] for b in batches])
         out = stack.forward(stack.params, X)
         if baseline is not None:
             if f0 is None or f0[0] is not X:
                 with torch.no_grad():
                     f0 = (X, stack.forward(baseline, X))
             out = out - f0[1]
-        losses = _per_member_loss(loss_fn, out, Y)
-        grads = torch.autograd.grad(losses.sum(), stack.params)
+        step_losses = _per_member_loss(loss_fn, out, Y)
+        grads = torch.autograd.grad(step_losses.sum(), stack.params)
         opt.step(stack.params, grads)
-        pending.append(losses.detach())
+        pending.append(step_losses.detach())
         step += 1
-        # A member reads its losses every `sync` steps and at its MAX_ITER, as train_loop does.
-        syncing = [r for r, i in enumerate(active) if step % sync == 0 or step >= members[i].max_iter]
-        if not syncing:
+        # Every member's losses are read every `sync` steps and at its MAX_ITER, as train_loop does.
+        if step % sync and step < next_stop:
             continue
-        block = read_losses(pending).reshape(len(pending), -1)  # (steps, rows)
+        at_max = step >= max_iter
+        flag = losses.add(read_losses(pending).reshape(len(pending), -1))  # (steps, rows)
         pending.clear()
-        for r, i in enumerate(active):
-            members[i].unread.append(block[:, r])
-        leaving = []
-        for r in syncing:
-            i = active[r]
+        fed = flag | at_max | verbose  # verbose trackers print each step's loss: fed at each read-back
+        if not losses.primed or losses.held >= FEED_EVERY:
+            losses.feed_all()
+            fed[:] = True
+        else:
+            for r in np.flatnonzero(fed):
+                losses.feed(r)
+        looked.clear()
+        for r, i in watched:
             m = members[i]
-            new = np.concatenate(m.unread)
-            m.unread.clear()
-            live.set_label(m.label)
-            stop = m.tracker.feed(new)
-            if m.tracker.status == "diverged":  # NaN that came with the data is the data's fault: say so
-                note = nonfinite(m.X, m.y, m.job.batch_fn, step - 1)
-                if note:
-                    log.warning("fused trials: job %s diverged with its data: %s", m.label, note)
-            try:
-                for fn in m.after_sync:
-                    fn(step, m.tracker, m.evals)
-            except Exception as e:
-                fail(i, e)
-            if stop or step >= m.max_iter:
-                leaving.append(r)
-        leaving += [r for r, i in enumerate(active) if records[i] is not None and r not in leaving]  # failed
+            if records[i] is None:
+                live.set_label(m.label)
+                try:
+                    for fn in m.after_sync:
+                        fn(step, m.view, m.evals)
+                except Exception as e:
+                    fail(i, e)
+        fed[list(looked)] = True
+        leaving = [r for r in np.flatnonzero(fed) if at_max[r] or members[active[r]].tracker.status != "not_reached"]
+        if failed:
+            leaving = sorted(set(leaving) | {r for r, i in enumerate(active) if records[i] is not None})
+            failed = False
         if not leaving:
             continue
-        write_back([r for r in leaving if records[active[r]] is None])
+        losses.feed_all()  # every tracker up to date: the stack's rows are about to change
+        leaving = [r for r, i in enumerate(active) if r in leaving or members[i].tracker.status != "not_reached"]
         for r in leaving:
             i = active[r]
             if records[i] is not None:
                 continue
             m = members[i]
+            if m.tracker.status == "diverged":  # NaN that came with the data is the data's fault: say so
+                note = nonfinite(*batches[r], m.job.batch_fn, step - 1)
+                if note:
+                    log.warning("fused trials: job %s diverged with its data: %s", m.label, note)
+            stack.write_back(r, m.job.model)
             try:
-                out_i = m.evals.result(m.tracker, step, m.X, m.y)
+                out_i = m.evals.result(m.tracker, step, *batches[r])
                 for fn in m.at_end:
                     fn(out_i, m.job.model, m.job.opt)
                 # wall time: this member's share of the group's time so far
                 records[i] = finish_record(m.job, out_i, (time.perf_counter() - t0) / len(jobs))
             except Exception as e:
                 fail(i, e)
+        failed = False
         keep = [r for r in range(len(active)) if r not in leaving]
         active = [active[r] for r in keep]
         if active:
-            stack.select(keep)
-            opt.select(keep, stack.params)
+            width = stack.select(keep)
+            opt.select(keep, stack, width)
             if baseline is not None:
-                idx = torch.tensor(keep, device=baseline[0].device)
-                baseline = [b.index_select(0, idx) for b in baseline]
+                baseline = stack.take(keep, baseline, width)
                 f0 = None
+            losses.select(active)
+            max_iter, verbose = max_iter[keep], verbose[keep]
+            next_stop = max_iter.min()
+            watched = [(r, i) for r, i in enumerate(active) if members[i].after_sync]
+            batch_fns = [members[i].job.batch_fn for i in active]
     return records
 
 
@@ -396,7 +357,8 @@ def run_group(jobs: list, bfn_config: dict, device="cpu", *, resolved: bool = Fa
     Every job is prepared as ``run_config`` prepares it (``resolved``: the configs are resolved already, as the
     sweep engine ships them, and are prepared as ``run_resolved`` prepares them). One that cannot be fused
     (``why_not_fusable``; one note in the log per reason) is trained at once, alone, as ``run_config`` would; the
-    others are trained as one stacked model per shape by ``train_fused``. Never raises: a job that fails gets a
+    others are trained as one stacked model per shape and width bucket (``plan.width_buckets``) by
+    ``train_fused``, members of a bucket in order of width. Never raises: a job that fails gets a
     ``failed`` record, as with ``run_config_safe``.
     """
     records: list = [None] * len(jobs)
@@ -420,23 +382,32 @@ def run_group(jobs: list, bfn_config: dict, device="cpu", *, resolved: bool = Fa
     for reason, n in reasons.items():
         log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
     for same in groups.values():
-        first = prepared[same[0]]
-        cap = fuse_cap(first.cfg["FUSE_MAX"], device, member_bytes(first))
-        for ks in (same[c:c + cap] for c in range(0, len(same), cap)):
-            if len(ks) == 1:  # a fusable model draws nothing from the global RNG: training it later is the same
-                records[ks[0]] = _train_alone(prepared[ks[0]])
-                continue
-            try:
-                for k, rec in zip(ks, train_fused([prepared[k] for k in ks])):
-                    records[k] = rec
-            except Exception as e:  # a bug or a shape mismatch the checks missed: the jobs still run, one by one
-                log.warning("fused trials: a group of %d jobs failed to train fused (%s: %s); running them one by "
-                            "one", len(ks), type(e).__name__, e)
-                for k in ks:  # prepared again: the data generators have moved on
-                    config, axes = jobs[k]
-                    records[k] = run_resolved_safe(config, bfn_config, device, axes) if resolved else \
-                        run_config_safe(config, bfn_config, device, axes)
+        # by width bucket (widths within 2x share a stack, padded), then in pieces the device has room for
+        widths = [prepared[k].model.width for k in same]
+        for bucket in width_buckets(widths):
+            bucket = [same[b] for b in bucket]
+            widest = prepared[bucket[-1]]  # every member of a piece is padded to the piece's widest
+            cap = fuse_cap(widest.cfg["FUSE_MAX"], device, member_bytes(widest))
+            for ks in (bucket[c:c + cap] for c in range(0, len(bucket), cap)):
+                _train_piece(ks, jobs, prepared, records, bfn_config, device, resolved)
     return records
+
+
+def _train_piece(ks, jobs, prepared, records, bfn_config, device, resolved) -> None:
+    """Train the prepared jobs ``ks`` (indices into ``jobs``) as one group; their records go to ``records``."""
+    if len(ks) == 1:  # a fusable model draws nothing from the global RNG: training it later is the same
+        records[ks[0]] = _train_alone(prepared[ks[0]])
+        return
+    try:
+        for k, rec in zip(ks, train_fused([prepared[k] for k in ks])):
+            records[k] = rec
+    except Exception as e:  # a bug or a shape mismatch the checks missed: the jobs still run, one by one
+        log.warning("fused trials: a group of %d jobs failed to train fused (%s: %s); running them one by "
+                    "one", len(ks), type(e).__name__, e)
+        for k in ks:  # prepared again: the data generators have moved on
+            config, axes = jobs[k]
+            records[k] = run_resolved_safe(config, bfn_config, device, axes) if resolved else \
+                run_config_safe(config, bfn_config, device, axes)
 
 
 def _train_alone(job: PreparedJob) -> dict:

@@ -1,10 +1,13 @@
 """Which jobs may train fused, and a sweep's units of work: every rule about fusing, written once.
 
-Jobs that share every shape (model class, width, depth, batch size, data shapes) and differ only in numbers
-(``NUMERIC_KEYS``: trial seed, LR, GAMMA, PARAMETERIZATION, momentum, thresholds ...) can train as one stacked
-model (``fused``). The driver plans from configs alone (``config_reason``, ``plan_units``); the worker checks the
-built jobs again (``why_not_fusable``: what only the built model, optimizer and loss can tell) and groups them by
-``stack_key``. Anything that cannot fuse runs one job at a time, with one note in the log saying why.
+Jobs that share every shape but the hidden width (model class, depth, batch size, data shapes) and differ only in
+numbers (``NUMERIC_KEYS``: trial seed, LR, GAMMA, PARAMETERIZATION, momentum, thresholds ...) and in WIDTH can train
+as one stacked model (``fused``), each member padded to the widest of its group. Widths share a group only within a
+bucket (``width_buckets``: within ``WIDTH_RATIO`` of the bucket's smallest), which bounds the arithmetic padding
+wastes. The driver plans from configs alone (``config_reason``, ``plan_units``); the worker checks the built jobs
+again (``why_not_fusable``: what only the built model, optimizer and loss can tell) and groups them by
+``stack_key`` and width bucket. Anything that cannot fuse runs one job at a time, with one note in the log saying
+why.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from modelscape.backend.build import get_model_class, resolve_optimizer
 from modelscape.models import MLP
 from modelscape.mup import scale_output
 
-__all__ = ["NUMERIC_KEYS", "FUSABLE_MODELS", "ELEMENTWISE", "optimizer_kind", "fuse_key", "config_reason",
-           "why_not_fusable", "stack_key", "plan_units"]
+__all__ = ["NUMERIC_KEYS", "PADDED_KEYS", "WIDTH_RATIO", "FUSABLE_MODELS", "ELEMENTWISE", "optimizer_kind",
+           "fuse_key", "config_reason", "why_not_fusable", "stack_key", "width_buckets", "plan_units"]
 
 log = logging.getLogger("modelscape.backend.fused")  # the notes keep the logger name users filter on
 
@@ -33,6 +36,13 @@ NUMERIC_KEYS = frozenset({"trial", "SEED", "LR", "GAMMA", "PARAMETERIZATION", "M
                           # StackedOptimizer read from each member's modules and param groups (test_fused checks)
                           "BASE_WIDTH", "OUTPUT_MULT", "EMB_MULT", "EMB_LR_MULT", "HIDDEN_LR_MULT",
                           "READOUT_LR_MULT", "VECTOR_LR_MULT", "READOUT_ZERO_INIT", "EPS_SCALING"})
+# Config keys that change only the hidden width: jobs that differ in them may be fused too, each member padded with
+# zeros to the group's widest (and masked), within a width bucket (``width_buckets``).
+PADDED_KEYS = frozenset({"WIDTH"})
+# A width bucket holds the widths from its smallest, w, up to WIDTH_RATIO * w. A member of width w padded to W
+# computes as one of width W: (W / w)^2 its own hidden-layer arithmetic (at most 4x) and W / w at the read-in and
+# read-out (at most 2x).
+WIDTH_RATIO = 2
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Identity, nn.Sigmoid)
 # The MLPs whose forward StackedMLP reproduces: ours, and the original's (the default MODEL), a subclass that
 # only adds an init option and a method.
@@ -131,12 +141,28 @@ def why_not_fusable(job) -> str | None:
 
 
 def stack_key(job):
-    """What must be equal for two fusable prepared jobs to share a stack."""
-    lk = job.loop_kwargs
-    return (tuple((n, tuple(p.shape)) for n, p in job.model.named_parameters()), repr(job.model.nonlin),
+    """What must be equal for two fusable prepared jobs to share a stack (their widths then go by
+    ``width_buckets``): every parameter's name, the data's dimensions at the read-in and read-out, and the rest."""
+    lk, model = job.loop_kwargs, job.model
+    return (tuple(n for n, _ in model.named_parameters()), model.input_layer.in_features,
+            model.output_layer.out_features, repr(model.nonlin),
             optimizer_kind(job.opt), type(job.opt).__name__, type(job.loss_fn).__name__, str(job.device),
             job.cfg["CENTER"], job.cfg["ONLINE"], lk["only_thresholds"], lk["eval_every"], lk["sync_every"],
             None if job.X_te is None else tuple(job.X_te.shape))
+
+
+def width_buckets(widths: list) -> list:
+    """The positions of ``widths`` in buckets that may share a stack: the smallest width w not yet placed opens a
+    bucket holding every width up to ``WIDTH_RATIO * w``. Buckets and the positions in each are in order of width
+    (then position), so a cut of a bucket into pieces keeps near widths together."""
+    order = sorted(range(len(widths)), key=lambda k: (widths[k], k))
+    buckets = []
+    for k in order:
+        if buckets and widths[k] <= WIDTH_RATIO * widths[buckets[-1][0]]:
+            buckets[-1].append(k)
+        else:
+            buckets.append([k])
+    return buckets
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -144,9 +170,10 @@ def stack_key(job):
 # --------------------------------------------------------------------------------------------------------
 
 def fuse_key(cfg: dict):
-    """A hashable summary of everything in a job's resolved config but ``NUMERIC_KEYS``: jobs with equal keys
-    are candidates for one fused group (the worker still checks their built models)."""
-    return tuple(sorted((k, _hashable(v)) for k, v in cfg.items() if k not in NUMERIC_KEYS))
+    """A hashable summary of everything in a job's resolved config but ``NUMERIC_KEYS`` and ``PADDED_KEYS``: jobs
+    with equal keys are candidates for one fused group, by width bucket (the worker still checks their built
+    models)."""
+    return tuple(sorted((k, _hashable(v)) for k, v in cfg.items() if k not in NUMERIC_KEYS and k not in PADDED_KEYS))
 
 
 def _hashable(v):
@@ -159,53 +186,86 @@ def _hashable(v):
     return ("object", id(v))  # functions, tensors, classes: the sweep shares one object across its jobs
 
 
-def plan_units(jobs: list, todo=None, units=None) -> list:
+def _width(cfg: dict) -> int:
+    return int(cfg["WIDTH"])
+
+
+def plan_units(jobs: list, todo=None, units=None, workers: int = 1, previous=None) -> list:
     """Split a sweep's jobs into units of work: lists of job indices, each a fused group or a single job.
 
-    ``jobs`` is a list of ``(index, resolved config)``. Jobs with FUSE=auto and equal ``fuse_key`` form a group,
-    cut into balanced pieces of at most FUSE_MAX jobs. The pieces depend on the jobs alone, not on the executor
-    or its number of workers, so a sweep's numbers do not either (a lower FUSE_MAX spreads a group over more
-    workers). Jobs that cannot fuse are single units; the reason is logged once per reason.
+    ``jobs`` is a list of ``(index, resolved config)``. Jobs with FUSE=auto and equal ``fuse_key`` are candidates
+    for a group; their widths are put in buckets (``width_buckets``), and each bucket is cut into balanced pieces
+    (near widths together) of at most FUSE_MAX jobs and at most the pool's share, the jobs planned divided by
+    ``workers`` (rounded up), so that a sweep of one fusable group keeps every worker busy. Jobs that cannot fuse
+    are single units; the reason is logged once per reason.
 
-    ``todo`` (indices; default all): plan the whole sweep, then keep the units of jobs still to run. A unit all
-    of whose jobs are to run is kept as it is, so a resumed sweep trains each missing group with the members
-    the first run gave it, and its numbers are the first run's to the bit (a member's float32 rounding can
-    depend on its group). The rest of partly stored units are grouped anew. ``units``: the plan, made before
-    (a Slurm shard gets its part of the sweep's); the reasons were logged then.
+    A member's float32 rounding can depend on its group, so a resumed sweep must train each missing group with
+    the members the first run gave it: its numbers are then the first run's to the bit. Since the pieces depend on
+    ``workers``, that plan is recorded (the engine keeps it in the store) and handed back as ``previous``: its
+    units all of whose jobs are in ``todo`` (indices; default all) and that still fuse under today's configs (a
+    lower FUSE_MAX or FUSE=off is obeyed) are kept as they are; the other jobs to run are planned anew. Without
+    ``previous`` the whole sweep is planned and the units of jobs in ``todo`` kept the same way. ``units``: the
+    plan made before by this sweep's driver (a Slurm shard gets its part of the sweep's), kept as it is; its
+    reasons were logged then.
     """
-    todo = None if todo is None else set(todo)
     configs = dict(jobs)
-    if units is None:
-        units, reasons = _plan(list(configs), configs, todo)
+    todo = set(configs) if todo is None else set(todo)
+    if units is not None:
+        kept, reasons = [u for u in units if todo.issuperset(u)], {}
+    elif previous is not None:
+        kept = [list(u) for u in previous if todo.issuperset(u) and _still_fuses(u, configs)]
+        reasons = _reasons(todo, configs)
     else:
-        reasons = {}
-    if todo is not None:
-        kept = [u for u in units if todo.issuperset(u)]
-        rest = sorted(i for u in units if not todo.issuperset(u) for i in u if i in todo)
-        units = kept + (_plan(rest, configs, None)[0] if rest else [])
+        kept = [u for u in _plan(list(configs), configs, workers) if todo.issuperset(u)]
+        reasons = _reasons(todo, configs)
+    placed = {i for u in kept for i in u}
+    rest = sorted(i for i in todo if i not in placed)
+    units = kept + (_plan(rest, configs, workers) if rest else [])
     for reason, n in reasons.items():
         log.warning("fused trials: %d job(s) run one by one: %s", n, reason)
     return sorted(units)
 
 
-def _plan(indices: list, configs: dict, todo) -> tuple:
-    """``plan_units``' grouping of ``indices``: ``(units, {reason a job is not fused: count among todo})``."""
-    groups, units, reasons = {}, [], {}
+def _reasons(indices, configs) -> dict:
+    """``{reason a job is not fused: count}`` among ``indices`` (jobs with FUSE=off are not counted)."""
+    reasons = {}
     for index in indices:
         cfg = configs[index]
-        if cfg.get("FUSE", "auto") != "auto":
-            units.append([index])
-            continue
-        reason = config_reason(cfg)
-        if reason is not None:
-            if todo is None or index in todo:
+        if cfg.get("FUSE", "auto") == "auto":
+            reason = config_reason(cfg)
+            if reason is not None:
                 reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+def _still_fuses(unit, configs) -> bool:
+    """Whether a unit recorded by an earlier run may be trained as one group under today's configs."""
+    if any(i not in configs for i in unit):
+        return False
+    if len(unit) == 1:
+        return True
+    cfgs = [configs[i] for i in unit]
+    key = fuse_key(cfgs[0])
+    widths = [_width(c) for c in cfgs]
+    return (all(c.get("FUSE", "auto") == "auto" and config_reason(c) is None and fuse_key(c) == key for c in cfgs)
+            and len(unit) <= max(1, int(cfgs[0].get("FUSE_MAX", 64))) and max(widths) <= WIDTH_RATIO * min(widths))
+
+
+def _plan(indices: list, configs: dict, workers: int) -> list:
+    """``plan_units``' grouping of ``indices``, with at most ``ceil(len(indices) / workers)`` jobs in a group."""
+    groups, units = {}, []
+    share = max(1, -(-len(indices) // max(1, int(workers))))
+    for index in indices:
+        cfg = configs[index]
+        if cfg.get("FUSE", "auto") != "auto" or config_reason(cfg) is not None:
             units.append([index])
             continue
         groups.setdefault(fuse_key(cfg), []).append(index)
-    for (key, members) in groups.items():
-        fuse_max = max(1, int(dict(key).get("FUSE_MAX", 64)))
-        pieces = -(-len(members) // fuse_max)
-        bounds = [len(members) * k // pieces for k in range(pieces + 1)]
-        units += [members[a:b] for a, b in zip(bounds, bounds[1:])]
-    return units, reasons
+    for key, members in groups.items():
+        cap = min(share, max(1, int(dict(key).get("FUSE_MAX", 64))))
+        for bucket in width_buckets([_width(configs[i]) for i in members]):
+            bucket = [members[k] for k in bucket]
+            pieces = -(-len(bucket) // cap)
+            bounds = [len(bucket) * k // pieces for k in range(pieces + 1)]
+            units += [bucket[a:b] for a, b in zip(bounds, bounds[1:])]
+    return units

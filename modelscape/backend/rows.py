@@ -25,7 +25,7 @@ from modelscape.backend.identity import tensor_to_numpy, is_torch_tensor, jsonab
 from modelscape.results import axis_label
 
 __all__ = ["StoreError", "STATUSES", "RECORD_COLUMNS", "SELECT", "encode", "decode", "dumps", "read_npz", "read_npy",
-           "confined", "EXTERNAL_BYTES"]
+           "confined", "EXTERNAL_BYTES", "LIVE_SQL"]
 
 # An array of at least this many bytes is written beside the store (one .npy file) instead of into its row:
 # SQLite refuses a blob over 1 GB, and a row of hundreds of MB is slow to write and to read for everyone.
@@ -289,3 +289,13 @@ def _read_external(job_id, spec, root) -> np.ndarray:
         raise StoreError(f"{what} holds {arr.dtype.str}{list(arr.shape)}, the row says "
                          f"{spec.get('dtype')}{spec.get('shape')}")
     return arr
+
+
+# The partial records of running jobs (``write_live``), one row per job, dropped when its record is written.
+# Added to any store a writer opens (older readers ignore it), so it needs no new schema version.
+LIVE_SQL = f"""
+CREATE TABLE IF NOT EXISTS live ({RECORD_COLUMNS},
+    max_iter   INTEGER,
+    started    REAL
+)
+"""

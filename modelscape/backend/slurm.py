@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from modelscape.backend.executors import make_executor
-from modelscape.backend.plan import plan_units
 from modelscape.backend.store import DB_NAME, SCHEDULER_HOST, Driver, Store, StoreUnion, shard_path
-from modelscape.backend.sweep import run_jobs
+from modelscape.backend.sweep import plan_sweep, run_jobs
 from modelscape.config import ConfigError
 from modelscape.utils import require
 
@@ -182,8 +181,10 @@ def run_sweep(jobs, ids, codes, todo, st, context, cfg) -> dict:
         return {}
     run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     tasks = []
-    for k, units in enumerate(split(plan_units([(i, job[2]) for i, job in enumerate(jobs)], todo),
-                                    cfg["SLURM_SHARDS"])):
+    # a fused group at most one worker's share: the array tasks' workers together (each task's GPUs x
+    # WORKERS_PER_DEVICE); the plan is recorded in results.db, and a re-run reuses it
+    workers = cfg["SLURM_SHARDS"] * max(1, cfg["SLURM_GPUS_PER_NODE"]) * max(1, cfg["WORKERS_PER_DEVICE"])
+    for k, units in enumerate(split(plan_sweep(None, jobs, ids, todo, st, workers=workers), cfg["SLURM_SHARDS"])):
         shard = sorted(i for unit in units for i in unit)
         local = {i: n for n, i in enumerate(shard)}
         tasks.append(ShardTask([jobs[i] for i in shard], [ids[i] for i in shard], [codes[i] for i in shard],

@@ -1,9 +1,10 @@
 """The driver's engine: claim each job in the store, dispatch units of work to an executor, store each record.
 
 ``run_jobs`` is the loop a sweep's driver runs (``job_iterator.main`` locally, each Slurm array task on its
-node): the jobs still to run are planned into units (``plan.plan_units``: single jobs and fused groups), each
-job is claimed right before its unit is submitted (so several drivers on one store share the work), and a
-unit's records are stored together, in one transaction, the moment they arrive.
+node): the jobs still to run are planned into units (``plan_sweep``: single jobs and fused groups, a group at most
+a worker's share of the sweep, the plan recorded in the store for a resumed sweep to reuse), each job is claimed
+right before its unit is submitted (so several drivers on one store share the work), and a unit's records are
+stored together, in one transaction, the moment they arrive.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from modelscape.backend.plan import plan_units
 from modelscape.backend.records import failed_record, split_records
 from modelscape.backend.store import Driver, StoreError, StoreLost
 
-__all__ = ["run_jobs", "store_location"]
+__all__ = ["run_jobs", "plan_sweep", "store_location"]
 
 _INTERNAL = ("oom",)
 
@@ -43,7 +44,7 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
 
     ``board`` (a ``board.LiveBoard``; default, one without a progress bar) receives the running jobs' progress
     messages and lines of output from the executor, and writes their partial records to ``st``. ``units``: the
-    sweep's units of work (``plan.plan_units``), if planned already."""
+    sweep's units of work (``plan_sweep``), if planned already."""
     if board is None:
         every = jobs[todo[0]][2]["LIVE_EVERY"] if todo else 0
         board = LiveBoard(jobs, ids, todo, st, every)
@@ -66,7 +67,7 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
                        resolved=True)
 
     # Units of work: single jobs, and groups of jobs trained together as one stacked model (FUSE)
-    units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo, units)
+    units = plan_sweep(executor, jobs, ids, todo, st, units)
     root = st.path.parent if st is not None else None
 
     def accept(i, record) -> bool:  # a record another driver stored: does it hold the checkpoints asked for here?
@@ -96,6 +97,32 @@ def run_jobs(executor, jobs, ids, codes, todo, st, context, since, claim_timeout
     finally:
         executor.on_live, executor.on_output = hooks
         dispatch.close()
+
+
+def plan_sweep(executor, jobs, ids, todo, st, units=None, workers: int | None = None) -> list:
+    """The units of work of the jobs ``todo`` (``plan.plan_units``): fused groups of at most a worker's share of
+    the sweep (``workers``: default, the executor's slots), or ``units`` if planned before (a Slurm shard's).
+
+    The plan is recorded in the store ``st`` (None: nowhere), and the plan an earlier run recorded is reused: a
+    resumed sweep trains each missing group with the members the first run gave it, whatever its number of
+    workers, so its numbers are the first run's to the bit."""
+    configs = [(i, jobs[i][2]) for i in range(len(jobs))]
+    previous = None
+    if st is not None and units is None:
+        index = {job_id: i for i, job_id in enumerate(ids)}
+        recorded = st.units(ids)
+        if recorded:
+            previous = [[index[j] for j in unit] for unit in recorded if all(j in index for j in unit)]
+    workers = len(getattr(executor, "slots", None) or [None]) if workers is None else workers
+    units = plan_units(configs, todo, units, workers=workers, previous=previous)
+    if st is not None:
+        try:
+            st.record_units([[ids[i] for i in unit] for unit in units if len(unit) > 1])
+        except Exception as e:  # the sweep can run without it; a resume may then group the jobs differently
+            warnings.warn(f"the sweep's fused groups could not be recorded in {st.path} ({type(e).__name__}: {e}); "
+                          "a resumed sweep may group its jobs differently (equal up to float32 rounding)",
+                          stacklevel=2)
+    return units
 
 
 def store_location(st) -> dict:
