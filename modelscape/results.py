@@ -508,7 +508,10 @@ class SweepResults(Mapping):
             else:
                 arr = np.full(shape + list(inner), fill, dtype=dtype)
                 for (i, r, v), place in zip(vals, places):
-                    arr[i][np.ix_(*place) if labelled else place] = v
+                    if labelled:
+                        arr[i][np.ix_(*place)] = v
+                    else:  # arr[i] of a scalar grab is a number, not a view: index in one go
+                        arr[i + place] = v
                 data[f"grab_{name}"] = (dims + gdims, arr)
 
         self._xr = xr.Dataset(data, coords={**coords, **extra_coords})

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAINED = []
 WIDTHS = [8, 10, 12, 14, 16, 18]
-TINY = dict(WIDTH=16, DEPTH=2, N_SAMPLES=32, N_TEST=64, MAX_ITER=12, LOSS_CHECKPOINTS=[0.01], LR=0.05)
+# FUSE=off: the jobs differ only in WIDTH and would fuse; these tests store (and lose) them one by one
+TINY = dict(WIDTH=16, DEPTH=2, N_SAMPLES=32, N_TEST=64, MAX_ITER=12, LOSS_CHECKPOINTS=[0.01], LR=0.05, FUSE="off")
 ON_TRAIN = {}  # WIDTH -> what to do when that job's training batches are made (fill the disk, delete the WAL ...)
 
 

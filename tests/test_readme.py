@@ -45,6 +45,7 @@ RUNS = {
     "tensorboard --logdir results/default": "test_tensorboard_block",
     "--CHECKPOINTS 0 500 thresholds final": "test_checkpoint_blocks",
     "res.checkpoint(WIDTH=256, trial=0, step=500)": "test_checkpoint_blocks",
+    "LayerDiagnostics()}": "test_diagnostics_block",
 }
 
 
@@ -260,6 +261,17 @@ def test_step_hooks_block(tmp_path):
     assert len(res.records) == 15 and not res.failed(), [r.get("error") for r in res.failed()]
     loss = res.to_xarray()["train_loss"]
     assert (loss.sel(eps=0.01) != loss.sel(eps=0.0)).all()  # the perturbation reached every trial's model
+
+
+def test_diagnostics_block(tmp_path):
+    from modelscape.data import powerlaw_bfn
+    got = []
+    ns = {"global_config": small_config(tmp_path, EVAL_EVERY=5, MAX_ITER=10), "run_job_iterator": recording(got),
+          "bfn_config": dict(base_bfn=powerlaw_bfn, dim=8)}
+    exec(block("LayerDiagnostics()}"), ns)
+    (res,) = got
+    da = res.get("grab_layers", measure="delta_ratio")
+    assert da.dims == ("WIDTH", "LR", "eval_step", "layer") and (da.sel(eval_step=10) > 0).all()
 
 
 def test_gpt_block(tmp_path):

@@ -19,11 +19,10 @@ from modelscape.backend.board import LiveBoard
 from modelscape.backend.build import consumers, get_base_bfn, get_model_class, resolve_names
 from modelscape.backend.executors import make_executor
 from modelscape.backend.job import check_bfn_config, check_resolved
-from modelscape.backend.plan import plan_units
 from modelscape.backend.slurm import run_sweep as run_slurm_sweep
 from modelscape.backend.store import NON_RESULT_KEYS, Store, StoreUnion, code_versions, identity_cache, \
     job_identity, jsonable, provenance
-from modelscape.backend.sweep import run_jobs, store_location  # noqa: F401  (run_jobs: re-exported, as in 0.3)
+from modelscape.backend.sweep import plan_sweep, run_jobs, store_location  # noqa: F401  (run_jobs: re-exported, as in 0.3)
 from modelscape.backend.tensorboard import require_tensorboard, start_sweep as start_tensorboard
 from modelscape.config import AXIS_ALIASES, BY_NAME, TRIAL, ConfigError, axis_target, canonicalize, \
     signature_names, with_overrides  # noqa: F401  (AXIS_ALIASES, TRIAL, axis_target: re-exported, as in 0.3)
@@ -235,7 +234,7 @@ def _run_sweep(names, values, base, targets, bfn_config, executor, own_executor,
 
     # Planned before the bar is drawn: the plan's notes (jobs that cannot fuse, and why) then sit on lines of
     # their own in a log, instead of on the bar's line with the bar drawn again below them.
-    units = plan_units([(i, jobs[i][2]) for i in range(len(jobs))], todo)
+    units = plan_sweep(executor, jobs, ids, todo, st)
     board = LiveBoard(jobs, ids, todo, st, base["LIVE_EVERY"], bar=progress,
                       stored=[r["status"] for r in records.values()])
     run = None
