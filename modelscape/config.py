@@ -105,6 +105,12 @@ SCHEMA: tuple[HP, ...] = (
     HP("BASE_WIDTH", int, None, "muTransfer: the WIDTH at which the parameterization equals sp to the bit (the "
        "model's own init, no multipliers, the base LR); wider models scale from there by the rule, so values tuned "
        "at BASE_WIDTH carry over. None: mupify's absolute rules (see the README).", group="mup", range="[1, inf)"),
+    HP("DEPTH_ALPHA", float, 0.0, "Depth transfer: multiply every residual branch by (L / BASE_DEPTH)^-DEPTH_ALPHA, L "
+       "the number of residual blocks, with the matching LR (and, with EPS_SCALING, eps) of the parameters inside "
+       "blocks; 0 off, 0.5 Depth-muP, 1 CompleteP. For GPT, Transformer and models that declare residual_branches.",
+       sweepable=True, group="mup", range="[0, inf)"),
+    HP("BASE_DEPTH", int, None, "Depth transfer: the number of residual blocks at which DEPTH_ALPHA changes nothing "
+       "(values tuned there carry over to other depths). None: 1.", group="mup", range="[1, inf)"),
     HP("OUTPUT_MULT", float, 1.0, "Tunable multiplier of the read-out's output (on top of the parameterization's; "
        "LRs unchanged).", sweepable=True, group="mup", range="(0, inf)"),
     HP("ATTN_MULT", float, 1.0, "Tunable multiplier of the attention logits (on top of the parameterization's "
@@ -485,6 +491,10 @@ def check_job_config(cfg: dict) -> None:
                           "the hook do it, or drop the hook (call modelscape.mup.parameterize inside it if you need both)")
     if not cfg["LOSS_CHECKPOINTS"]:
         raise ConfigError("LOSS_CHECKPOINTS is empty; give at least one threshold")
+    if cfg.get("DEPTH_ALPHA") and cfg.get("MODEL") in ("MLP", "CNN") and not cfg.get("MODEL_FILE"):
+        raise ConfigError(f"DEPTH_ALPHA={cfg['DEPTH_ALPHA']} with MODEL={cfg['MODEL']!r}: DEPTH_ALPHA scales residual "
+                          "branches, and an MLP or CNN has none; use MODEL='GPT' or 'Transformer', or a model whose "
+                          "blocks declare residual_branches (see modelscape.mup.depth)")
 
 
 def axis_target(name: str, known: set) -> str:

@@ -112,6 +112,8 @@ class SelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Residual attention then MLP, without LayerNorm (``GPTBlock`` is the pre-LayerNorm block)."""
 
+    residual_branches = ("attn.proj", "fc2")  # what each branch adds to the stream ends in (DEPTH_ALPHA)
+
     def __init__(self, width, n_heads=1, mlp_mult=2, bias=True, nonlinearity=None, attn_mult=1.0):
         super().__init__()
         self.attn = SelfAttention(width, n_heads, bias, attn_mult=attn_mult)
@@ -150,6 +152,8 @@ class Transformer(nn.Module):
 
 class GPTBlock(nn.Module):
     """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + fc2(nonlin(fc1(ln2(x))))``."""
+
+    residual_branches = ("attn.proj", "fc2")  # what each branch adds to the stream ends in (DEPTH_ALPHA)
 
     def __init__(self, width, n_heads=4, mlp_mult=4, bias=True, nonlinearity="gelu", attn_mult=1.0):
         super().__init__()

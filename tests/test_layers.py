@@ -20,7 +20,7 @@ LAYERS = [
                   "modelscape/backend/records.py", "modelscape/backend/__init__.py"]),
     ("L1 physics, data and formats", [
         "modelscape/mup/__init__.py", "modelscape/mup/rules.py", "modelscape/mup/shapes.py", "modelscape/mup/layers.py",
-        "modelscape/mup/assign.py", "modelscape/mup/apply.py", "modelscape/mup/optim.py", "modelscape/mup/coord.py", "modelscape/models.py", "modelscape/model.py", "modelscape/data/__init__.py",
+        "modelscape/mup/assign.py", "modelscape/mup/depth.py", "modelscape/mup/apply.py", "modelscape/mup/optim.py", "modelscape/mup/coord.py", "modelscape/models.py", "modelscape/model.py", "modelscape/data/__init__.py",
         "modelscape/data/synthetic.py", "modelscape/data/digits.py", "modelscape/data/language.py",
         "modelscape/data/data.py", "modelscape/data/monomial.py", "modelscape/data/ntk_coeffs.py",
         "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py", "modelscape/transfer.py",

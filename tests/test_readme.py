@@ -46,6 +46,7 @@ RUNS = {
     "--CHECKPOINTS 0 500 thresholds final": "test_checkpoint_blocks",
     "res.checkpoint(WIDTH=256, trial=0, step=500)": "test_checkpoint_blocks",
     "LayerDiagnostics()}": "test_diagnostics_block",
+    'residual_branches = ("attn.proj", "fc2")': "test_residual_block_declaration_block",
 }
 
 
@@ -383,3 +384,36 @@ def test_the_keys_outside_a_jobs_identity_are_the_codes():
 def test_the_examples_table_lists_every_example():
     listed = set(re.findall(r"^\| `examples/([\w.]+)` \|", README.read_text(), re.M))
     assert listed == {p.name for p in (ROOT / "examples").iterdir() if p.suffix in (".py", ".ipynb")}
+
+
+def test_residual_block_declaration_block():
+    """The README's residual block: declared, found, and given the depth rules inside a model of one's own."""
+    import torch
+    from torch import nn
+
+    from modelscape import mup
+
+    ns = {}
+    exec(block('residual_branches = ("attn.proj", "fc2")'), ns)
+
+    class Model(nn.Module):
+        def __init__(self, depth, width=32):
+            super().__init__()
+            self.width = width
+            self.input_layer = nn.Linear(3, width)
+            self.blocks = nn.ModuleList([ns["Block"](width) for _ in range(depth)])
+            self.output_layer = nn.Linear(width, 2)
+
+        def forward(self, x):
+            h = self.input_layer(x)
+            for b in self.blocks:
+                h = b(h)
+            return self.output_layer(h)
+
+    model = Model(depth=4)
+    assert [b for _, _, b in mup.residual_blocks(model)][3] == ["blocks.3.attn.proj", "blocks.3.fc2"]
+    mup.parameterize(model, "mup", torch.optim.Adam, 0.01, depth_alpha=1.0, example_input=torch.randn(2, 5, 3))
+    # the width rule's multiplier sqrt(width / fan_in) (1/2 for fc2, 1 for a width -> width layer) times 1/4
+    assert model.blocks[3].fc2._mup_mult == pytest.approx(0.5 / 4)
+    assert model.blocks[3].attn.proj._mup_mult == pytest.approx(model.blocks[3].fc1._mup_mult / 4)
+    assert model(torch.randn(2, 5, 3)).shape == (2, 5, 2)

@@ -26,11 +26,15 @@ import numpy as np
 from modelscape._version import __version__
 from modelscape.config import ALIASES, BY_NAME, coerce
 
-__all__ = ["IDENTITY_VERSION", "NON_RESULT_KEYS", "identity_cache", "array_digest", "code_fingerprint",
-           "code_versions", "job_identity", "jsonable", "provenance"]
+__all__ = ["IDENTITY_VERSION", "NON_RESULT_KEYS", "COUNTED_WHEN_SET", "identity_cache", "array_digest",
+           "code_fingerprint", "code_versions", "job_identity", "jsonable", "provenance"]
 
 IDENTITY_VERSION = 3  # bump when the identity recipe changes, so old and new ids never collide (2: code; 3: a
 # docstring counts as none, whether a function has one or not)
+
+# Keys added to the schema after IDENTITY_VERSION 3: they count only when set away from their default, so a sweep
+# stored before they existed keeps its ids and is not trained again.
+COUNTED_WHEN_SET = frozenset({"DEPTH_ALPHA", "BASE_DEPTH"})
 
 # Hyperparameters that cannot change a job's numbers: where it runs, how loudly, where results go, whether
 # to resume. They are left out of ``job_identity`` so that, e.g., moving a sweep from 1 GPU to 8 or turning
@@ -346,7 +350,8 @@ def job_identity(config: dict, bfn_config: dict, axes: dict) -> str:
     """
     payload = {
         "version": IDENTITY_VERSION,
-        "config": {k: v for k, v in config.items() if k not in NON_RESULT_KEYS},
+        "config": {k: v for k, v in config.items() if k not in NON_RESULT_KEYS
+                   and not (k in COUNTED_WHEN_SET and v == BY_NAME[k].default)},
         "bfn_config": dict(bfn_config or {}),
         "axes": {k: _identity_axis_value(k, v) for k, v in (axes or {}).items()},
     }

@@ -195,6 +195,11 @@ def prepare_resolved(cfg: dict, bfn_config: dict, device="cpu", axes: dict | Non
     # A slice of data the model trains or is tested on: the forward pass that checks the read-in / read-out
     # must not draw from the batch function's generator.
     example = (X_tr if X_tr is not None else X_te)[:8]
+    if cfg["DEPTH_ALPHA"] and not mup.residual_blocks(model):
+        raise ConfigError(f"DEPTH_ALPHA={cfg['DEPTH_ALPHA']} but model {qualname(model_cls)} declares no residual "
+                          "blocks: DEPTH_ALPHA scales residual branches, which the built-in GPT and Transformer have "
+                          "and an MLP or CNN has not (a model of your own declares them with residual_branches; "
+                          "see modelscape.mup.depth)")
     opt = mup.parameterize(model, param, opt_cls, mup.gamma_lr(cfg["LR"], gamma, rule or opt_cls),
                            relu_gain=cfg["RELU_GAIN"], update_rule=rule, example_input=example,
                            **_mup_options(cfg, param, model_cls, model_kwargs), **opt_kwargs)
@@ -300,8 +305,9 @@ def _update_rule(cfg, param, opt_cls):
     return None
 
 
-MUP_KEYS = ("BASE_WIDTH", "OUTPUT_MULT", "ATTN_MULT", "EMB_MULT", "EMB_LR_MULT", "HIDDEN_LR_MULT", "READOUT_LR_MULT",
-            "VECTOR_LR_MULT", "READOUT_ZERO_INIT", "QUERY_ZERO_INIT", "EPS_SCALING")
+MUP_KEYS = ("BASE_WIDTH", "DEPTH_ALPHA", "BASE_DEPTH", "OUTPUT_MULT", "ATTN_MULT", "EMB_MULT", "EMB_LR_MULT",
+            "HIDDEN_LR_MULT", "READOUT_LR_MULT", "VECTOR_LR_MULT", "READOUT_ZERO_INIT", "QUERY_ZERO_INIT",
+            "EPS_SCALING")
 
 
 def _width_factory(model_cls, model_kwargs):
@@ -322,8 +328,9 @@ def _mup_options(cfg, param, model_cls, model_kwargs) -> dict:
                lr_mults={"embedding": cfg["EMB_LR_MULT"], "hidden": cfg["HIDDEN_LR_MULT"],
                          "readout": cfg["READOUT_LR_MULT"], "vector": cfg["VECTOR_LR_MULT"]},
                readout_zero_init=cfg["READOUT_ZERO_INIT"], query_zero_init=cfg["QUERY_ZERO_INIT"],
-               eps_scaling=cfg["EPS_SCALING"], gamma=cfg["GAMMA"])
-    knobs_default = all(cfg[k] == BY_NAME[k].default for k in MUP_KEYS if k != "BASE_WIDTH")
+               eps_scaling=cfg["EPS_SCALING"], gamma=cfg["GAMMA"], depth_alpha=cfg["DEPTH_ALPHA"],
+               base_depth=cfg["BASE_DEPTH"])
+    knobs_default = all(cfg[k] == BY_NAME[k].default for k in MUP_KEYS if k not in ("BASE_WIDTH", "BASE_DEPTH"))
     if param == "sp" and knobs_default:
         return out
     factory = _width_factory(model_cls, model_kwargs)

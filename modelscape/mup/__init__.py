@@ -1,5 +1,5 @@
 """Parameterizations (sp, ntp, mup, mfp, ntp-lr, mup-lr), base widths (muTransfer), tunable multipliers, GAMMA
-richness and the coordinate check.
+richness, depth rules (residual branches) and the coordinate checks.
 
 **Absolute rules** (no base width: the default, ``BASE_WIDTH`` unset). The semantics for weight layers are
 those of D. Karkada's ``mupify`` (not on the package registry, so written here from its math). A weight layer
@@ -47,12 +47,14 @@ live in module attributes read by one module-level forward hook, so a deepcopy o
 carries them and uses its own weights.
 
 The package: ``rules`` (the numbers), ``shapes`` (base shapes), ``layers`` (a model's anatomy), ``assign`` (the
-numbers on an anatomy, tunable multipliers), ``apply`` (parameterize, rescale, mupify), ``optim`` (Lion) and
-``coord`` (the coordinate check and its figure); this module is their face. The README derives every rule.
+numbers on an anatomy, tunable multipliers), ``apply`` (parameterize, rescale, mupify), ``optim`` (Lion),
+``depth`` (residual-branch rules, DEPTH_ALPHA) and ``coord`` (the coordinate checks and their figure); this
+module is their face. The README derives every rule.
 """
 from modelscape.mup.apply import mupify, parameterize, rescale, scale_output
 from modelscape.mup.assign import LR_GROUPS, Assignment, Knobs, Rule, assign
-from modelscape.mup.coord import coord_check, plot_coord_check
+from modelscape.mup.coord import coord_check, coord_check_depth, plot_coord_check
+from modelscape.mup.depth import apply_depth, depth_factors, residual_blocks
 from modelscape.mup.layers import Anatomy, Layer, anatomy
 from modelscape.mup.optim import Lion
 from modelscape.mup.rules import (  # noqa: F401  (the constants stay importable from here, as in 0.3)
@@ -62,8 +64,9 @@ from modelscape.mup.shapes import Shapes, base_shapes, build_shapes
 
 __all__ = ["gamma_lr", "rescale", "mupify", "parameterize", "anatomy", "Anatomy", "Layer", "layer_scales",
            "effective_scales", "vector_scale", "relative_scales", "relative_mult", "attention_scale",
-           "update_rule_of", "coord_check", "plot_coord_check", "base_shapes", "build_shapes", "Shapes", "Knobs",
-           "assign", "Assignment", "Rule", "LR_GROUPS", "Lion"]
+           "update_rule_of", "coord_check", "coord_check_depth", "plot_coord_check", "base_shapes", "build_shapes",
+           "Shapes", "Knobs",
+           "assign", "Assignment", "Rule", "LR_GROUPS", "Lion", "residual_blocks", "depth_factors", "apply_depth"]
 
 # Models pickled by 0.3 (checkpoint skeletons) name the hook by this path.
 _scale_output = scale_output

@@ -15,6 +15,7 @@ from torch import nn
 
 from modelscape.config import PARAMETERIZATIONS
 from modelscape.mup.assign import Knobs, assign
+from modelscape.mup.depth import apply_depth
 from modelscape.mup.layers import anatomy
 from modelscape.mup.rules import UPDATE_RULES, update_rule_of
 from modelscape.mup.shapes import base_shapes
@@ -123,7 +124,7 @@ def parameterize(model: nn.Module, param: str, optimizer, lr: float, relu_gain: 
                  base=None, probe=None, width: int | None = None, output_mult: float = 1.0,
                  emb_mult: float = 1.0, lr_mults: dict | None = None, readout_zero_init: bool = False,
                  query_zero_init: bool = False, eps_scaling: bool = False, gamma: float = 1.0,
-                 **opt_kwargs) -> torch.optim.Optimizer:
+                 depth_alpha: float = 0.0, base_depth: int | None = None, **opt_kwargs) -> torch.optim.Optimizer:
     """Parameterize ``model`` in place under ``param`` and return ``optimizer(...)`` with per-parameter LRs.
 
     ``param``: one of sp, ntp, mup, mfp, ntp-lr, mup-lr (see the module docstring). ``sp`` leaves the model
@@ -163,7 +164,7 @@ def parameterize(model: nn.Module, param: str, optimizer, lr: float, relu_gain: 
     gamma = float(gamma)
     if not math.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma must be a positive finite number, got {gamma}")
-    if param == "sp" and knobs.is_default() and not eps_scaling:
+    if param == "sp" and knobs.is_default() and not eps_scaling and not depth_alpha:
         return optimizer(model.parameters(), lr=lr, **opt_kwargs)
     if update_rule is not None and update_rule not in UPDATE_RULES:
         raise ValueError(f"update_rule must be one of {UPDATE_RULES} or None, got {update_rule!r}")
@@ -180,6 +181,8 @@ def parameterize(model: nn.Module, param: str, optimizer, lr: float, relu_gain: 
     shapes = base_shapes(model, base, probe) if base is not None or probe is not None else None
     anat = anatomy(model, input_layer, output_layer, example_input, shapes, width)
     plan = assign(anat, param, update_rule, knobs, relu_gain)
+    if depth_alpha:
+        apply_depth(plan, model, depth_alpha, base_depth, update_rule)
     _initialise(plan)
     for path, mult in plan.mults.items():
         mod = model.get_submodule(path)
