@@ -19,7 +19,7 @@ import modelscape.backend.job as job_module
 import modelscape.backend.trainloop as trainloop_module
 from modelscape import mup
 from modelscape.backend.cli import base_args, int_from_any, parse_args, str2bool
-from modelscape.backend.job import run_config, run_job
+from modelscape.backend.job import run_job
 from modelscape.backend.job_iterator import SweepFailed, main as run_job_iterator
 from modelscape.backend.trainloop import train_model
 from modelscape.backend.utils import (derive_seed, ensure_numpy, ensure_torch, load_config, load_json,

@@ -7,7 +7,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 
 from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main

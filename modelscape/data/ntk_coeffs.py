@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numpy.polynomial import Polynomial
 
 from modelscape.backend.utils import ensure_numpy
