@@ -566,7 +566,7 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
     _tidy_log_axes(axes)
     _ticks_at(axes, lrs)
     axes[0].plot([], [], marker="*", ms=12, color="0.6", mec="black", mew=0.8, ls="none",
-                 label="best LR of the width")
+                 label="best LR of the width" if width == "WIDTH" else f"best LR at each {width}")
     if any(fig.fitted_lr.values()):
         axes[0].plot([], [], color="0.3", lw=1.0, ls=":", label="fitted optimum")
     if any_broken:

@@ -154,6 +154,19 @@ def test_mutransfer_example(tmp_path):
     check_png(out / "mutransfer.png")
 
 
+def test_depth_transfer_example(tmp_path):
+    out = tmp_path / "depth"
+    stdout = run_example("example_depth_transfer.py", out, "--depths", 2, 4, "--alphas", 0, 1, "--lrs", -4, -2,
+                         "--MAX_ITER", 4,
+                         "--NUM_TRIALS", 1, "--N_TEST", 16, "--WIDTH", 16)
+    res = modelscape.load(out)
+    assert {(r["config"]["DEPTH_ALPHA"], r["config"]["DEPTH"]) for r in res.records} == \
+        {(a, d) for a in (0.0, 1.0) for d in (2, 4)}
+    assert "octaves per doubling of depth" in stdout and "residual stream" in stdout
+    check_png(out / "depth_transfer.png")
+    check_png(out / "coord_check_depth.png")
+
+
 def load_example(name):
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / name)
@@ -174,7 +187,7 @@ def test_every_example_lists_out_in_its_help(name, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", ["example_synthetic_run.py", "example_digits_run.py", "example_lr_transfer.py",
-                                  "example_perturb_init.py", "example_mutransfer.py"])
+                                  "example_perturb_init.py", "example_mutransfer.py", "example_depth_transfer.py"])
 def test_examples_store_under_out_or_results_dir_and_expt_name(name):
     parse = load_example(name).parse  # each returns the output folder first
     assert parse([])[0] == os.path.join("results", name[:-3])

@@ -206,6 +206,7 @@ def plot_coord_check(da, path=None, title: str | None = None, max_cols: int = 6)
     (made without pyplot, so it neither needs a display nor changes the session's backend) and saves it to
     ``path`` (PNG, PDF, ...) if given.
     """
+    from matplotlib import colormaps  # optional: only a figure needs matplotlib
     from matplotlib.figure import Figure  # optional: only a figure needs matplotlib
 
     delta = da.attrs.get("measure") == "delta"
@@ -221,8 +222,10 @@ def plot_coord_check(da, path=None, title: str | None = None, max_cols: int = 6)
     fig = Figure(figsize=(2.8 * ncols + 1.6, 2.6 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     for ax, step in zip(axes, steps):
-        for layer in da["layer"].values:
-            ax.plot(widths, da.sel(step=step, layer=layer).values, marker="o", ms=3, label=str(layer))
+        for i, layer in enumerate(da["layer"].values):
+            # tab20 past ten layers: the default cycle repeats its colours after ten
+            color = colormaps["tab20"](i % 20) if da.sizes["layer"] > 10 else f"C{i}"
+            ax.plot(widths, da.sel(step=step, layer=layer).values, marker="o", ms=3, label=str(layer), color=color)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"step {step}")
