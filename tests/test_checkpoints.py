@@ -24,12 +24,12 @@ PROBE = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
 
 def linear_bfn(bsz, gen, X=None, y=None):
     TRAINED.append(bsz)
-    w = torch.tensor([1.0, -0.5, 0.25, 0.5])
+    w = torch.tensor([1.0, -0.5, 0.25, 0.5], device=gen.device)
 
     def batch(step):
         if X is not None:
             return X, y
-        x = torch.randn(bsz, 4, generator=gen)
+        x = torch.randn(bsz, 4, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 

@@ -275,7 +275,7 @@ def test_notebook_executes_every_cell(tmp_path, monkeypatch):
 # --- the digits batch function the examples use ----------------------------------------------------------
 
 def _rows(X):
-    return {r.numpy().tobytes() for r in X}
+    return {r.tobytes() for r in X.cpu().numpy()}
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():

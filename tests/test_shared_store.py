@@ -28,10 +28,10 @@ PROBE = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
 def bfn(bsz, gen, X=None, y=None, WIDTH=None):
     if bsz == TINY["N_SAMPLES"] and X is None:
         TRAINED.append(WIDTH)
-    w = torch.tensor([1.0, -0.5, 0.25, 0.5])
+    w = torch.tensor([1.0, -0.5, 0.25, 0.5], device=gen.device)
 
     def batch(step):
-        x = torch.randn(bsz, 4, generator=gen)
+        x = torch.randn(bsz, 4, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 

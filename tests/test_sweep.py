@@ -35,10 +35,10 @@ NOTEBOOK = textwrap.dedent(r'''
         """Online linear teacher; logs the first batch it hands out; dies (os._exit) for WIDTH == crash_width."""
         if WIDTH == crash_width:
             os._exit(1)
-        w = torch.linspace(-1.0, 1.0, dim)
+        w = torch.linspace(-1.0, 1.0, dim, device=gen.device)
 
         def batch_fn(step):
-            Xb = torch.randn(bsz, dim, generator=gen)
+            Xb = torch.randn(bsz, dim, generator=gen, device=gen.device)
             if step == 0:
                 log(logfile, kind="batch0", bsz=bsz, WIDTH=WIDTH, shift=shift, trial=trial, xsum=float(Xb.sum()))
             return Xb, (Xb @ w).unsqueeze(1) + shift
@@ -60,10 +60,10 @@ NOTEBOOK = textwrap.dedent(r'''
                 open(marker, "a").close()
                 log(os.path.join(oom_dir, "attempts"), WIDTH=WIDTH)
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        w = torch.linspace(-1.0, 1.0, dim)
+        w = torch.linspace(-1.0, 1.0, dim, device=gen.device)
 
         def batch_fn(step):
-            Xb = torch.randn(bsz, dim, generator=gen)
+            Xb = torch.randn(bsz, dim, generator=gen, device=gen.device)
             return Xb, (Xb @ w).unsqueeze(1)
         return batch_fn
 ''')
