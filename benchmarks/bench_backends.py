@@ -21,10 +21,10 @@ from modelscape.backend.job_iterator import main
 
 
 def bfn(bsz, gen, X, y, dim=4):
-    w = torch.linspace(-1.0, 1.0, dim)
+    w = torch.linspace(-1.0, 1.0, dim, device=gen.device)
 
     def batch_fn(step):
-        Xb = torch.randn(bsz, dim, generator=gen)
+        Xb = torch.randn(bsz, dim, generator=gen, device=gen.device)
         return Xb, (Xb @ w).unsqueeze(1)
     return batch_fn
 

@@ -18,10 +18,10 @@ from modelscape.backend.job import prepare_job, train_prepared
 
 
 def bfn(bsz, gen, X=None, y=None):
-    w = torch.linspace(-1.0, 1.0, 16)
+    w = torch.linspace(-1.0, 1.0, 16, device=gen.device)
 
     def batch(step):
-        x = torch.randn(bsz, 16, generator=gen)
+        x = torch.randn(bsz, 16, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 

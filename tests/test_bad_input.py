@@ -122,7 +122,7 @@ def train(change, sizes=(8,), **cfg):
 
 def test_numpy_batches_are_converted_and_train_as_tensors_would():
     as_torch = train(lambda X, y: (X, y))
-    as_numpy = train(lambda X, y: (X.numpy().astype(np.float64), y.numpy().astype(np.float64)))
+    as_numpy = train(lambda X, y: (X.cpu().numpy().astype(np.float64), y.cpu().numpy().astype(np.float64)))
     assert as_numpy["status"] == as_torch["status"] != "failed"
     np.testing.assert_array_equal(as_numpy["train_raw"], as_torch["train_raw"])
 

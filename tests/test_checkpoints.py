@@ -24,12 +24,12 @@ PROBE = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
 
 def linear_bfn(bsz, gen, X=None, y=None):
     TRAINED.append(bsz)
-    w = torch.tensor([1.0, -0.5, 0.25, 0.5])
+    w = torch.tensor([1.0, -0.5, 0.25, 0.5], device=gen.device)
 
     def batch(step):
         if X is not None:
             return X, y
-        x = torch.randn(bsz, 4, generator=gen)
+        x = torch.randn(bsz, 4, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 
@@ -51,52 +51,52 @@ class Recorder(LoopObserver):
         self.net, self.outputs = net, {}
 
     def before_step(self, step, model, opt):
-        with torch.no_grad():
-            self.outputs[step] = self.net(PROBE).clone()
+        self.outputs[step] = out(self.net)
 
     def at_end(self, record, model, opt):
-        with torch.no_grad():
-            self.outputs["final"] = self.net(PROBE).clone()
+        self.outputs["final"] = out(self.net)
 
 
-def reference(lr=0.05, **cfg):
-    """The same job trained by itself, with its outputs recorded at every step."""
-    job = prepare_job(dict(TINY, LR=lr, trial=0, **cfg), BFN, axes={"LR": lr, "trial": 0})
+def reference(device, lr=0.05, **cfg):
+    """The same job trained by itself on ``device`` (the sweep's: the same data, the same arithmetic), with its
+    outputs recorded at every step."""
+    job = prepare_job(dict(TINY, LR=lr, trial=0, **cfg), BFN, device, axes={"LR": lr, "trial": 0})
     rec = Recorder(job.net)
     job.observers.append(rec)
     return train_prepared(job), rec.outputs, job
 
 
 def out(model):
+    """The model's outputs on PROBE, computed on the model's device, brought to the CPU."""
     with torch.no_grad():
-        return model(PROBE)
+        return model(PROBE.to(next(model.parameters()).device)).cpu()
 
 
-def test_step_and_threshold_checkpoints_are_the_model_at_that_step(tmp_path):
+def test_step_and_threshold_checkpoints_are_the_model_at_that_step(tmp_path, job_device):
     res = sweep(tmp_path, CHECKPOINTS=[0, 5, 9, "thresholds", "final"])
     record = res.records[0]
-    ref, outputs, _ = reference()
+    ref, outputs, _ = reference(job_device)
     assert record["timekeys"].tolist() == ref["timekeys"].tolist()
     timekeys = [int(t) for t in record["timekeys"]]
     # a crossing read back after the loop had moved on (SYNC_EVERY=4): only the ring of states can save it
     assert any((t + 1) % 4 for t in timekeys)
     for step in (0, 5, 9):
-        assert torch.equal(out(res.checkpoint(LR=0.05, trial=0, step=step)), outputs[step])
+        assert torch.equal(out(res.checkpoint(LR=0.05, trial=0, step=step, device=job_device)), outputs[step])
     for thr, t in zip(TINY["LOSS_CHECKPOINTS"], timekeys):
-        assert torch.equal(out(res.checkpoint(LR=0.05, threshold=thr)), outputs[t])
-    final = res.checkpoint(LR=0.05, step="final")
+        assert torch.equal(out(res.checkpoint(LR=0.05, threshold=thr, device=job_device)), outputs[t])
+    final = res.checkpoint(LR=0.05, step="final", device=job_device)
     assert torch.equal(out(final), outputs["final"])
     assert type(final).__name__ == "Centered"  # CENTER: what was trained, f - f0, with f0 the model at init
-    assert torch.equal(out(final.baseline), out(res.checkpoint(LR=0.05, step=0).model))
+    assert torch.equal(out(final.baseline), out(res.checkpoint(LR=0.05, step=0, device=job_device).model))
     labels = [e["label"] for e in record["checkpoints"]]
     assert labels == ["step 0", "step 5", "step 9", "threshold 0.5", "threshold 0.2", "final"]
     assert all(e["bytes"] > 0 for e in record["checkpoints"])
 
 
-def test_without_center_the_users_model_comes_back_with_its_muP_multipliers(tmp_path):
+def test_without_center_the_users_model_comes_back_with_its_muP_multipliers(tmp_path, job_device):
     res = sweep(tmp_path, CHECKPOINTS=[3], CENTER=False, GAMMA=2.0)
-    _, outputs, job = reference(CENTER=False, GAMMA=2.0)
-    model = res.checkpoint(LR=0.05, step=3)
+    _, outputs, job = reference(job_device, CENTER=False, GAMMA=2.0)
+    model = res.checkpoint(LR=0.05, step=3, device=job_device)
     assert type(model) is type(job.model)
     assert torch.equal(out(model), outputs[3])
     assert [getattr(m, "_mup_gamma", 1.0) for m in model.modules()] == \
@@ -104,13 +104,13 @@ def test_without_center_the_users_model_comes_back_with_its_muP_multipliers(tmp_
 
 
 @pytest.mark.parametrize("optimizer", [dict(OPTIMIZER="SGD", MOMENTUM=0.9), dict(OPTIMIZER="Adam", LR=0.01)])
-def test_the_optimizer_state_lets_training_continue_as_it_went(tmp_path, optimizer):
+def test_the_optimizer_state_lets_training_continue_as_it_went(tmp_path, optimizer, job_device):
     cfg = dict(ONLINE=False, ONLYTHRESHOLDS=False, LOSS_CHECKPOINTS=[1e-9], MAX_ITER=12, **optimizer)
     lr = cfg.pop("LR", 0.05)
     res = sweep(tmp_path, lrs=(lr,), CHECKPOINTS=[6], CHECKPOINT_OPTIMIZER=True, **cfg)
     raw = res.records[0]["train_raw"]
-    job = prepare_job(dict(TINY, LR=lr, trial=0, **cfg), BFN)  # only for the fixed training set
-    net, opt = res.checkpoint(LR=lr, step=6, optimizer=True)
+    job = prepare_job(dict(TINY, LR=lr, trial=0, **cfg), BFN, job_device)  # only for the fixed training set
+    net, opt = res.checkpoint(LR=lr, step=6, optimizer=True, device=job_device)
     assert opt.state  # momentum buffers / Adam moments came back
     losses = []
     for _ in range(4):
@@ -188,7 +188,7 @@ def test_show_lists_checkpoints_and_their_size_and_the_sweep_prints_the_total(tm
     assert f"checkpoints: 4 files, {checkpoints.human_bytes(size)}" in shown
 
 
-def test_final_alone_stays_fused_and_saves_each_members_model(tmp_path, monkeypatch):
+def test_final_alone_stays_fused_and_saves_each_members_model(tmp_path, monkeypatch, job_device):
     calls = []
     real = fused.train_fused
     monkeypatch.setattr(fused, "train_fused", lambda jobs: calls.append(len(jobs)) or real(jobs))
@@ -196,9 +196,9 @@ def test_final_alone_stays_fused_and_saves_each_members_model(tmp_path, monkeypa
     assert calls == [2]
     for r in res.records:
         lr = r["axes"]["LR"]
-        job = prepare_job(dict(TINY, LR=lr, trial=0), BFN)
+        job = prepare_job(dict(TINY, LR=lr, trial=0), BFN, job_device)  # the sweep's test set
         with torch.no_grad():
-            y = res.checkpoint(LR=lr, step="final")(job.X_te)
+            y = res.checkpoint(LR=lr, step="final", device=job_device)(job.X_te)
         assert float(torch.nn.functional.mse_loss(y.reshape(job.y_te.shape), job.y_te)) == r["test_loss"]
     # the optimizer's state lives in the fused trainer's stack: asking for it trains the job alone
     job = prepare_job(dict(TINY, CHECKPOINTS=["final"], CHECKPOINT_OPTIMIZER=True, JOB_ID="x",

@@ -288,7 +288,7 @@ def test_notebook_executes_every_cell(tmp_path, monkeypatch):
 # --- the digits batch function the examples use ----------------------------------------------------------
 
 def _rows(X):
-    return {r.numpy().tobytes() for r in X}
+    return {r.tobytes() for r in X.cpu().numpy()}
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -306,15 +306,16 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert not torch.equal(other[2], X_te)
 
 
-def test_digits_bfn_draws_only_training_images():
+def test_digits_bfn_draws_only_training_images(job_device):
     import torch
     from modelscape.data import digits_bfn, digits_pools, digits_test_set
 
     X_pool, _, X_held, _ = digits_pools()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=job_device).manual_seed(0)  # as a job's: its images come on its device
     bfn = digits_bfn(500, gen)
     Xa, ya = bfn(0)
     Xb, _ = bfn(1)
+    assert Xa.device == ya.device == job_device
     assert Xa.shape == (500, 64) and ya.dtype == torch.int64 and len(_rows(Xa)) == 500
     assert _rows(Xa) <= _rows(X_pool) and not _rows(Xa) & _rows(X_held)
     assert not torch.equal(Xa, Xb)  # online: fresh images every step
@@ -322,7 +323,7 @@ def test_digits_bfn_draws_only_training_images():
     assert fixed(0)[0] is Xa and fixed(7)[0] is Xa  # offline: the same set every step
     X_te, y_te = digits_test_set()
     assert torch.equal(X_te, X_held)
-    assert torch.equal(digits_bfn(10_000, gen, split="test")(0)[0], X_held)  # capped at the held-out pool
+    assert torch.equal(digits_bfn(10_000, gen, split="test")(0)[0].cpu(), X_held)  # capped at the held-out pool
 
     X3, y3 = digits_bfn(50, gen, classes=[3, 8], binary=True)(0)
     assert y3.shape == (50, 1) and set(y3.view(-1).tolist()) == {1.0, -1.0}

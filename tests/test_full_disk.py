@@ -39,10 +39,10 @@ def bfn(bsz, gen, X=None, y=None, WIDTH=None):
         TRAINED.append(WIDTH)
         if WIDTH in ON_TRAIN:
             ON_TRAIN.pop(WIDTH)()
-    w = torch.tensor([1.0, -0.5, 0.25, 0.5])
+    w = torch.tensor([1.0, -0.5, 0.25, 0.5], device=gen.device)
 
     def batch(step):
-        x = torch.randn(bsz, 4, generator=gen)
+        x = torch.randn(bsz, 4, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 

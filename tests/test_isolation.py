@@ -275,6 +275,8 @@ def test_jobs_lost_in_flight_count_every_job_of_a_fused_group(monkeypatch):
 def test_thread_defaults_share_the_cores_and_threads_overrides(monkeypatch):
     import torch
     monkeypatch.setattr("modelscape.backend.executors.base.cpu_cores", lambda: 8)
+    # a machine without CUDA (on one, an in-process job's threads default to 2: its work is the GPU's)
+    monkeypatch.setattr("modelscape.backend.executors.cuda_devices", lambda devices: [])
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))  # an idle machine
     assert default_threads(1) == 8 and default_threads(3) == 2 and default_threads(16) == 1
     assert make_executor("inprocess", threads=0).threads == 8
@@ -386,6 +388,7 @@ def test_the_default_pool_fills_the_cores_or_sizes_itself_by_gpu_memory(monkeypa
     from modelscape.config import defaults
     assert defaults()["WORKERS_PER_DEVICE"] == 0
     monkeypatch.setattr(executors, "cpu_cores", lambda: 6)
+    monkeypatch.setattr(executors, "cuda_devices", lambda devices: [])  # without CUDA, whatever this machine has
     assert executors.slots([0], 0) == ["cpu"] * 6 and executors.slots([0], 2) == ["cpu"] * 2
     # on CUDA: the least free memory (2 GiB a worker) and the cores shared by the GPUs decide, at most 8
     monkeypatch.setattr(executors, "cuda_devices", lambda devices: list(devices))

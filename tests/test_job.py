@@ -224,7 +224,7 @@ def test_d_in_and_d_out_are_inferred_from_the_data():
 
     def multi_bfn(bsz, gen, X, y, **kw):
         def batch_fn(step):
-            Xb = torch.randn(bsz, 12, generator=gen)
+            Xb = torch.randn(bsz, 12, generator=gen, device=gen.device)
             return Xb, torch.stack([Xb[:, 0], Xb[:, 1], Xb[:, 2] * Xb[:, 3]], 1)
         return batch_fn if X is None else (lambda step: (X, y))
 
@@ -241,11 +241,12 @@ def blobs_bfn(bsz, gen, X, y, dim=6, n_classes=3, **kwargs):
     """Gaussian blobs around fixed class centres; labels are class indices (long)."""
     if X is not None:
         return lambda step: (X, y)
-    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(0)) * 2
+    # the same centres whatever the job's device: drawn on the CPU, then moved beside the batches
+    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(0)).to(gen.device) * 2
 
     def batch_fn(step):
-        lab = torch.randint(0, n_classes, (bsz,), generator=gen)
-        return centres[lab] + torch.randn(bsz, dim, generator=gen), lab
+        lab = torch.randint(0, n_classes, (bsz,), generator=gen, device=gen.device)
+        return centres[lab] + torch.randn(bsz, dim, generator=gen, device=gen.device), lab
     return batch_fn
 
 
@@ -309,7 +310,7 @@ def test_a_given_test_set_is_used():
     bfn, calls = recorder()
     r = run_config(cfg(X_te=X_te, y_te=y_te, otherreturns={"g": grab}), dict(base_bfn=bfn), quiet=True)
     assert not [c for c in calls if c["bsz"] == N_TEST]  # no test set was drawn
-    np.testing.assert_allclose(seen[0][0].numpy(), X_te, rtol=1e-6)
+    np.testing.assert_allclose(seen[0][0].cpu().numpy(), X_te, rtol=1e-6)
     assert seen[0][0].dtype == torch.float32
     assert np.isfinite(r["test_loss"])
 

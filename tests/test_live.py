@@ -31,7 +31,7 @@ from modelscape.backend.job_iterator import main
 def slow_bfn(bsz, gen, X=None, y=None, dim=4):
     def batch(step):
         time.sleep(0.01)
-        X = torch.randn(bsz, dim, generator=gen)
+        X = torch.randn(bsz, dim, generator=gen, device=gen.device)
         return X, X[:, :1] * 0.5
     return batch
 
@@ -320,7 +320,7 @@ def quick_bfn(bsz, gen, X=None, y=None, dim=4):
     print("batch function ready")
 
     def batch(step):
-        X = torch.randn(bsz, dim, generator=gen)
+        X = torch.randn(bsz, dim, generator=gen, device=gen.device)
         return X, X[:, :1]
     return batch
 

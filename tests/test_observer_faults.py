@@ -22,10 +22,10 @@ TINY = dict(PARAMETERIZATION="sp", WIDTH=8, N_SAMPLES=16, N_TEST=16, MAX_ITER=30
 
 
 def bfn(bsz, gen, X=None, y=None, **kw):
-    w = torch.tensor([1.0, -0.5, 0.25, 0.5])
+    w = torch.tensor([1.0, -0.5, 0.25, 0.5], device=gen.device)
 
     def batch(step):
-        x = torch.randn(bsz, 4, generator=gen)
+        x = torch.randn(bsz, 4, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 

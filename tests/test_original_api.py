@@ -158,9 +158,9 @@ def test_seeding_utils():
     assert derive_seed(3, 0) == derive_seed(3, 0) != derive_seed(3, 1)
     assert 0 <= derive_seed(3, 0) < 2 ** 32 and derive_seed(None) != derive_seed(None)
     g1, r1 = seed_everything(5)
-    a = torch.randn(3, generator=g1), r1.random(), torch.rand(1), np.random.rand()
+    a = torch.randn(3, generator=g1, device=g1.device), r1.random(), torch.rand(1), np.random.rand()
     g2, r2 = seed_everything(5)
-    b = torch.randn(3, generator=g2), r2.random(), torch.rand(1), np.random.rand()
+    b = torch.randn(3, generator=g2, device=g2.device), r2.random(), torch.rand(1), np.random.rand()
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and torch.equal(a[2], b[2]) and a[3] == b[3]
     assert seed_everything(5, make_generators=False) is None
 
@@ -324,7 +324,7 @@ def test_hook_and_explicit_parameterization_is_an_error_before_training():
 def _output_at_init(gamma, hook=None):
     """Final model output with LR 0 (so it is the initial model), uncentered, for GAMMA = gamma."""
     def out(model, X_te, **kw):
-        return model(X_te).detach().numpy().ravel()
+        return model(X_te).detach().cpu().numpy().ravel()
     g = small(GAMMA=gamma, LR=0.0, MAX_ITER=1, CENTER=False, otherreturns={"out": out}, mup_param="mup")
     if hook is not None:
         g["post_init_fn"] = hook

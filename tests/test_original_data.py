@@ -43,9 +43,9 @@ def test_hermite_basis_columns_are_orthonormal_on_whitened_gaussian_data():
 
 def test_synthetic_X_has_the_power_law_covariance():
     X, eig = get_synthetic_X(d=5, N=200_000, offset=2, alpha=2.0, gen=torch.Generator().manual_seed(1))
-    np.testing.assert_allclose(eig.numpy(), get_powerlaw(5, 2.0, offset=2), rtol=1e-6)
+    np.testing.assert_allclose(eig.cpu().numpy(), get_powerlaw(5, 2.0, offset=2), rtol=1e-6)
     assert abs(get_powerlaw(5, 2.0, offset=2).sum() - 1) < 1e-12
-    np.testing.assert_allclose(np.cov(X.numpy().T), np.diag(eig.numpy()), atol=2e-3)
+    np.testing.assert_allclose(np.cov(X.cpu().numpy().T), np.diag(eig.cpu().numpy()), atol=2e-3)
 
 
 def test_polynomial_target_is_the_hermite_of_the_whitened_coordinate():
@@ -54,7 +54,7 @@ def test_polynomial_target_is_the_hermite_of_the_whitened_coordinate():
     _, lambdas, Vt = torch.linalg.svd(X_ref, full_matrices=False)
     X, y = get_new_polynomial_data(lambdas, Vt, Monomial({1: 2}), dim=6, N=300, data_eigvals=eig, N_original=4000,
                                    gen=gen)
-    z = (X @ Vt[1] / lambdas[1] * math.sqrt(4000)).numpy()  # the whitened coordinate along direction 1
+    z = (X @ Vt[1] / lambdas[1] * math.sqrt(4000)).cpu().numpy()  # the whitened coordinate along direction 1
     np.testing.assert_allclose(y, (z ** 2 - 1) / math.sqrt(2), rtol=1e-4, atol=1e-4)
     bfn = polynomial_batch_fn(lambdas, Vt, [Monomial({0: 1}), Monomial({2: 1})], 64, eig, 4000, gen=gen)
     Xb, yb = bfn(0)
@@ -152,8 +152,8 @@ def test_empirical_ntk_matches_torch_func_jacobians():
     want = sum(j.reshape(7, -1) @ j.reshape(7, -1).T for j in jac.values())
     K = empirical_ntk(m, X)
     assert isinstance(K, np.ndarray) and K.shape == (7, 7)
-    np.testing.assert_allclose(K, want.numpy(), rtol=1e-4, atol=1e-6)
-    assert empirical_ntk_trace(m, X) == pytest.approx(float(np.trace(want.numpy())), rel=1e-4)
+    np.testing.assert_allclose(K, want.cpu().numpy(), rtol=1e-4, atol=1e-6)
+    assert empirical_ntk_trace(m, X) == pytest.approx(float(np.trace(want.cpu().numpy())), rel=1e-4)
 
 
 # --- datasets ------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_ray_tasks_output_and_progress_reach_the_driver_labelled(ray_executor, c
     exec("import torch\n"
          "def talking_bfn(bsz, gen, X=None, y=None, dim=4):\n"
          "    print('batch function ready')\n"
-         "    return lambda step: (lambda X: (X, X[:, :1]))(torch.randn(bsz, dim, generator=gen))\n", ns)
+         "    return lambda step: (lambda X: (X, X[:, :1]))(\n"
+         "        torch.randn(bsz, dim, generator=gen, device=gen.device))\n", ns)
     seen = []
     from modelscape.backend import board as live_board, live
     real = live_board.LiveBoard.receive

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from deadlines import scaled  # noqa: E402  (deadlines stretched on a busy machine)
 import xarray as xr
 
@@ -299,7 +300,20 @@ def test_changing_lr_retrains_everything_and_keeps_the_old_results(tmp_path, log
     xr.testing.assert_identical(modelscape.load(tmp_path, sweep=old_sweep).to_xarray(), old.to_xarray())
     xr.testing.assert_identical(modelscape.load(tmp_path).to_xarray(), new.to_xarray())
 
-    # going back to the old LR finds the old jobs; moving the sweep elsewhere (non-result keys) does too
+    # going back to the old LR finds the old jobs
+    again = sweep(iters, names, dict(BASE, LR=0.05), tmp_path)
+    assert take(log) == []
+    xr.testing.assert_identical(again.to_xarray(), old.to_xarray())
+
+
+# DEVICES is ignored without CUDA, so the CPU runs this; with CUDA it must name GPUs that exist
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="DEVICES=[0, 1] needs 2 GPUs when jobs run on CUDA (MODELSCAPE_TEST_DEVICE=cpu runs it)")
+def test_moving_a_sweep_to_other_devices_and_workers_trains_nothing(tmp_path, log):
+    iters, names = [[16, 32], [0, 1]], ["WIDTH", "trial"]
+    old = sweep(iters, names, dict(BASE, LR=0.05), tmp_path)
+    assert len(take(log)) == 4
+    # DEVICES, WORKERS_PER_DEVICE and EXPT_NAME say where and how a sweep runs, not what it computes
     again = sweep(iters, names, dict(BASE, LR=0.05, DEVICES=[0, 1], WORKERS_PER_DEVICE=2, EXPT_NAME="moved"),
                   tmp_path)
     assert take(log) == []

@@ -28,10 +28,10 @@ PROBE = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
 def bfn(bsz, gen, X=None, y=None, WIDTH=None):
     if bsz == TINY["N_SAMPLES"] and X is None:
         TRAINED.append(WIDTH)
-    w = torch.tensor([1.0, -0.5, 0.25, 0.5])
+    w = torch.tensor([1.0, -0.5, 0.25, 0.5], device=gen.device)
 
     def batch(step):
-        x = torch.randn(bsz, 4, generator=gen)
+        x = torch.randn(bsz, 4, generator=gen, device=gen.device)
         return x, x @ w
     return batch
 
@@ -169,12 +169,12 @@ class Scaled(torch.nn.Module):
         return out if self.offset is None else out + self.offset
 
 
-def test_constructor_arguments_travel_as_data_tensors_included(tmp_path):
-    offset = torch.tensor([0.25])
+def test_constructor_arguments_travel_as_data_tensors_included(tmp_path, job_device):
+    offset = torch.tensor([0.25], device=job_device)  # beside the job's model: Scaled adds it to its output
     res = sweep(tmp_path / "expt", CHECKPOINTS=["final"], MODEL=Scaled, offset=offset, act=torch.sigmoid,
                 CENTER=False)
     model = res.checkpoint(step="final")  # Scaled lives in this test module, which this process imported
-    assert isinstance(model, Scaled) and model.act is torch.sigmoid and torch.equal(model.offset, offset)
+    assert isinstance(model, Scaled) and model.act is torch.sigmoid and torch.equal(model.offset.cpu(), offset.cpu())
 
 
 def test_an_argument_that_is_not_data_fails_before_training(tmp_path):

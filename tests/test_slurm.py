@@ -38,10 +38,10 @@ CELL = textwrap.dedent(r'''
                 if os.path.exists(logfile + ".go"):
                     break
                 time.sleep(0.1)
-        w = torch.linspace(-1.0, 1.0, dim)
+        w = torch.linspace(-1.0, 1.0, dim, device=gen.device)
 
         def batch_fn(step):
-            Xb = torch.randn(bsz, dim, generator=gen)
+            Xb = torch.randn(bsz, dim, generator=gen, device=gen.device)
             return Xb, (Xb @ w).unsqueeze(1)
         return batch_fn
 ''')

@@ -92,7 +92,8 @@ def run_python(code, *args, timeout=60, **kw):
 # --- round trips ------------------------------------------------------------------------------------------
 
 def _grab_matrix(model, X_te, **kwargs):
-    return np.stack([p.detach().abs().mean().numpy() for p in model.parameters()])[:2].reshape(1, 2) * np.ones((3, 1))
+    means = np.stack([p.detach().abs().mean().cpu().numpy() for p in model.parameters()])
+    return means[:2].reshape(1, 2) * np.ones((3, 1))
 
 
 def _grab_raises(model, **kwargs):

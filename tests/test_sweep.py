@@ -35,10 +35,10 @@ NOTEBOOK = textwrap.dedent(r'''
         """Online linear teacher; logs the first batch it hands out; dies (os._exit) for WIDTH == crash_width."""
         if WIDTH == crash_width:
             os._exit(1)
-        w = torch.linspace(-1.0, 1.0, dim)
+        w = torch.linspace(-1.0, 1.0, dim, device=gen.device)
 
         def batch_fn(step):
-            Xb = torch.randn(bsz, dim, generator=gen)
+            Xb = torch.randn(bsz, dim, generator=gen, device=gen.device)
             if step == 0:
                 log(logfile, kind="batch0", bsz=bsz, WIDTH=WIDTH, shift=shift, trial=trial, xsum=float(Xb.sum()))
             return Xb, (Xb @ w).unsqueeze(1) + shift
@@ -60,10 +60,10 @@ NOTEBOOK = textwrap.dedent(r'''
                 open(marker, "a").close()
                 log(os.path.join(oom_dir, "attempts"), WIDTH=WIDTH)
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        w = torch.linspace(-1.0, 1.0, dim)
+        w = torch.linspace(-1.0, 1.0, dim, device=gen.device)
 
         def batch_fn(step):
-            Xb = torch.randn(bsz, dim, generator=gen)
+            Xb = torch.randn(bsz, dim, generator=gen, device=gen.device)
             return Xb, (Xb @ w).unsqueeze(1)
         return batch_fn
 ''')
@@ -107,8 +107,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pool():
-    ex = PoolExecutor(["cpu", "cpu"])
+def pool(job_device):
+    # on the device "inprocess" picks (DEVICES=[0]): the tests below compare the two bit for bit
+    ex = PoolExecutor([str(job_device)] * 2)
     ex.wait_ready()  # so that both workers take part from the first job, however busy the machine
     yield ex
     ex.shutdown()
@@ -182,9 +183,9 @@ def test_inprocess_and_pool_results_are_bitwise_identical(sweeps):
         assert ra["axes"] == rb["axes"] and ra["test_loss"] == rb["test_loss"]
 
 
-def test_results_do_not_depend_on_job_order(sweeps, tmp_path):
+def test_results_do_not_depend_on_job_order(sweeps, tmp_path, job_device):
     reversed_axes = {k: v[::-1] for k, v in AXES.items()}
-    res = run_main_sweep(InProcessExecutor(), tmp_path / "rev.log", reversed_axes)
+    res = run_main_sweep(InProcessExecutor(str(job_device)), tmp_path / "rev.log", reversed_axes)
     ds = drop_wall(res)
     ref = drop_wall(sweeps["pool"][0])
     xr.testing.assert_identical(ds.sortby(list(AXES)), ref.sortby(list(AXES)))

@@ -256,7 +256,7 @@ def test_grabs_at_the_end_with_only_thresholds():
     g = r["grabs"]
     assert type(g["test_loss"]) is float and g["test_loss"] == pytest.approx(r["test_loss"], rel=1e-6)
     assert g["weight"].shape == (1, WIDTH)  # a number comes back a number, an array an array
-    np.testing.assert_array_equal(g["weight"], model.output_layer.weight.detach().numpy())
+    np.testing.assert_array_equal(g["weight"], model.output_layer.weight.detach().cpu().numpy())
     assert g["batch_rows"] == BSZ and g["from_kwargs"].shape == (3,) and (g["from_kwargs"] == 2.5).all()
 
 
@@ -268,9 +268,9 @@ def test_grabs_along_the_curve_are_stacked_over_eval_steps():
     assert g["batch_rows"].shape == (n,) and g["from_kwargs"].shape == (n, 3)
     np.testing.assert_allclose(g["test_loss"], r["test_curve"], rtol=1e-6)
     # each entry is the weight at its own step, not the final weight repeated
-    np.testing.assert_array_equal(g["weight"][-1], model.output_layer.weight.detach().numpy())
+    np.testing.assert_array_equal(g["weight"][-1], model.output_layer.weight.detach().cpu().numpy())
     model0, *_ = setup(0)
-    np.testing.assert_array_equal(g["weight"][0], model0.output_layer.weight.detach().numpy())
+    np.testing.assert_array_equal(g["weight"][0], model0.output_layer.weight.detach().cpu().numpy())
     assert not np.array_equal(g["weight"][0], g["weight"][-1])
 
 
