@@ -58,7 +58,13 @@ def parse(argv):
     args = parse_args(rest, defaults={"EXPT_NAME": NAME}, description=__doc__, parents=[own])
     given = set(vars(build_parser().parse_known_args(rest)[0]))  # flags typed on the command line
     ns.out = ns.out or os.path.join(args.RESULTS_DIR, args.EXPT_NAME)
-    return ns.out, ns, {**vars(args), **COMMON, **{k: v for k, v in vars(args).items() if k in given}}
+    cfg = {**vars(args), **COMMON, **{k: v for k, v in vars(args).items() if k in given}}
+    for key in ("WIDTH", "LR"):  # sweepable flags come as lists; this script sweeps depth and its own --lrs
+        if isinstance(cfg[key], list):
+            if len(cfg[key]) != 1:
+                own.error(f"--{key} takes one value here (got {cfg[key]}); the learning rates are --lrs")
+            cfg[key] = cfg[key][0]
+    return ns.out, ns, cfg
 
 
 def main(argv=None):

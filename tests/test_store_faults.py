@@ -318,6 +318,7 @@ OUT_OF_RANGE = [("WIDTH", 0), ("WIDTH", -1), ("N_SAMPLES", 0), ("N_TRAIN", 0), (
                 ("WORKERS_PER_DEVICE", -1), ("CLAIM_TIMEOUT", 0.0), ("THREADS", -1), ("JOB_TIMEOUT", 0.0),
                 ("SLURM_TIME", 0), ("SLURM_GPUS_PER_NODE", -1), ("SLURM_CPUS_PER_TASK", 0), ("SLURM_SHARDS", 0),
                 ("SLURM_ARRAY_PARALLELISM", 0), ("FUSE_MAX", 0), ("LIVE_EVERY", -1.0), ("BASE_WIDTH", 0),
+                ("DEPTH_ALPHA", -0.5), ("BASE_DEPTH", 0),
                 ("OUTPUT_MULT", 0.0), ("ATTN_MULT", -1.0), ("EMB_MULT", 0.0), ("EMB_LR_MULT", -1.0),
                 ("HIDDEN_LR_MULT", -1.0), ("READOUT_LR_MULT", -1.0), ("VECTOR_LR_MULT", -1.0)]
 
