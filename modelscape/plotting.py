@@ -515,7 +515,8 @@ def plot_lr_transfer(res, lr: str = "LR", width: str = "WIDTH", param: str | Non
         ceiling = np.inf
     elif ceiling == "auto":
         ceiling = _auto_ceiling(ds, var, lr, trial)
-    fig, axes, _ = _figure(len(params), panel=(4.2, 3.6), sharex=True, sharey=True)
+    # wide enough for the drift note under each panel
+    fig, axes, _ = _figure(len(params), panel=(4.8, 3.6), sharex=True, sharey=True)
     fig.best_lr, fig.fitted_lr, fig.drift = {}, {}, {}
     any_broken = False
     for ax, pv in zip(axes, params):
