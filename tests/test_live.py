@@ -267,6 +267,24 @@ def test_the_board_moves_its_bar_by_steps_and_counts_states():
         board.close()
 
 
+def test_the_finished_bar_is_drawn_once(capsys):
+    """A log file keeps every redraw: the bar at 100% is drawn by close() alone, not also by the last job's end
+    or by close() catching up first."""
+    jobs = [({"LR": lr}, {}, {"MAX_ITER": 100}) for lr in (0.1, 0.2)]
+    board = live_board.LiveBoard(jobs, ["a", "b"], [0, 1], bar=True)
+    board.bar.mininterval = 0.0  # every count redraws, as on a sweep whose last draw was long ago
+    board.receive({"key": "a", "steps": 100, "wall_time": 1.0, "train_loss": 0.5})
+    board.finished_job(0, {"status": "done", "steps": 100})
+    board._next_draw = 0.0
+    board.finished_job(1, {"status": "done", "steps": 100})
+    board._next_draw = 0.0
+    board.close()
+    draws = capsys.readouterr().err.split("\r")
+    assert sum("100%" in d for d in draws) == 1, draws
+    last = [d for d in draws if "100%" in d][0]
+    assert "200/200 steps" in last and "0 running, 0 queued, 2 done, 0 failed" in last, last
+
+
 def test_the_rate_and_eta_count_trained_steps_not_the_steps_credited_to_an_early_stop():
     assert math.isnan(live_board.step_rate([(0.0, 0)]))
     assert live_board.step_rate([(0.0, 0), (10.0, 500), (20.0, 1500)]) == 75.0
@@ -407,3 +425,4 @@ def test_a_redirected_log_has_the_fused_note_on_its_own_line_and_the_bar_once(tm
     bars = [ln for ln in lines if "steps [" in ln]
     assert len(bars) == 1 and "10/10 steps" in bars[0].split("\r")[-1]
     assert lines.index(notes[0]) < lines.index(bars[0])
+

@@ -230,6 +230,9 @@ class LiveBoard:
             while len(self.history) > 2 and self.history[1][0] < now - RATE_WINDOW:
                 self.history.pop(0)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
+            if self.position() >= self.bar.total:  # the finished bar is close()'s to draw, once
+                self.bar.n = self.position()
+                return
             self.bar.update(self.position() - self.bar.n)
 
     def flush(self) -> None:
@@ -245,7 +248,8 @@ class LiveBoard:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.update(self.position() - self.bar.n)
+            # set, not update(): update() draws the final line and close() draws it again, twice in a log file
+            self.bar.n = self.position()
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.close()
             self.bar = None
