@@ -299,3 +299,23 @@ def test_jobs_with_step_or_threshold_checkpoints_are_planned_as_units_of_their_o
     units = fused.plan_units([(i, canonicalize(c)) for i, c in enumerate(configs)])
     # final alone fuses (with the jobs that ask the same); steps, thresholds or the optimizer's state do not
     assert sorted(units) == [[0, 1], [2], [3], [4, 5], [6], [7], [8]]
+
+
+def test_a_gpt_under_mup_and_depth_rules_loads_back_as_it_trained(tmp_path, job_device):
+    """The attention's muP logit scale (1/d_head, which the constructor does not set) and the residual branches'
+    depth multipliers come back with the weights: the loaded GPT computes what the trained one did."""
+    from modelscape.data import markov_bfn
+
+    cfg = dict(MODEL="GPT", WIDTH=32, DEPTH=2, n_heads=2, OPTIMIZER="Adam", LR=0.01, LOSS="cross_entropy",
+               PARAMETERIZATION="mup", DEPTH_ALPHA=1.0, ONLINE=True, N_SAMPLES=4, N_TEST=16, MAX_ITER=5,
+               LOSS_CHECKPOINTS=[1e-9], vocab_size=16, seq_len=8, CENTER=False)
+    res = main([[0]], ["trial"], dict(cfg, CHECKPOINTS=["final"]), dict(base_bfn=markov_bfn), executor="inprocess",
+               store=tmp_path / "gpt", progress=False)
+    job = prepare_job(dict(cfg, trial=0), dict(base_bfn=markov_bfn), job_device, axes={"trial": 0})
+    train_prepared(job)
+    loaded = res.checkpoint(trial=0, step="final").to(job_device)
+    tokens = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(1)).to(job_device)
+    assert loaded.blocks[0].attn.attn_scale == job.model.blocks[0].attn.attn_scale == 1 / 16  # 1/d_head
+    assert loaded.blocks[1].fc2._mup_mult == job.model.blocks[1].fc2._mup_mult
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), job.model(tokens))

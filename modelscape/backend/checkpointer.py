@@ -146,8 +146,8 @@ def _clone(tree):
 def describe_model(job) -> tuple[bytes, bytes]:
     """``(model.json, model.safetensors)`` of a prepared job: how to build its model and optimizer again from
     data alone (``checkpoints.load``). The class and its constructor's arguments (``job.model_spec``; a tensor
-    among them goes to the second file), each module's muP multipliers and GAMMA (its ``_mup_*`` and
-    ``attn_mult`` attributes, and whether it carries the scaling hook), whether the model is centered (the
+    among them goes to the second file), each module's muP multipliers and GAMMA (its ``_mup_*``, ``attn_mult``
+    and ``attn_scale`` attributes, and whether it carries the scaling hook), whether the model is centered (the
     baseline's weights, the model at init, go to the second file), and the optimizer's class, settings and
     parameter groups by parameter name. A value that is not data (an object of your own as a constructor
     argument) is a TypeError now, before the job trains."""
@@ -161,8 +161,9 @@ def describe_model(job) -> tuple[bytes, bytes]:
     args = encode_value(dict(kwargs), tensors, f"CHECKPOINTS: {qualname(cls)}'s constructor argument")
     modules = {}
     for path, mod in model.named_modules():
-        attrs = {k: v for k, v in vars(mod).items()
-                 if (k.startswith("_mup_") or k == "attn_mult") and isinstance(v, (bool, int, float, str))}
+        # attn_scale: the parameterization's logit scale (1/d_head under muP), which the constructor does not set
+        attrs = {k: v for k, v in vars(mod).items() if (k.startswith("_mup_") or k in ("attn_mult", "attn_scale"))
+                 and isinstance(v, (bool, int, float, str))}
         if scale_output in mod._forward_hooks.values():
             attrs["hook"] = True
         if attrs:
