@@ -319,3 +319,12 @@ def test_a_gpt_under_mup_and_depth_rules_loads_back_as_it_trained(tmp_path, job_
     assert loaded.blocks[1].fc2._mup_mult == job.model.blocks[1].fc2._mup_mult
     with torch.no_grad():
         assert torch.equal(loaded(tokens), job.model(tokens))
+    # a checkpoint written before the scale was recorded says so when it loads
+    folder = next((tmp_path / "gpt" / "checkpoints").rglob("model.json")).parent
+    desc = json.loads((folder / "model.json").read_text())
+    for attrs in desc["model"]["modules"].values():
+        attrs.pop("attn_scale", None)
+    (folder / "model.json").write_text(json.dumps(desc))
+    unscaled = r"does not record the attention scale of \['blocks.0.attn', 'blocks.1.attn'\]"
+    with pytest.warns(UserWarning, match=unscaled):
+        res.checkpoint(trial=0, step="final")

@@ -406,6 +406,14 @@ def _rebuild(desc: dict, tensors: dict, resolve, kwargs: dict, record):
                     mod.register_forward_hook(scale_output)
             else:
                 setattr(mod, k, v)
+    saved = spec.get("modules", {})
+    unscaled = [path for path, mod in model.named_modules()
+                if hasattr(mod, "attn_scale") and "attn_scale" not in saved.get(path, {})]
+    if unscaled:  # written before checkpoints kept it: the constructor's 1/sqrt(d_head), not muP's 1/d_head
+        warnings.warn(f"job {_axes(record)}: its checkpoint does not record the attention scale of {unscaled}, so "
+                      "they keep their constructor's (1/sqrt(d_head)); under muP the job trained with another "
+                      "(1/d_head). Checkpoints written since modelscape records it load exactly: train the job again "
+                      "with CHECKPOINTS to write one", stacklevel=3)
     if not desc.get("centered"):
         return model, model
     net = Centered(model)
