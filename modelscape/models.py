@@ -13,13 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelscape.data.language import SEQ_LEN, VOCAB_SIZE
-
 __all__ = ["MLP", "CNN", "SelfAttention", "TransformerBlock", "Transformer", "GPTBlock", "GPT", "Centered",
-           "BUILTIN_MODELS", "make_nonlinearity"]
+           "BUILTIN_MODELS", "make_nonlinearity", "VOCAB_SIZE", "SEQ_LEN"]
 
 _NONLINS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity,
             "linear": nn.Identity, "sigmoid": nn.Sigmoid}
+
+
+# The GPT's vocabulary and longest sequence by default; modelscape.data.markov_bfn takes the same, so that model
+# and data agree when the config sets neither.
+VOCAB_SIZE = 32
+SEQ_LEN = 32
 
 
 def make_nonlinearity(nonlinearity) -> nn.Module:

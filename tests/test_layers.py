@@ -26,7 +26,7 @@ LAYERS = [
         "modelscape/data/mlp_grabs.py", "modelscape/backend/utils.py", "modelscape/results.py", "modelscape/transfer.py",
         "modelscape/diagnostics.py",
         "modelscape/backend/identity.py", "modelscape/backend/checkpoints.py"]),
-    ("L2 storage", ["modelscape/backend/rows.py", "modelscape/backend/beside.py", "modelscape/backend/claims.py",
+    ("L2 storage", ["modelscape/backend/stored.py", "modelscape/backend/rows.py", "modelscape/backend/beside.py", "modelscape/backend/claims.py",
                     "modelscape/backend/units.py", "modelscape/backend/db.py",
                     "modelscape/backend/store.py"]),
     ("L3 names to objects, the step loop", ["modelscape/backend/build.py", "modelscape/backend/inputs.py",
@@ -65,8 +65,7 @@ LAZY = {
     ("modelscape.mup.coord", "matplotlib"): "optional until a figure is drawn",
     ("modelscape.plotting", "matplotlib"): "optional until a figure is drawn",
     ("modelscape.results", "xarray"): "worker start-up: workers import the results module, never xarray",
-    ("modelscape.results", "modelscape.backend.checkpoints"):
-        "start-up: reading results (`modelscape ls`, `load`) needs no torch",
+    ("modelscape.backend.stored", "modelscape.backend.checkpoints"): "start-up: reading a store (`modelscape ls`) needs no torch",
     ("modelscape.cli", "modelscape.backend.checkpoints"): "start-up: `modelscape show` needs no torch",
 }
 MAX_LINES = 650  # a file longer than this holds two things; split it

@@ -53,7 +53,8 @@ from modelscape.backend.claims import CLAIMS_SQL, ClaimsTable, Driver  # noqa: F
 from modelscape.backend.identity import canonical_json, jsonable
 from modelscape.backend.rows import LIVE_SQL, RECORD_COLUMNS, SELECT, STATUSES, StoreError, decode, dumps, encode
 from modelscape.backend.units import UNIT_INSERT, UNIT_SELECT, UNITS_SQL, unit_rows, whole_units
-from modelscape.results import SweepResults, axis_label
+from modelscape.backend.stored import StoredResults
+from modelscape.results import axis_label
 
 SCHEMA_VERSION = 2  # 2: the claims table
 APPLICATION_ID = 0x4D534350  # "MSCP": tells our databases from other SQLite files
@@ -598,7 +599,7 @@ class Store(ClaimsTable):
             raise StoreError(f"{self.path} has no sweep {sweep_id}; its sweeps are {ids}")
         return json.loads(row[0]), json.loads(row[1])
 
-    def results(self, sweep: int | None = None) -> SweepResults:
+    def results(self, sweep: int | None = None) -> StoredResults:
         """The sweep ``sweep`` (default: the one run most recently) as SweepResults, with the records of its
         jobs stored so far."""
         with self._snapshot("reading a sweep") as conn:
@@ -609,7 +610,7 @@ class Store(ClaimsTable):
                 sweep = row[0]
             names, values = self._sweep_row(conn, sweep)
             records = self._records(conn, self._sweep_job_ids(conn, sweep))
-        return SweepResults(names, values, records, store_dir=self.path.parent)
+        return StoredResults(names, values, records, store_dir=self.path.parent)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

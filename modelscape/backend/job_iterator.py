@@ -22,6 +22,7 @@ from modelscape.backend.job import check_bfn_config, check_resolved
 from modelscape.backend.slurm import run_sweep as run_slurm_sweep
 from modelscape.backend.store import NON_RESULT_KEYS, Store, StoreUnion, code_versions, identity_cache, \
     job_identity, jsonable, provenance
+from modelscape.backend.stored import StoredResults
 from modelscape.backend.sweep import plan_sweep, run_jobs, store_location  # noqa: F401  (run_jobs: re-exported, as in 0.3)
 from modelscape.backend.tensorboard import require_tensorboard, start_sweep as start_tensorboard
 from modelscape.config import AXIS_ALIASES, BY_NAME, TRIAL, ConfigError, axis_target, canonicalize, \
@@ -281,7 +282,7 @@ def _result(names, values, ids, records, progress, store_dir=None, st=None) -> S
     """The sweep's SweepResults in product order (``records`` keyed by job id, or by index without a store);
     ``SweepFailed`` if every job failed."""
     order = ids if ids and ids[0] is not None else list(range(len(ids)))
-    result = SweepResults(names, values, [records[k] for k in order if k in records], store_dir=store_dir)
+    result = StoredResults(names, values, [records[k] for k in order if k in records], store_dir=store_dir)
     if progress:
         print(summary(result), file=sys.stderr)
         disk = checkpoints.disk_line(store_dir, st.path.name) if st is not None else None

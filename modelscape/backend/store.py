@@ -19,7 +19,7 @@ from modelscape.backend.identity import (  # noqa: F401  (re-exported: they live
     IDENTITY_VERSION, NON_RESULT_KEYS, code_fingerprint, code_versions, identity_cache, job_identity, jsonable,
     provenance)
 from modelscape.backend.rows import decode
-from modelscape.results import SweepResults
+from modelscape.backend.stored import StoredResults
 
 SELECT_NAMES = ("job_id", "status", "axes", "config", "error", "steps", "wall_time", "device", "seed", "trial",
                 "train_loss", "test_loss", "layout", "arrays")  # the columns of rows.SELECT, in its order
@@ -139,7 +139,7 @@ class StoreUnion:
     def sweep_job_ids(self, sweep_id: int) -> list[str]:
         return self.primary.sweep_job_ids(sweep_id)
 
-    def results(self, sweep: int | None = None, running: bool = False) -> SweepResults:
+    def results(self, sweep: int | None = None, running: bool = False) -> StoredResults:
         """The sweep ``sweep`` (default: the latest) with the records of its jobs stored so far; with ``running``
         also the partial records (status ``running``) of its jobs running now (``running_records``)."""
         sweep = self.latest_sweep() if sweep is None else sweep
@@ -153,7 +153,7 @@ class StoreUnion:
         if running:
             now = self.running_records()
             records += [now[j] for j in ids if j in now]
-        return SweepResults(info["axis_names"], info["axis_values"], records, store_dir=self.path.parent)
+        return StoredResults(info["axis_names"], info["axis_values"], records, store_dir=self.path.parent)
 
     def close(self) -> None:
         for st in self.stores:
@@ -211,7 +211,7 @@ class Spilled:
         pass
 
 
-def load(path, sweep: int | None = None, running: bool = True) -> SweepResults:
+def load(path, sweep: int | None = None, running: bool = True) -> StoredResults:
     """Load a sweep from a results store, from any process, even while the sweep is still running.
 
     ``path``: the .db file, or the directory holding it (``RESULTS_DIR/EXPT_NAME``). ``sweep``: a sweep id

@@ -20,11 +20,9 @@ import functools
 import torch
 
 from modelscape.data.synthetic import fixed_bfn
+from modelscape.models import SEQ_LEN, VOCAB_SIZE  # the GPT's defaults: model and data agree
 
 __all__ = ["markov_chain", "markov_entropy_rate", "markov_bfn", "VOCAB_SIZE", "SEQ_LEN"]
-
-VOCAB_SIZE = 32
-SEQ_LEN = 32
 
 
 @functools.lru_cache(maxsize=8)
