@@ -230,10 +230,11 @@ class LiveBoard:
             while len(self.history) > 2 and self.history[1][0] < now - RATE_WINDOW:
                 self.history.pop(0)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
-            if self.position() >= self.bar.total:  # the finished bar is close()'s to draw, once
-                self.bar.n = self.position()
+            pos = self.position()
+            if pos >= self.bar.total:  # the finished bar is close()'s to draw, once
+                self.bar.n = pos
                 return
-            self.bar.update(self.position() - self.bar.n)
+            self.bar.update(pos - self.bar.n)
 
     def flush(self) -> None:
         """Write the partial records of the running jobs that reported since the last flush to the store."""
